@@ -1,0 +1,26 @@
+//! The seam between the replication pipeline and what it replicates.
+//!
+//! The pipeline (`raft`) drives a [`StateMachine`]; the node implements it over the Wasm
+//! runtime, tests implement it natively.
+
+use bytes::Bytes;
+
+/// One committed entry as a state machine sees it. `timestamp_ms` is chosen by the leader when
+/// it proposes and is the same on every replica.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub index: u64,
+    pub term: u64,
+    pub timestamp_ms: u64,
+    pub payload: Bytes,
+}
+
+/// A deterministic state machine: the same entries in the same order give the same outputs and
+/// the same state, however they are grouped into batches.
+pub trait StateMachine: Send + 'static {
+    /// What applying one entry gives back to the caller that proposed it.
+    type Output: Send + 'static;
+
+    /// Applies committed entries in log order and returns exactly one output per entry.
+    fn apply(&mut self, batch: &[Entry]) -> Vec<Self::Output>;
+}
