@@ -6,4 +6,5 @@
 pub mod raft;
 pub mod state_machine;
 pub mod storage;
+pub mod transport;
 pub mod wasm;

@@ -1,0 +1,115 @@
+//! Errors as callers see them: an HTTP status and `{"error": {"code", "message"}}` with a
+//! stable code (DESIGN.md's outcome table).
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Response, StatusCode, header};
+
+use crate::machines::Failure;
+use crate::raft::{ProposeError, ReadError};
+
+pub type Body = Full<Bytes>;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("body exceeds the limit of {limit} bytes"),
+        )
+    }
+
+    pub fn no_leader() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_leader",
+            "no leader is known right now; nothing was proposed, retry shortly",
+        )
+    }
+
+    /// The JSON body of this error, as the batch endpoint embeds it per task.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({"error": {"code": self.code, "message": self.message}})
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let mut resp = Response::new(Full::new(Bytes::from(self.json().to_string())));
+        *resp.status_mut() = self.status;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            h.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+impl From<Failure> for ApiError {
+    fn from(f: Failure) -> Self {
+        match &f {
+            Failure::Guest(g) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, g.code(), f.to_string()),
+            Failure::NotFound(_) => Self::not_found(f.to_string()),
+            Failure::InvalidModule(_) => {
+                Self::new(StatusCode::BAD_REQUEST, "invalid_module", f.to_string())
+            }
+            Failure::BadEntry(_) => Self::bad_request(f.to_string()),
+        }
+    }
+}
+
+/// Proposal failures other than "not leader" (which the caller turns into a redirect).
+impl From<ProposeError> for ApiError {
+    fn from(e: ProposeError) -> Self {
+        match e {
+            ProposeError::NotLeader { .. } => Self::no_leader(),
+            ProposeError::TermMismatch { .. } => {
+                Self::new(StatusCode::CONFLICT, "term_mismatch", e.to_string())
+            }
+            ProposeError::OutcomeUnknown => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outcome_unknown",
+                "the task was proposed, then leadership was lost: it may or may not be applied",
+            ),
+            ProposeError::ShuttingDown => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "this node is shutting down; nothing was proposed",
+            ),
+        }
+    }
+}
+
+impl From<ReadError> for ApiError {
+    fn from(e: ReadError) -> Self {
+        match e {
+            ReadError::NotLeader { .. } => Self::no_leader(),
+            other => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! The HTTP API (hyper 1.x, HTTP/1.1 keep-alive): where a task enters the pipeline and where
+//! its outcome leaves it. Routes and status codes are README.md's API reference.
+
+pub mod error;
+pub mod metrics;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use crate::machines::{Catalog, Command, Effect, Failure, MachineSet, validate_name};
+use crate::raft::{Node, NodeId, ProposeError, ReadError, Role};
+use crate::wasm::ModuleRegistry;
+pub use error::{ApiError, Body};
+
+/// Largest task payload accepted.
+pub const MAX_TASK_BYTES: usize = 1024 * 1024;
+/// Largest component accepted by a deploy.
+pub const MAX_MODULE_BYTES: usize = 16 * 1024 * 1024;
+/// Largest body of a batch of tasks.
+pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Header carrying the term a caller expects the leader to be in.
+pub const EXPECTED_TERM: &str = "lockstep-expected-term";
+
+/// Everything a request handler can reach.
+pub struct ApiState {
+    pub cluster_id: String,
+    pub node: Node<MachineSet>,
+    pub registry: Arc<ModuleRegistry>,
+    pub catalog: Catalog,
+    /// Raft address of every member.
+    pub members: Vec<(NodeId, String)>,
+    /// HTTP address of a member, as learnt from the peer transport.
+    pub http_addr: Box<dyn Fn(NodeId) -> Option<String> + Send + Sync>,
+    pub metrics: metrics::Metrics,
+}
+
+/// Serves HTTP/1.1 on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, state: Arc<ApiState>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "http accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(&state, req).await) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                debug!(error = %e, "http connection ended");
+            }
+        });
+    }
+}
+
+/// Binds `addr` and serves on it in a background task; returns the bound address.
+pub async fn spawn(addr: SocketAddr, state: Arc<ApiState>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tokio::spawn(serve(listener, state));
+    Ok(local)
+}
+
+async fn handle(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
+    let resp = match route(state, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    state.metrics.count_response(resp.status());
+    resp
+}
+
+async fn route(state: &ApiState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().to_owned();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (req.method().clone(), segs.as_slice()) {
+        (Method::GET, ["healthz"]) => Ok(text(StatusCode::OK, "ok\n")),
+        (Method::GET, ["metrics"]) => Ok(text(StatusCode::OK, &state.metrics.render(state))),
+        (Method::GET, ["v1", "cluster"]) => Ok(cluster(state)),
+        (Method::GET, ["v1", "machines"]) => Ok(list(state)),
+        (Method::PUT, ["v1", "machines", name]) => deploy(state, name, req).await,
+        (Method::GET, ["v1", "machines", name]) => describe(state, name, &req).await,
+        (Method::DELETE, ["v1", "machines", name]) => delete(state, name, &req).await,
+        (Method::POST, ["v1", "machines", name, "tasks"]) => submit(state, name, req).await,
+        (Method::POST, ["v1", "machines", name, "tasks:batch"]) => {
+            submit_batch(state, name, req).await
+        }
+        (Method::POST, ["v1", "machines", name, "query"]) => query(state, name, req).await,
+        (_, ["healthz" | "metrics"] | ["v1", "cluster" | "machines"] | ["v1", "machines", ..]) => {
+            Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "bad_request",
+                format!("{} is not allowed on {path}", req.method()),
+            ))
+        }
+        _ => Err(ApiError::not_found(format!("no route for {path}"))),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Reads the whole body, refusing more than `limit` bytes with 413.
+async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(ApiError::too_large(limit));
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
+        Err(e) => Err(ApiError::bad_request(format!("reading the body: {e}"))),
+    }
+}
+
+fn check_name(name: &str) -> Result<(), ApiError> {
+    validate_name(name).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// 307 to the same URL on the leader, or 503 when no leader (or its address) is known.
+fn redirect(state: &ApiState, leader: Option<NodeId>, uri: &hyper::Uri) -> Response<Body> {
+    let Some(http) = leader.and_then(|id| (state.http_addr)(id)) else {
+        return ApiError::no_leader().into_response();
+    };
+    let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let location = format!("http://{http}{pq}");
+    let mut r = json_response(
+        StatusCode::TEMPORARY_REDIRECT,
+        &json!({"leader": {"id": leader, "http": http}}),
+    );
+    if let Ok(v) = header::HeaderValue::from_str(&location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+/// `Some(redirect)` when this node is not the leader: nothing is proposed on a follower.
+fn leader_or_redirect(state: &ApiState, uri: &hyper::Uri) -> Option<Response<Body>> {
+    let s = state.node.status();
+    (s.role != Role::Leader).then(|| redirect(state, s.leader, uri))
+}
+
+fn expected_term(req: &Request<Incoming>) -> Result<Option<u64>, ApiError> {
+    req.headers()
+        .get(EXPECTED_TERM)
+        .map(|v| {
+            v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()).ok_or_else(|| {
+                ApiError::bad_request("Lockstep-Expected-Term must be an unsigned integer")
+            })
+        })
+        .transpose()
+}
+
+fn cluster(state: &ApiState) -> Response<Body> {
+    let s = state.node.status();
+    let leader = s.leader.map(|id| json!({"id": id, "http": (state.http_addr)(id)}));
+    let members: Vec<_> = state
+        .members
+        .iter()
+        .map(|(id, raft)| {
+            let match_index = s.members.iter().find(|m| m.id == *id).map(|m| m.match_index);
+            json!({"id": id, "raft": raft, "http": (state.http_addr)(*id), "match_index": match_index})
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "cluster_id": state.cluster_id,
+            "node_id": s.id,
+            "role": role_name(s.role),
+            "term": s.term,
+            "leader": leader,
+            "commit_index": s.commit_index,
+            "applied_index": s.applied_index,
+            "members": members,
+        }),
+    )
+}
+
+pub fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::Leader => "leader",
+        Role::Follower => "follower",
+        Role::Candidate => "candidate",
+    }
+}
+
+fn list(state: &ApiState) -> Response<Body> {
+    let machines: Vec<_> = state
+        .catalog
+        .read()
+        .map(|c| c.values().cloned().collect())
+        .unwrap_or_default();
+    json_response(StatusCode::OK, &json!({ "machines": machines }))
+}
+
+async fn deploy(
+    state: &ApiState,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    check_name(name)?;
+    if let Some(r) = leader_or_redirect(state, req.uri()) {
+        return Ok(r);
+    }
+    let module = read_body(req, MAX_MODULE_BYTES).await?;
+    // Refuse a bad component here, before it costs a log entry on every replica.
+    let registry = state.registry.clone();
+    let bytes = module.clone();
+    tokio::task::spawn_blocking(move || registry.add(&bytes))
+        .await
+        .map_err(|e| ApiError::bad_request(format!("validating the module: {e}")))?
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_module", e.to_string()))?;
+    let entry = Command::Deploy {
+        machine: name.to_owned(),
+        module,
+    }
+    .encode();
+    let applied = match state.node.propose(entry, None).await {
+        Ok(a) => a,
+        Err(ProposeError::NotLeader { leader }) => {
+            return Err(redirect_error(state, leader));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    match applied.output? {
+        Effect::Deployed {
+            digest,
+            version,
+            created,
+        } => Ok(json_response(
+            if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            },
+            &json!({"name": name, "digest": digest, "version": version, "index": applied.index}),
+        )),
+        other => Err(ApiError::bad_request(format!("unexpected outcome {other:?}"))),
+    }
+}
+
+/// A body already consumed cannot be replayed by a redirect: tell the caller where to go.
+fn redirect_error(state: &ApiState, leader: Option<NodeId>) -> ApiError {
+    match leader.and_then(|id| (state.http_addr)(id)) {
+        Some(http) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_leader",
+            format!("leadership moved to {http} before proposing; nothing was proposed, retry"),
+        ),
+        None => ApiError::no_leader(),
+    }
+}
+
+async fn describe(
+    state: &ApiState,
+    name: &str,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    check_name(name)?;
+    let with_digest = query_param(req.uri(), "digest").is_some_and(|v| v == "1" || v == "true");
+    let name_owned = name.to_owned();
+    let status = state
+        .node
+        .read(false, move |sm: &mut MachineSet| {
+            sm.status(&name_owned, with_digest)
+        })
+        .await??;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::to_value(status).unwrap_or_default(),
+    ))
+}
+
+async fn delete(
+    state: &ApiState,
+    name: &str,
+    req: &Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    check_name(name)?;
+    if let Some(r) = leader_or_redirect(state, req.uri()) {
+        return Ok(r);
+    }
+    let entry = Command::Delete {
+        machine: name.to_owned(),
+    }
+    .encode();
+    let applied = match state.node.propose(entry, None).await {
+        Ok(a) => a,
+        Err(ProposeError::NotLeader { leader }) => return Ok(redirect(state, leader, req.uri())),
+        Err(e) => return Err(e.into()),
+    };
+    applied.output?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"name": name, "deleted": true, "index": applied.index}),
+    ))
+}
+
+async fn submit(
+    state: &ApiState,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    check_name(name)?;
+    if let Some(r) = leader_or_redirect(state, req.uri()) {
+        return Ok(r);
+    }
+    if !machine_known(state, name) {
+        return Err(ApiError::not_found(format!("no machine named {name:?}")));
+    }
+    let term = expected_term(&req)?;
+    let uri = req.uri().clone();
+    let payload = read_body(req, MAX_TASK_BYTES).await?;
+    let entry = Command::encode_task(name, &payload);
+    let applied = match state.node.propose(entry, term).await {
+        Ok(a) => a,
+        Err(ProposeError::NotLeader { leader }) => return Ok(redirect(state, leader, &uri)),
+        Err(e) => return Err(e.into()),
+    };
+    match applied.output? {
+        Effect::Output(bytes) => {
+            let mut r = Response::new(Full::new(Bytes::from(bytes)));
+            let h = r.headers_mut();
+            h.insert("lockstep-index", applied.index.into());
+            h.insert("lockstep-term", applied.term.into());
+            Ok(r)
+        }
+        other => Err(ApiError::bad_request(format!("unexpected outcome {other:?}"))),
+    }
+}
+
+fn machine_known(state: &ApiState, name: &str) -> bool {
+    state.catalog.read().map(|c| c.contains_key(name)).unwrap_or(false)
+}
+
+/// Many tasks in one request: a JSON array of task payloads (each any JSON value, passed to the
+/// machine as its JSON text), answered by an array of per-task results in the same order.
+async fn submit_batch(
+    state: &ApiState,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    check_name(name)?;
+    if let Some(r) = leader_or_redirect(state, req.uri()) {
+        return Ok(r);
+    }
+    if !machine_known(state, name) {
+        return Err(ApiError::not_found(format!("no machine named {name:?}")));
+    }
+    let term = expected_term(&req)?;
+    let uri = req.uri().clone();
+    let body = read_body(req, MAX_BATCH_BYTES).await?;
+    let tasks: Vec<&serde_json::value::RawValue> = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("expected a JSON array of tasks: {e}")))?;
+    let entries: Vec<Bytes> = tasks
+        .iter()
+        .map(|t| Command::encode_task(name, t.get().as_bytes()))
+        .collect();
+    let results = state.node.propose_many(entries, term).await;
+    if let Some(Err(ProposeError::NotLeader { leader })) = results.first()
+        && results
+            .iter()
+            .all(|r| matches!(r, Err(ProposeError::NotLeader { .. })))
+    {
+        return Ok(redirect(state, *leader, &uri));
+    }
+    let mut out = Vec::with_capacity(results.len());
+    for r in results {
+        out.push(match r {
+            Ok(applied) => match applied.output {
+                Ok(Effect::Output(bytes)) => {
+                    let output = serde_json::from_slice::<serde_json::Value>(&bytes)
+                        .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned().into());
+                    json!({"status": 200, "index": applied.index, "term": applied.term, "output": output})
+                }
+                Ok(other) => json!({"status": 500, "error": {"code": "internal", "message": format!("{other:?}")}}),
+                Err(f) => batch_error(ApiError::from(f)),
+            },
+            Err(e) => batch_error(ApiError::from(e)),
+        });
+    }
+    Ok(json_response(StatusCode::OK, &json!({ "results": out })))
+}
+
+fn batch_error(e: ApiError) -> serde_json::Value {
+    let mut v = e.json();
+    v["status"] = e.status.as_u16().into();
+    v
+}
+
+async fn query(
+    state: &ApiState,
+    name: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    check_name(name)?;
+    let linearizable = match query_param(req.uri(), "consistency").as_deref() {
+        None | Some("linearizable") => true,
+        Some("local") => false,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "consistency must be linearizable or local, not {other:?}"
+            )));
+        }
+    };
+    let uri = req.uri().clone();
+    let request = read_body(req, MAX_TASK_BYTES).await?;
+    let name_owned = name.to_owned();
+    let result = state
+        .node
+        .read(linearizable, move |sm: &mut MachineSet| {
+            sm.query(&name_owned, &request)
+        })
+        .await;
+    match result {
+        Ok(Ok(bytes)) => Ok(Response::new(Full::new(Bytes::from(bytes)))),
+        Ok(Err(f)) => Err(f.into()),
+        Err(ReadError::NotLeader { leader }) => Ok(redirect(state, leader, &uri)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn query_param(uri: &hyper::Uri, key: &str) -> Option<String> {
+    uri.query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then(|| v.to_owned())
+    })
+}

@@ -1,0 +1,90 @@
+//! `lockstep dev`: a working local cluster from one command. One node runs in this process;
+//! more run as child `lockstep serve` processes with ports and data directories chosen here.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use tokio::process::Command;
+
+use super::{ServeArgs, shutdown_signal};
+use crate::node;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct DevArgs {
+    /// How many nodes to run (1, 3 or 5 make sense).
+    #[arg(long, default_value_t = 1)]
+    pub nodes: u64,
+    /// Where the nodes keep their data (node N in DIR/nodeN); reused on the next run.
+    #[arg(long, default_value = "lockstep-dev")]
+    pub data_dir: PathBuf,
+    /// HTTP port of node 1; node N uses PORT+N-1, and its peer port is 100 above.
+    #[arg(long, default_value_t = 7070)]
+    pub port: u16,
+}
+
+impl DevArgs {
+    fn serve_args(&self, id: u64) -> ServeArgs {
+        let addr = |port: u64| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], port as u16)) };
+        let http = |i: u64| addr(self.port as u64 + i - 1);
+        let raft = |i: u64| addr(self.port as u64 + 100 + i - 1);
+        let peers: BTreeMap<u64, String> = (1..=self.nodes).map(|i| (i, raft(i).to_string())).collect();
+        ServeArgs {
+            id,
+            data_dir: self.data_dir.join(format!("node{id}")),
+            http: http(id),
+            raft: raft(id),
+            peers,
+            cluster_id: Some("lockstep-dev".into()),
+            fuel_per_task: None,
+            memory_mib: None,
+        }
+    }
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.nodes >= 1, "--nodes must be at least 1");
+    if args.nodes == 1 {
+        let serve = args.serve_args(1);
+        let running = node::start(serve.node_config()).await?;
+        println!("lockstep dev: 1 node, data in {}", serve.data_dir.display());
+        println!("  http://{}", running.http_addr);
+        println!("try: lockstep deploy counter counter.wasm && lockstep submit counter '{{\"add\":1}}'");
+        shutdown_signal().await;
+        running.shutdown().await;
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("locating the lockstep binary")?;
+    let mut children = Vec::new();
+    for id in 1..=args.nodes {
+        let s = args.serve_args(id);
+        let peers: Vec<String> = s.peers.iter().map(|(i, a)| format!("{i}={a}")).collect();
+        let child = Command::new(&exe)
+            .arg("serve")
+            .args(["--id", &id.to_string()])
+            .arg("--data-dir")
+            .arg(&s.data_dir)
+            .args(["--http", &s.http.to_string(), "--raft", &s.raft.to_string()])
+            .args(["--peers", &peers.join(",")])
+            .args(["--cluster-id", "lockstep-dev"])
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting node {id}"))?;
+        println!("  node {id}: http://{}  (data in {})", s.http, s.data_dir.display());
+        children.push(child);
+    }
+    println!(
+        "lockstep dev: {} nodes; clients default to http://{}",
+        args.nodes,
+        args.serve_args(1).http
+    );
+    shutdown_signal().await;
+    for c in &mut children {
+        let _ = c.start_kill();
+    }
+    for c in &mut children {
+        let _ = c.wait().await;
+    }
+    Ok(())
+}

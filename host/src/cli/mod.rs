@@ -1,0 +1,266 @@
+//! The `lockstep` command line: `serve` and `dev` run nodes; `deploy`, `submit`, `query` and
+//! `status` talk to a running cluster over HTTP.
+
+pub mod client;
+pub mod dev;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use hyper::Method;
+
+use crate::node::{self, NodeConfig};
+use crate::wasm::Limits;
+
+/// URL of the node `lockstep dev` starts first.
+pub const DEV_URL: &str = "http://127.0.0.1:7070";
+
+#[derive(Parser)]
+#[command(name = "lockstep", version, about = "Replicated WebAssembly state machines over Raft")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one node of a cluster.
+    Serve(ServeArgs),
+    /// Run a local cluster for development (one node unless --nodes says otherwise).
+    Dev(dev::DevArgs),
+    /// Deploy (or upgrade) a machine from a .wasm component.
+    Deploy {
+        name: String,
+        file: PathBuf,
+        #[arg(long, env = "LOCKSTEP_URL", default_value = DEV_URL)]
+        url: String,
+    },
+    /// Submit a task; PAYLOAD is inline, @file, or - for stdin.
+    Submit {
+        name: String,
+        payload: String,
+        #[arg(long, env = "LOCKSTEP_URL", default_value = DEV_URL)]
+        url: String,
+        /// Refuse the task unless the leader is in this term.
+        #[arg(long)]
+        expected_term: Option<u64>,
+    },
+    /// Query a machine's state; REQUEST is inline, @file, or - for stdin.
+    Query {
+        name: String,
+        #[arg(default_value = "")]
+        request: String,
+        #[arg(long, env = "LOCKSTEP_URL", default_value = DEV_URL)]
+        url: String,
+        /// Read this node's applied state instead of a linearizable read.
+        #[arg(long)]
+        local: bool,
+    },
+    /// Show the cluster as the node at --url sees it.
+    Status {
+        #[arg(long, env = "LOCKSTEP_URL", default_value = DEV_URL)]
+        url: String,
+    },
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServeArgs {
+    /// This node's id in --peers.
+    #[arg(long)]
+    pub id: u64,
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// HTTP API address.
+    #[arg(long)]
+    pub http: SocketAddr,
+    /// Peer transport address (must match this node's entry in --peers).
+    #[arg(long)]
+    pub raft: SocketAddr,
+    /// Initial members: 1=RAFTADDR,2=RAFTADDR,... (the same on every initial member).
+    #[arg(long, value_parser = parse_peers)]
+    pub peers: BTreeMap<u64, String>,
+    /// Cluster identity checked on every peer connection (default: derived from --peers).
+    #[arg(long)]
+    pub cluster_id: Option<String>,
+    /// Fuel each task may burn before it fails with out_of_fuel.
+    #[arg(long)]
+    pub fuel_per_task: Option<u64>,
+    /// Memory cap of each machine instance, in MiB.
+    #[arg(long)]
+    pub memory_mib: Option<usize>,
+}
+
+fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, String> {
+    let mut peers = BTreeMap::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not ID=ADDR"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("{id:?} is not a node id"))?;
+        if peers.insert(id, addr.trim().to_owned()).is_some() {
+            return Err(format!("node id {id} appears twice"));
+        }
+    }
+    if peers.is_empty() {
+        return Err("no peers given".into());
+    }
+    Ok(peers)
+}
+
+impl ServeArgs {
+    pub fn node_config(&self) -> NodeConfig {
+        let mut limits = Limits::default();
+        if let Some(f) = self.fuel_per_task {
+            limits.fuel_per_entry = f;
+        }
+        if let Some(m) = self.memory_mib {
+            limits.memory_bytes = m * 1024 * 1024;
+        }
+        NodeConfig {
+            id: self.id,
+            data_dir: self.data_dir.clone(),
+            http_addr: self.http,
+            raft_addr: self.raft,
+            peers: self.peers.clone(),
+            cluster_id: self.cluster_id.clone(),
+            limits,
+        }
+    }
+}
+
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LOCKSTEP_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(cli.command))
+}
+
+async fn run(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Serve(args) => serve(args).await,
+        Cmd::Dev(args) => dev::run(args).await,
+        Cmd::Deploy { name, file, url } => {
+            let module =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let r = client::request(
+                Method::PUT,
+                &format!("{url}/v1/machines/{name}"),
+                module.into(),
+                &[],
+            )
+            .await?;
+            print_reply(&r)
+        }
+        Cmd::Submit {
+            name,
+            payload,
+            url,
+            expected_term,
+        } => {
+            let headers: Vec<(&str, String)> = expected_term
+                .map(|t| ("lockstep-expected-term", t.to_string()))
+                .into_iter()
+                .collect();
+            let r = client::request(
+                Method::POST,
+                &format!("{url}/v1/machines/{name}/tasks"),
+                read_arg(&payload)?,
+                &headers,
+            )
+            .await?;
+            print_reply(&r)
+        }
+        Cmd::Query {
+            name,
+            request,
+            url,
+            local,
+        } => {
+            let consistency = if local { "local" } else { "linearizable" };
+            let r = client::request(
+                Method::POST,
+                &format!("{url}/v1/machines/{name}/query?consistency={consistency}"),
+                read_arg(&request)?,
+                &[],
+            )
+            .await?;
+            print_reply(&r)
+        }
+        Cmd::Status { url } => {
+            let r = client::request(Method::GET, &format!("{url}/v1/cluster"), Bytes::new(), &[])
+                .await?;
+            print_reply(&r)
+        }
+    }
+}
+
+/// `@file` reads a file, `-` reads stdin, anything else is the payload itself.
+fn read_arg(arg: &str) -> anyhow::Result<Bytes> {
+    if arg == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf)?;
+        Ok(buf.into())
+    } else if let Some(path) = arg.strip_prefix('@') {
+        Ok(std::fs::read(path)
+            .with_context(|| format!("reading {path}"))?
+            .into())
+    } else {
+        Ok(Bytes::copy_from_slice(arg.as_bytes()))
+    }
+}
+
+fn print_reply(r: &client::Reply) -> anyhow::Result<()> {
+    if r.status.is_success() {
+        let text = String::from_utf8_lossy(&r.body);
+        println!("{}", text.trim_end());
+        Ok(())
+    } else {
+        bail!("{}", client::describe_error(r))
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let running = node::start(args.node_config()).await?;
+    println!("lockstep node {} serving http://{}", args.id, running.http_addr);
+    shutdown_signal().await;
+    running.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(t) => t,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,159 @@
+//! What a log entry asks of the machine set.
+//!
+//! Layout: one tag byte, one name-length byte, the machine name, then the rest of the entry is
+//! the task payload or the module's bytes. Payloads are sliced out of the entry, never copied.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+const TASK: u8 = 1;
+const DEPLOY: u8 = 2;
+const DELETE: u8 = 3;
+
+/// Longest machine name, so a name always fits its one-byte length.
+pub const MAX_NAME_LEN: usize = 64;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Apply `payload` through the machine's `on-apply`.
+    Task { machine: String, payload: Bytes },
+    /// Create the machine, or upgrade it, from a component's bytes.
+    Deploy { machine: String, module: Bytes },
+    /// Remove the machine and its state.
+    Delete { machine: String },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CommandError {
+    #[error("empty entry")]
+    Empty,
+    #[error("unknown command tag {0}")]
+    UnknownTag(u8),
+    #[error("entry shorter than its machine name")]
+    Truncated,
+    #[error("invalid machine name: {0}")]
+    BadName(String),
+}
+
+/// Machine names appear in URLs and logs: keep them to a safe, short alphabet.
+pub fn validate_name(name: &str) -> Result<(), CommandError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(CommandError::BadName(format!(
+            "{name:?}: use 1 to {MAX_NAME_LEN} of [A-Za-z0-9._-], not starting with '.'"
+        )))
+    }
+}
+
+impl Command {
+    pub fn machine(&self) -> &str {
+        match self {
+            Command::Task { machine, .. }
+            | Command::Deploy { machine, .. }
+            | Command::Delete { machine } => machine,
+        }
+    }
+
+    /// Encodes a task without building a `Command` first: the hot path of every submission.
+    pub fn encode_task(machine: &str, payload: &[u8]) -> Bytes {
+        encode(TASK, machine, payload)
+    }
+
+    pub fn encode(&self) -> Bytes {
+        match self {
+            Command::Task { machine, payload } => encode(TASK, machine, payload),
+            Command::Deploy { machine, module } => encode(DEPLOY, machine, module),
+            Command::Delete { machine } => encode(DELETE, machine, &[]),
+        }
+    }
+
+    pub fn decode(entry: &Bytes) -> Result<Command, CommandError> {
+        let (&tag, rest) = entry.split_first().ok_or(CommandError::Empty)?;
+        let (&len, rest) = rest.split_first().ok_or(CommandError::Truncated)?;
+        let len = len as usize;
+        if rest.len() < len {
+            return Err(CommandError::Truncated);
+        }
+        let machine = std::str::from_utf8(&rest[..len])
+            .map_err(|_| CommandError::BadName("not utf-8".into()))?
+            .to_owned();
+        validate_name(&machine)?;
+        let body = entry.slice(2 + len..);
+        match tag {
+            TASK => Ok(Command::Task {
+                machine,
+                payload: body,
+            }),
+            DEPLOY => Ok(Command::Deploy {
+                machine,
+                module: body,
+            }),
+            DELETE => Ok(Command::Delete { machine }),
+            t => Err(CommandError::UnknownTag(t)),
+        }
+    }
+}
+
+fn encode(tag: u8, machine: &str, body: &[u8]) -> Bytes {
+    // Callers validate names first; clamp anyway so the length byte can never lie.
+    let name = &machine.as_bytes()[..machine.len().min(MAX_NAME_LEN)];
+    let mut out = BytesMut::with_capacity(2 + name.len() + body.len());
+    out.put_u8(tag);
+    out.put_u8(name.len() as u8);
+    out.put_slice(name);
+    out.put_slice(body);
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrips() {
+        for c in [
+            Command::Task {
+                machine: "counter".into(),
+                payload: Bytes::from_static(br#"{"add":1}"#),
+            },
+            Command::Deploy {
+                machine: "kv-2".into(),
+                module: Bytes::from_static(b"\0asm"),
+            },
+            Command::Delete {
+                machine: "a.b_c".into(),
+            },
+        ] {
+            assert_eq!(Command::decode(&c.encode()), Ok(c));
+        }
+    }
+
+    #[test]
+    fn refuses_garbage() {
+        assert_eq!(Command::decode(&Bytes::new()), Err(CommandError::Empty));
+        assert_eq!(
+            Command::decode(&Bytes::from_static(&[1, 9, b'a'])),
+            Err(CommandError::Truncated)
+        );
+        assert_eq!(
+            Command::decode(&Bytes::from_static(&[9, 1, b'a'])),
+            Err(CommandError::UnknownTag(9))
+        );
+        assert!(Command::decode(&Bytes::from_static(&[1, 2, b'.', b'/'])).is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_name("counter").is_ok());
+        assert!(validate_name("").is_err());
+        assert!(validate_name("../etc").is_err());
+        assert!(validate_name("a b").is_err());
+        assert!(validate_name(&"x".repeat(65)).is_err());
+    }
+}

@@ -1,0 +1,276 @@
+//! The node's state machine: the set of deployed Wasm machines.
+//!
+//! Every committed entry is a [`Command`]: deploy or upgrade a machine, delete one, or run a task
+//! on one. Deploys are log entries, so every replica switches modules at the same index. Runs of
+//! consecutive tasks for the same machine go to its `on-apply` as one batch.
+
+pub mod command;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use sha2::{Digest, Sha256};
+
+use crate::state_machine::{Entry, StateMachine};
+use crate::wasm::{GuestError, Machine, ModuleRegistry};
+pub use command::{Command, CommandError, validate_name};
+
+/// What applying one entry did, when it succeeded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// The task's output from the guest.
+    Output(Vec<u8>),
+    Deployed {
+        digest: String,
+        version: u64,
+        created: bool,
+    },
+    Deleted,
+}
+
+/// Why an entry failed. Failures are deterministic: every replica records the same one.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Failure {
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    #[error("no machine named {0:?}")]
+    NotFound(String),
+    #[error("invalid module: {0}")]
+    InvalidModule(String),
+    #[error("undecodable entry: {0}")]
+    BadEntry(#[from] CommandError),
+}
+
+pub type Outcome = Result<Effect, Failure>;
+
+/// What the HTTP layer may read without going through the state-machine thread.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MachineInfo {
+    pub name: String,
+    pub digest: String,
+    pub version: u64,
+}
+
+/// Applied machines by name, as of the last applied entry.
+pub type Catalog = Arc<RwLock<BTreeMap<String, MachineInfo>>>;
+
+/// Guest failures by kind, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct GuestErrorCounts {
+    pub guest_error: AtomicU64,
+    pub guest_trap: AtomicU64,
+    pub out_of_fuel: AtomicU64,
+    pub memory_limit: AtomicU64,
+}
+
+impl GuestErrorCounts {
+    fn count(&self, e: &GuestError) {
+        let c = match e.code() {
+            "guest_error" => &self.guest_error,
+            "out_of_fuel" => &self.out_of_fuel,
+            "memory_limit" => &self.memory_limit,
+            _ => &self.guest_trap,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A machine's state as `GET /v1/machines/{name}` reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MachineStatus {
+    pub name: String,
+    pub digest: String,
+    pub version: u64,
+    pub applied_index: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_digest: Option<String>,
+}
+
+struct Deployed {
+    machine: Machine,
+    digest: String,
+    version: u64,
+}
+
+pub struct MachineSet {
+    registry: Arc<ModuleRegistry>,
+    machines: BTreeMap<String, Deployed>,
+    applied_index: u64,
+    catalog: Catalog,
+    errors: Arc<GuestErrorCounts>,
+}
+
+impl MachineSet {
+    pub fn new(registry: Arc<ModuleRegistry>) -> Self {
+        MachineSet {
+            registry,
+            machines: BTreeMap::new(),
+            applied_index: 0,
+            catalog: Catalog::default(),
+            errors: Arc::default(),
+        }
+    }
+
+    pub fn catalog(&self) -> Catalog {
+        self.catalog.clone()
+    }
+
+    pub fn error_counts(&self) -> Arc<GuestErrorCounts> {
+        self.errors.clone()
+    }
+
+    /// Index of the last entry this set applied.
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    /// Runs a read-only query on `machine`'s applied state.
+    pub fn query(&mut self, machine: &str, request: &[u8]) -> Result<Vec<u8>, Failure> {
+        let d = self
+            .machines
+            .get_mut(machine)
+            .ok_or_else(|| Failure::NotFound(machine.to_owned()))?;
+        d.machine.query(request).map_err(Failure::from)
+    }
+
+    /// Describes `machine`; with `state_digest`, hashes its snapshot at the applied index.
+    pub fn status(&mut self, machine: &str, state_digest: bool) -> Result<MachineStatus, Failure> {
+        let applied_index = self.applied_index;
+        let d = self
+            .machines
+            .get_mut(machine)
+            .ok_or_else(|| Failure::NotFound(machine.to_owned()))?;
+        let state_digest = if state_digest {
+            let snap = d.machine.snapshot()?;
+            Some(hex::encode(Sha256::digest(&snap)))
+        } else {
+            None
+        };
+        Ok(MachineStatus {
+            name: machine.to_owned(),
+            digest: d.digest.clone(),
+            version: d.version,
+            applied_index,
+            state_digest,
+        })
+    }
+
+    fn deploy(&mut self, name: String, module: &[u8]) -> Outcome {
+        let info = self
+            .registry
+            .add(module)
+            .map_err(|e| Failure::InvalidModule(e.to_string()))?;
+        let digest = info.digest;
+        let (version, created) = match self.machines.get_mut(&name) {
+            Some(d) => {
+                d.machine
+                    .upgrade(&self.registry, &digest)
+                    .map_err(|e| Failure::InvalidModule(e.to_string()))?;
+                d.digest = digest.clone();
+                d.version += 1;
+                (d.version, false)
+            }
+            None => {
+                let machine = Machine::new(&self.registry, &digest)
+                    .map_err(|e| Failure::InvalidModule(e.to_string()))?;
+                self.machines.insert(
+                    name.clone(),
+                    Deployed {
+                        machine,
+                        digest: digest.clone(),
+                        version: 1,
+                    },
+                );
+                (1, true)
+            }
+        };
+        if let Ok(mut c) = self.catalog.write() {
+            c.insert(
+                name.clone(),
+                MachineInfo {
+                    name,
+                    digest: digest.clone(),
+                    version,
+                },
+            );
+        }
+        Ok(Effect::Deployed {
+            digest,
+            version,
+            created,
+        })
+    }
+
+    fn delete(&mut self, name: &str) -> Outcome {
+        self.machines
+            .remove(name)
+            .ok_or_else(|| Failure::NotFound(name.to_owned()))?;
+        if let Ok(mut c) = self.catalog.write() {
+            c.remove(name);
+        }
+        Ok(Effect::Deleted)
+    }
+
+    /// Applies a run of tasks for the same machine through a single `on-apply` call.
+    fn flush_run(&mut self, machine: &str, run: &mut Vec<Entry>, out: &mut Vec<Outcome>) {
+        if run.is_empty() {
+            return;
+        }
+        let Some(d) = self.machines.get_mut(machine) else {
+            out.extend(run.drain(..).map(|_| Err(Failure::NotFound(machine.to_owned()))));
+            return;
+        };
+        for r in d.machine.apply(run) {
+            out.push(match r {
+                Ok(bytes) => Ok(Effect::Output(bytes)),
+                Err(e) => {
+                    self.errors.count(&e);
+                    Err(Failure::Guest(e))
+                }
+            });
+        }
+        run.clear();
+    }
+}
+
+impl StateMachine for MachineSet {
+    type Output = Outcome;
+
+    fn apply(&mut self, batch: &[Entry]) -> Vec<Outcome> {
+        let mut out = Vec::with_capacity(batch.len());
+        let mut run: Vec<Entry> = Vec::new();
+        let mut run_machine = String::new();
+        for entry in batch {
+            match Command::decode(&entry.payload) {
+                Ok(Command::Task { machine, payload }) => {
+                    if machine != run_machine {
+                        self.flush_run(&run_machine, &mut run, &mut out);
+                        run_machine = machine;
+                    }
+                    run.push(Entry {
+                        payload,
+                        ..entry.clone()
+                    });
+                }
+                Ok(Command::Deploy { machine, module }) => {
+                    self.flush_run(&run_machine, &mut run, &mut out);
+                    out.push(self.deploy(machine, &module));
+                }
+                Ok(Command::Delete { machine }) => {
+                    self.flush_run(&run_machine, &mut run, &mut out);
+                    out.push(self.delete(&machine));
+                }
+                Err(e) => {
+                    self.flush_run(&run_machine, &mut run, &mut out);
+                    out.push(Err(Failure::BadEntry(e)));
+                }
+            }
+        }
+        self.flush_run(&run_machine, &mut run, &mut out);
+        if let Some(last) = batch.last() {
+            self.applied_index = last.index;
+        }
+        out
+    }
+}

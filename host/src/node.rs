@@ -1,0 +1,157 @@
+//! One Lockstep node: the log, the Wasm machines, the Raft pipeline, the peer transport and the
+//! HTTP API, wired together.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::api::{self, ApiState};
+use crate::machines::MachineSet;
+use crate::raft::{self, Message, Node, NodeId, RaftConfig};
+use crate::storage::LogStore;
+use crate::transport::{PeerTransport, TransportConfig, WireMessage};
+use crate::wasm::{Limits, ModuleRegistry, WasmEngine};
+
+/// How to start a node (the flags of `lockstep serve`).
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    pub data_dir: PathBuf,
+    pub http_addr: SocketAddr,
+    pub raft_addr: SocketAddr,
+    /// Raft address of every initial member, this node included.
+    pub peers: BTreeMap<NodeId, String>,
+    /// Defaults to a digest of `peers`, so two clusters on one host never cross-talk.
+    pub cluster_id: Option<String>,
+    pub limits: Limits,
+}
+
+impl NodeConfig {
+    pub fn cluster_id(&self) -> String {
+        self.cluster_id.clone().unwrap_or_else(|| {
+            let mut h = Sha256::new();
+            for (id, addr) in &self.peers {
+                h.update(format!("{id}={addr};"));
+            }
+            hex::encode(&h.finalize()[..8])
+        })
+    }
+}
+
+/// A started node. Dropping it does not stop it; call [`RunningNode::shutdown`].
+pub struct RunningNode {
+    pub http_addr: SocketAddr,
+    pub raft_addr: SocketAddr,
+    pub node: Node<MachineSet>,
+    api: JoinHandle<()>,
+    _transport: PeerTransport<Message>,
+}
+
+impl WireMessage for Message {
+    fn encode(&self, out: &mut Vec<u8>) {
+        Message::encode(self, out)
+    }
+    fn decode(bytes: &[u8]) -> Result<Self, String> {
+        Message::decode(bytes).map_err(|e| e.to_string())
+    }
+}
+
+struct TcpTransport(PeerTransport<Message>);
+
+impl raft::Transport for TcpTransport {
+    fn send(&self, to: NodeId, msg: Message) {
+        self.0.send(to, msg)
+    }
+}
+
+/// Starts every part of a node inside the current tokio runtime.
+pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
+    anyhow::ensure!(
+        cfg.peers.contains_key(&cfg.id),
+        "--peers must include this node's own id {}",
+        cfg.id
+    );
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+    let raft_listener = TcpListener::bind(cfg.raft_addr)
+        .await
+        .with_context(|| format!("binding the raft address {}", cfg.raft_addr))?;
+    let http_listener = TcpListener::bind(cfg.http_addr)
+        .await
+        .with_context(|| format!("binding the http address {}", cfg.http_addr))?;
+    let raft_addr = raft_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+    let cluster_id = cfg.cluster_id();
+
+    let engine = WasmEngine::new(cfg.limits.clone())?;
+    let registry = Arc::new(ModuleRegistry::open(engine, &cfg.data_dir.join("modules"))?);
+    let machines = MachineSet::new(registry.clone());
+    let catalog = machines.catalog();
+    let guest_errors = machines.error_counts();
+
+    let log = LogStore::open(&cfg.data_dir.join("log.redb"))
+        .with_context(|| format!("opening the log in {}", cfg.data_dir.display()))?;
+
+    // Inbound messages may arrive before the node exists; those are dropped like any loss.
+    let inbox: Arc<OnceLock<Node<MachineSet>>> = Arc::new(OnceLock::new());
+    let sink = inbox.clone();
+    let transport = PeerTransport::start(
+        TransportConfig {
+            cluster_id: cluster_id.clone(),
+            node_id: cfg.id,
+            http_addr: http_addr.to_string(),
+            peers: cfg.peers.clone(),
+            max_frame_bytes: TransportConfig::DEFAULT_MAX_FRAME,
+            queue_depth: 8192,
+        },
+        raft_listener,
+        move |from, msg| {
+            if let Some(node) = sink.get() {
+                node.receive(from, msg);
+            }
+        },
+    );
+    let members: Vec<NodeId> = cfg.peers.keys().copied().collect();
+    let node = Node::start(
+        RaftConfig::new(cfg.id, members),
+        log,
+        Arc::new(TcpTransport(transport.clone())),
+        machines,
+    )?;
+    let _ = inbox.set(node.clone());
+
+    let http_of = transport.clone();
+    let state = Arc::new(ApiState {
+        cluster_id,
+        node: node.clone(),
+        registry,
+        catalog,
+        members: cfg.peers.iter().map(|(id, a)| (*id, a.clone())).collect(),
+        http_addr: Box::new(move |id| http_of.http_addr(id)),
+        metrics: api::metrics::Metrics::new(guest_errors),
+    });
+    let api = tokio::spawn(api::serve(http_listener, state));
+    info!(id = cfg.id, %http_addr, %raft_addr, "node started");
+    Ok(RunningNode {
+        http_addr,
+        raft_addr,
+        node,
+        api,
+        _transport: transport,
+    })
+}
+
+impl RunningNode {
+    /// Stops serving HTTP, then resolves every pending task and stops the pipeline.
+    pub async fn shutdown(self) {
+        self.api.abort();
+        self.node.shutdown().await;
+    }
+}

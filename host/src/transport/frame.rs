@@ -1,0 +1,169 @@
+//! Wire format of the peer transport.
+//!
+//! A connection carries length-prefixed frames: a big-endian `u32` length, then that many bytes.
+//! The first frame is a [`Hello`]; every later frame is one encoded Raft message. A length above
+//! the limit, a short read or a bad hello closes the connection: nothing in a frame is trusted.
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Marks a Lockstep peer connection, so garbage is refused before any length is believed.
+pub const MAGIC: [u8; 4] = *b"LKSP";
+/// Bumped on any incompatible change of the frame or message encoding.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// A hello carries two short strings and an id: anything larger is not a hello.
+pub const MAX_HELLO_BYTES: u32 = 4 * 1024;
+
+/// Errors reading a frame; each one closes the connection it came from.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection closed")]
+    Closed,
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("frame of {len} bytes exceeds the limit of {limit}")]
+    TooLarge { len: u32, limit: u32 },
+    #[error("bad hello: {0}")]
+    BadHello(&'static str),
+}
+
+/// Appends one frame (length prefix + body) to `out`.
+pub fn put_frame(out: &mut Vec<u8>, body: &[u8]) {
+    let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(body);
+}
+
+/// Reads one frame body into `buf` (reused between calls), refusing lengths above `limit`.
+/// A clean end of stream before a frame starts is [`FrameError::Closed`].
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    limit: u32,
+    buf: &mut Vec<u8>,
+) -> Result<(), FrameError> {
+    let mut len = [0u8; 4];
+    match reader.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len);
+    if len > limit {
+        return Err(FrameError::TooLarge { len, limit });
+    }
+    buf.clear();
+    buf.resize(len as usize, 0);
+    reader.read_exact(buf).await?;
+    Ok(())
+}
+
+/// The first frame on every connection: who is calling, from which cluster, and where its HTTP
+/// API listens (so any node can send a client to the leader).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub cluster_id: String,
+    pub node_id: u64,
+    pub http_addr: String,
+}
+
+impl Hello {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + self.cluster_id.len() + self.http_addr.len());
+        out.extend_from_slice(&MAGIC);
+        out.push(PROTOCOL_VERSION);
+        out.extend_from_slice(&self.node_id.to_be_bytes());
+        put_str(&mut out, &self.cluster_id);
+        put_str(&mut out, &self.http_addr);
+        out
+    }
+
+    pub fn decode(mut b: &[u8]) -> Result<Self, FrameError> {
+        let magic = take(&mut b, 4).ok_or(FrameError::BadHello("short"))?;
+        if magic != MAGIC {
+            return Err(FrameError::BadHello("not a lockstep peer"));
+        }
+        let version = take(&mut b, 1).ok_or(FrameError::BadHello("short"))?;
+        if version[0] != PROTOCOL_VERSION {
+            return Err(FrameError::BadHello("unsupported protocol version"));
+        }
+        let id = take(&mut b, 8).ok_or(FrameError::BadHello("short"))?;
+        let node_id = u64::from_be_bytes(id.try_into().map_err(|_| FrameError::BadHello("short"))?);
+        let cluster_id = take_str(&mut b)?;
+        let http_addr = take_str(&mut b)?;
+        if !b.is_empty() {
+            return Err(FrameError::BadHello("trailing bytes"));
+        }
+        Ok(Hello {
+            cluster_id,
+            node_id,
+            http_addr,
+        })
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    let len = u16::try_from(s.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&s.as_bytes()[..len as usize]);
+}
+
+fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if b.len() < n {
+        return None;
+    }
+    let (head, tail) = b.split_at(n);
+    *b = tail;
+    Some(head)
+}
+
+fn take_str(b: &mut &[u8]) -> Result<String, FrameError> {
+    let len = take(b, 2).ok_or(FrameError::BadHello("short"))?;
+    let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+    let s = take(b, len).ok_or(FrameError::BadHello("short"))?;
+    String::from_utf8(s.to_vec()).map_err(|_| FrameError::BadHello("string is not utf-8"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_roundtrips() {
+        let h = Hello {
+            cluster_id: "c1".into(),
+            node_id: 7,
+            http_addr: "127.0.0.1:8080".into(),
+        };
+        assert_eq!(Hello::decode(&h.encode()).ok(), Some(h));
+    }
+
+    #[test]
+    fn hello_refuses_garbage_and_every_truncation() {
+        let bytes = Hello {
+            cluster_id: "c1".into(),
+            node_id: 7,
+            http_addr: "x".into(),
+        }
+        .encode();
+        for n in 0..bytes.len() {
+            assert!(Hello::decode(&bytes[..n]).is_err(), "prefix {n} accepted");
+        }
+        assert!(Hello::decode(b"GET / HTTP/1.1\r\n\r\n").is_err());
+    }
+
+    #[tokio::test]
+    async fn read_frame_enforces_the_limit() {
+        let mut wire = Vec::new();
+        put_frame(&mut wire, &[1, 2, 3]);
+        wire.extend_from_slice(&u32::MAX.to_be_bytes());
+        let mut r = &wire[..];
+        let mut buf = Vec::new();
+        read_frame(&mut r, 16, &mut buf).await.ok();
+        assert_eq!(buf, [1, 2, 3]);
+        assert!(matches!(
+            read_frame(&mut r, 16, &mut buf).await,
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+}

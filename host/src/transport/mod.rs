@@ -1,0 +1,271 @@
+//! Peer transport: persistent TCP connections carrying one-way Raft messages.
+//!
+//! Each node dials every peer once and keeps that connection for its own outbound messages;
+//! what a peer sends back arrives on the connection the peer dialled. Messages are
+//! fire-and-forget (Raft retries whatever is lost), so a full queue or a broken connection drops
+//! messages instead of blocking the consensus loop. A writer drains everything queued for a peer
+//! into one `write` call: under load many messages share a syscall.
+
+pub mod frame;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use frame::{FrameError, Hello, MAX_HELLO_BYTES, put_frame, read_frame};
+
+pub type NodeId = u64;
+
+/// A message the transport can carry: encoded by the sender's writer task, decoded by the
+/// receiver's reader task, so neither costs the consensus loop any CPU.
+pub trait WireMessage: Send + Sized + 'static {
+    fn encode(&self, out: &mut Vec<u8>);
+    fn decode(bytes: &[u8]) -> Result<Self, String>;
+}
+
+/// Where the transport listens and whom it talks to.
+#[derive(Clone, Debug)]
+pub struct TransportConfig {
+    /// Connections from another cluster are refused at the hello.
+    pub cluster_id: String,
+    pub node_id: NodeId,
+    /// This node's HTTP address, told to every peer.
+    pub http_addr: String,
+    /// Raft address of every member, this node included.
+    pub peers: BTreeMap<NodeId, String>,
+    /// Hard limit on one frame; a larger length prefix closes the connection.
+    pub max_frame_bytes: u32,
+    /// Messages queued per peer before new ones are dropped.
+    pub queue_depth: usize,
+}
+
+impl TransportConfig {
+    /// A deploy carries up to 16 MiB of module in one entry; leave room for the envelope.
+    pub const DEFAULT_MAX_FRAME: u32 = 64 * 1024 * 1024;
+}
+
+type Handler<M> = Arc<dyn Fn(NodeId, M) + Send + Sync>;
+
+/// Handle to the running transport. Dropping the last handle stops its tasks.
+pub struct PeerTransport<M: WireMessage> {
+    inner: Arc<Inner<M>>,
+}
+
+impl<M: WireMessage> Clone for PeerTransport<M> {
+    fn clone(&self) -> Self {
+        PeerTransport {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<M> {
+    queues: HashMap<NodeId, mpsc::Sender<M>>,
+    http_addrs: Arc<RwLock<HashMap<NodeId, String>>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl<M> Drop for Inner<M> {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl<M: WireMessage> PeerTransport<M> {
+    /// Starts accepting on `listener` and dialling every other member. Each decoded inbound
+    /// message is handed to `on_message` together with the sender's id.
+    pub fn start(
+        config: TransportConfig,
+        listener: TcpListener,
+        on_message: impl Fn(NodeId, M) + Send + Sync + 'static,
+    ) -> Self {
+        let config = Arc::new(config);
+        let on_message: Handler<M> = Arc::new(on_message);
+        let http_addrs = Arc::new(RwLock::new(HashMap::from([(
+            config.node_id,
+            config.http_addr.clone(),
+        )])));
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(accept_loop(
+            listener,
+            config.clone(),
+            http_addrs.clone(),
+            on_message,
+        )));
+        let mut queues = HashMap::new();
+        for (&id, addr) in &config.peers {
+            if id == config.node_id {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
+            queues.insert(id, tx);
+            tasks.push(tokio::spawn(dial_loop(addr.clone(), config.clone(), rx)));
+        }
+        PeerTransport {
+            inner: Arc::new(Inner {
+                queues,
+                http_addrs,
+                tasks,
+            }),
+        }
+    }
+
+    /// Queues `msg` for `to`; drops it when the peer is unknown or its queue is full.
+    pub fn send(&self, to: NodeId, msg: M) {
+        if let Some(q) = self.inner.queues.get(&to)
+            && q.try_send(msg).is_err()
+        {
+            debug!(to, "peer queue full or closed: message dropped");
+        }
+    }
+
+    /// The HTTP address `id` announced in its hello (this node's own is always known).
+    pub fn http_addr(&self, id: NodeId) -> Option<String> {
+        self.inner
+            .http_addrs
+            .read()
+            .ok()
+            .and_then(|m| m.get(&id).cloned())
+    }
+}
+
+async fn accept_loop<M: WireMessage>(
+    listener: TcpListener,
+    config: Arc<TransportConfig>,
+    http_addrs: Arc<RwLock<HashMap<NodeId, String>>>,
+    on_message: Handler<M>,
+) {
+    loop {
+        let (stream, remote) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors and the like: back off rather than spin.
+                warn!(error = %e, "raft accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (config, http_addrs, on_message) =
+            (config.clone(), http_addrs.clone(), on_message.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve_inbound(stream, &config, &http_addrs, &on_message).await {
+                match e {
+                    FrameError::Closed => debug!(%remote, "peer connection closed"),
+                    e => warn!(%remote, error = %e, "closing raft connection"),
+                }
+            }
+        });
+    }
+}
+
+async fn serve_inbound<M: WireMessage>(
+    stream: TcpStream,
+    config: &TransportConfig,
+    http_addrs: &RwLock<HashMap<NodeId, String>>,
+    on_message: &Handler<M>,
+) -> Result<(), FrameError> {
+    stream.set_nodelay(true)?;
+    let mut reader = BufReader::with_capacity(256 * 1024, stream);
+    let mut buf = Vec::new();
+    // A silent connection must not hold a task forever.
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        read_frame(&mut reader, MAX_HELLO_BYTES, &mut buf),
+    )
+    .await
+    .map_err(|_| FrameError::BadHello("no hello within 5 s"))??;
+    let hello = Hello::decode(&buf)?;
+    if hello.cluster_id != config.cluster_id {
+        return Err(FrameError::BadHello("peer belongs to another cluster"));
+    }
+    if hello.node_id == config.node_id || !config.peers.contains_key(&hello.node_id) {
+        return Err(FrameError::BadHello("peer id is not a member"));
+    }
+    let from = hello.node_id;
+    if let Ok(mut m) = http_addrs.write() {
+        m.insert(from, hello.http_addr);
+    }
+    debug!(from, "peer connected");
+    loop {
+        read_frame(&mut reader, config.max_frame_bytes, &mut buf).await?;
+        match M::decode(&buf) {
+            Ok(msg) => on_message(from, msg),
+            Err(e) => {
+                warn!(from, error = %e, "undecodable raft message");
+                return Err(FrameError::BadHello("undecodable message"));
+            }
+        }
+    }
+}
+
+async fn dial_loop<M: WireMessage>(
+    addr: String,
+    config: Arc<TransportConfig>,
+    mut rx: mpsc::Receiver<M>,
+) {
+    let hello = Hello {
+        cluster_id: config.cluster_id.clone(),
+        node_id: config.node_id,
+        http_addr: config.http_addr.clone(),
+    }
+    .encode();
+    let mut backoff = Duration::from_millis(20);
+    let mut out = Vec::with_capacity(64 * 1024);
+    loop {
+        let mut stream = match TcpStream::connect(&addr).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(%addr, error = %e, "peer not reachable");
+                // Whatever queued meanwhile is stale; Raft resends what still matters.
+                while rx.try_recv().is_ok() {}
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(20);
+        let _ = stream.set_nodelay(true);
+        out.clear();
+        put_frame(&mut out, &hello);
+        if stream.write_all(&out).await.is_err() {
+            continue;
+        }
+        info!(%addr, "connected to peer");
+        let mut body = Vec::new();
+        loop {
+            let Some(first) = rx.recv().await else {
+                return;
+            };
+            out.clear();
+            encode_into(&mut out, &mut body, &first);
+            // Coalesce whatever else is already queued into the same write.
+            while out.len() < 1024 * 1024 {
+                match rx.try_recv() {
+                    Ok(m) => encode_into(&mut out, &mut body, &m),
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = stream.write_all(&out).await {
+                debug!(%addr, error = %e, "peer write failed; reconnecting");
+                break;
+            }
+        }
+    }
+}
+
+fn encode_into<M: WireMessage>(out: &mut Vec<u8>, body: &mut Vec<u8>, m: &M) {
+    body.clear();
+    m.encode(body);
+    put_frame(out, body);
+}
+
+#[cfg(test)]
+mod tests;

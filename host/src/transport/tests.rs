@@ -1,0 +1,117 @@
+use std::sync::Mutex;
+
+use tokio::io::AsyncReadExt;
+
+use super::*;
+
+#[derive(Debug, PartialEq)]
+struct Ping(u64);
+
+impl WireMessage for Ping {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.0.to_be_bytes());
+    }
+    fn decode(b: &[u8]) -> Result<Self, String> {
+        Ok(Ping(u64::from_be_bytes(
+            b.try_into().map_err(|_| "bad ping".to_string())?,
+        )))
+    }
+}
+
+type Inbox = Arc<Mutex<Vec<(NodeId, u64)>>>;
+
+async fn pair(cluster_b: &str) -> (PeerTransport<Ping>, PeerTransport<Ping>, Inbox, String) {
+    let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let lb = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peers = BTreeMap::from([
+        (1, la.local_addr().unwrap().to_string()),
+        (2, lb.local_addr().unwrap().to_string()),
+    ]);
+    let b_addr = peers[&2].clone();
+    let cfg = |id, cluster: &str| TransportConfig {
+        cluster_id: cluster.into(),
+        node_id: id,
+        http_addr: format!("http-{id}"),
+        peers: peers.clone(),
+        max_frame_bytes: 1024,
+        queue_depth: 1024,
+    };
+    let inbox: Inbox = Arc::default();
+    let a = PeerTransport::start(cfg(1, "c"), la, |_, _| {});
+    let sink = inbox.clone();
+    let b = PeerTransport::start(cfg(2, cluster_b), lb, move |from, Ping(n)| {
+        sink.lock().unwrap().push((from, n))
+    });
+    (a, b, inbox, b_addr)
+}
+
+async fn wait_for(inbox: &Inbox, n: usize) -> bool {
+    for _ in 0..200 {
+        if inbox.lock().unwrap().len() >= n {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn delivers_in_order_and_learns_http_addresses() {
+    let (a, b, inbox, _) = pair("c").await;
+    // The first messages may be dropped while the connection is being set up: resend until seen.
+    for _ in 0..100 {
+        a.send(2, Ping(0));
+        if wait_for(&inbox, 1).await {
+            break;
+        }
+    }
+    inbox.lock().unwrap().clear();
+    for n in 1..=500 {
+        a.send(2, Ping(n));
+    }
+    assert!(wait_for(&inbox, 500).await);
+    let got: Vec<u64> = inbox.lock().unwrap().iter().map(|&(_, n)| n).collect();
+    assert_eq!(got, (1..=500).collect::<Vec<_>>());
+    assert_eq!(b.http_addr(1).as_deref(), Some("http-1"));
+}
+
+#[tokio::test]
+async fn garbage_and_oversized_frames_close_only_their_connection() {
+    let (a, _b, inbox, b_addr) = pair("c").await;
+    // Random bytes, then a valid-looking hello followed by a length prefix far over the limit.
+    let mut junk = TcpStream::connect(&b_addr).await.unwrap();
+    junk.write_all(b"\x00\x00\x00\x10GARBAGEGARBAGE!!").await.unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(junk.read_to_end(&mut rest).await.unwrap_or(0), 0);
+
+    let mut big = TcpStream::connect(&b_addr).await.unwrap();
+    let mut wire = Vec::new();
+    let hello = Hello {
+        cluster_id: "c".into(),
+        node_id: 1,
+        http_addr: "x".into(),
+    };
+    put_frame(&mut wire, &hello.encode());
+    wire.extend_from_slice(&u32::MAX.to_be_bytes());
+    big.write_all(&wire).await.unwrap();
+    assert_eq!(big.read_to_end(&mut rest).await.unwrap_or(0), 0);
+
+    // The real peer still gets through.
+    for _ in 0..100 {
+        a.send(2, Ping(9));
+        if wait_for(&inbox, 1).await {
+            break;
+        }
+    }
+    assert!(inbox.lock().unwrap().contains(&(1, 9)));
+}
+
+#[tokio::test]
+async fn another_cluster_is_refused() {
+    let (a, _b, inbox, _) = pair("other").await;
+    for _ in 0..20 {
+        a.send(2, Ping(1));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(inbox.lock().unwrap().is_empty());
+}

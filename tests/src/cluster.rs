@@ -1,0 +1,197 @@
+//! Real `lockstep serve` processes on 127.0.0.1 for black-box tests. Every process is killed
+//! when the cluster is dropped, and the data lives in a temporary directory.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::http::{Client, Reply};
+
+/// The `lockstep` binary cargo built for this test run (next to the test executable's folder).
+pub fn lockstep_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("LOCKSTEP_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
+    let bin = dir.join(format!("lockstep{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build -p lockstep` (cargo test --workspace builds it)",
+        bin.display()
+    );
+    bin
+}
+
+fn free_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr")
+}
+
+pub struct TestNode {
+    pub id: u64,
+    pub http: SocketAddr,
+    pub raft: SocketAddr,
+    data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct TestCluster {
+    pub nodes: Vec<TestNode>,
+    peers: String,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// Starts `n` nodes and waits until one of them leads.
+    pub fn start(n: u64) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let nodes: Vec<TestNode> = (1..=n)
+            .map(|id| TestNode {
+                id,
+                http: free_addr(),
+                raft: free_addr(),
+                data_dir: dir.path().join(format!("node{id}")),
+                child: None,
+            })
+            .collect();
+        let peers = nodes
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.raft))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = TestCluster {
+            nodes,
+            peers,
+            _dir: dir,
+        };
+        for i in 0..c.nodes.len() {
+            c.spawn(i);
+        }
+        c.wait_for_leader(Duration::from_secs(20));
+        c
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let n = &mut self.nodes[i];
+        let log = std::fs::File::create(n.data_dir.with_extension("log")).expect("log file");
+        let child = Command::new(lockstep_bin())
+            .args(["serve", "--id", &n.id.to_string()])
+            .arg("--data-dir")
+            .arg(&n.data_dir)
+            .args(["--http", &n.http.to_string(), "--raft", &n.raft.to_string()])
+            .args(["--peers", &self.peers])
+            .env("LOCKSTEP_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start lockstep serve");
+        n.child = Some(child);
+        wait_until(Duration::from_secs(20), || {
+            Client::new(n.http.to_string())
+                .get("/healthz")
+                .is_ok_and(|r| r.status == 200)
+                .then_some(())
+        })
+        .unwrap_or_else(|| panic!("node {} did not come up", n.id));
+    }
+
+    /// kill -9: the process gets no chance to flush or say goodbye.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+    }
+
+    pub fn client(&self, i: usize) -> Client {
+        Client::new(self.nodes[i].http.to_string())
+    }
+
+    pub fn cluster_status(&self, i: usize) -> Option<serde_json::Value> {
+        self.nodes[i].child.as_ref()?;
+        let r = self.client(i).get("/v1/cluster").ok()?;
+        (r.status == 200).then(|| r.json())
+    }
+
+    /// Index of the node that reports itself leader, waiting up to `timeout`.
+    pub fn wait_for_leader(&self, timeout: Duration) -> usize {
+        wait_until(timeout, || {
+            (0..self.nodes.len()).find(|&i| {
+                self.cluster_status(i)
+                    .is_some_and(|s| s["role"] == "leader")
+            })
+        })
+        .expect("no leader elected in time")
+    }
+
+    /// Deploys a component through the leader and returns the reply.
+    pub fn deploy(&self, name: &str, wasm: &[u8]) -> Reply {
+        let l = self.wait_for_leader(Duration::from_secs(20));
+        self.client(l)
+            .request("PUT", &format!("/v1/machines/{name}"), &[], wasm)
+            .expect("deploy request")
+    }
+
+    /// `GET /v1/machines/{name}?digest=1` on node `i`.
+    pub fn machine_status(&self, i: usize, name: &str) -> Option<serde_json::Value> {
+        let r = self
+            .client(i)
+            .get(&format!("/v1/machines/{name}?digest=1"))
+            .ok()?;
+        (r.status == 200).then(|| r.json())
+    }
+
+    /// Waits until every running node has applied the same index with the same state digest for
+    /// `name`, and returns that digest.
+    pub fn wait_converged(&self, name: &str, timeout: Duration) -> String {
+        wait_until(timeout, || {
+            let statuses: Vec<serde_json::Value> = (0..self.nodes.len())
+                .filter(|&i| self.nodes[i].child.is_some())
+                .map(|i| self.machine_status(i, name))
+                .collect::<Option<_>>()?;
+            let commit = self.cluster_status(self.wait_for_leader(Duration::from_secs(10)))?
+                ["commit_index"]
+                .as_u64()?;
+            let first = statuses.first()?;
+            let same = statuses.iter().all(|s| {
+                s["state_digest"] == first["state_digest"] && s["applied_index"] == first["applied_index"]
+            });
+            (same && first["applied_index"].as_u64()? >= commit.saturating_sub(1))
+                .then(|| first["state_digest"].as_str().map(str::to_owned))
+                .flatten()
+        })
+        .unwrap_or_else(|| panic!("replicas did not converge on {name}"))
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// Polls `f` every 50 ms until it gives `Some`, or `timeout` passes.
+pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

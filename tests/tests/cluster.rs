@@ -1,0 +1,294 @@
+//! Black-box tests: real `lockstep serve` processes on 127.0.0.1, driven over HTTP.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lockstep_tests::cluster::{TestCluster, wait_until};
+use lockstep_tests::http::Client;
+
+fn guest(name: &str) -> Vec<u8> {
+    std::fs::read(lockstep_tests::guest_wasm(name)).expect("guest wasm built by tests/build.rs")
+}
+
+/// Submits through whichever node leads, following redirects; None when the outcome is not a 200.
+fn submit(c: &TestCluster, machine: &str, body: &[u8]) -> Option<(u64, serde_json::Value)> {
+    let leader = c.wait_for_leader(Duration::from_secs(10));
+    let r = c
+        .client(leader)
+        .post(&format!("/v1/machines/{machine}/tasks"), body)
+        .ok()?;
+    (r.status == 200).then(|| {
+        let index = r.header("lockstep-index").and_then(|v| v.parse().ok()).unwrap_or(0);
+        (index, r.json())
+    })
+}
+
+#[test]
+fn three_nodes_apply_1000_tasks_from_16_clients_and_agree() {
+    let c = TestCluster::start(3);
+    let r = c.deploy("counter", &guest("counter"));
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["version"], 1);
+
+    let leader = c.wait_for_leader(Duration::from_secs(10));
+    let addr = c.nodes[leader].http.to_string();
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let threads: Vec<_> = (0..16)
+        .map(|t| {
+            let (addr, results) = (addr.clone(), results.clone());
+            std::thread::spawn(move || {
+                let mut client = Client::new(addr);
+                let n = if t < 8 { 63 } else { 62 };
+                for _ in 0..n {
+                    let r = client
+                        .post("/v1/machines/counter/tasks", br#"{"add":1}"#)
+                        .expect("task");
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    let index: u64 = r.header("lockstep-index").expect("index").parse().expect("u64");
+                    assert!(r.header("lockstep-term").is_some());
+                    let value = r.json()["value"].as_i64().expect("value");
+                    results.lock().unwrap().push((index, value));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("client thread");
+    }
+    let mut results = results.lock().unwrap().clone();
+    assert_eq!(results.len(), 1000);
+    results.sort();
+    let indexes: BTreeSet<u64> = results.iter().map(|r| r.0).collect();
+    assert_eq!(indexes.len(), 1000, "indexes must be unique");
+    // Each task added 1, so in log order the values are exactly 1..=1000.
+    let values: Vec<i64> = results.iter().map(|r| r.1).collect();
+    assert_eq!(values, (1..=1000).collect::<Vec<_>>());
+
+    let digest = c.wait_converged("counter", Duration::from_secs(20));
+    assert_eq!(digest.len(), 64);
+    for i in 0..3 {
+        let q = c
+            .client(i)
+            .post("/v1/machines/counter/query?consistency=local", b"")
+            .expect("query");
+        assert_eq!(q.json()["value"], 1000, "node {i}: {}", q.text());
+    }
+}
+
+/// Writers that put unique keys into `kv` until stopped, recording every acknowledged key.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Writers {
+    fn start(c: &TestCluster, n: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let addrs: Vec<String> = c.nodes.iter().map(|n| n.http.to_string()).collect();
+        let threads = (0..n)
+            .map(|w| {
+                let (stop, acked, addrs) = (stop.clone(), acked.clone(), addrs.clone());
+                std::thread::spawn(move || {
+                    let mut target = 0;
+                    let mut client = Client::new(addrs[target].clone());
+                    let mut seq = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let key = format!("w{w}-{seq}");
+                        let body = format!(r#"{{"put":{{"key":"{key}","value":"v"}}}}"#);
+                        match client.post("/v1/machines/kv/tasks", body.as_bytes()) {
+                            Ok(r) if r.status == 200 => {
+                                acked.lock().unwrap().push(key);
+                                seq += 1;
+                            }
+                            Ok(r) if r.status == 307 => {
+                                if let Some(loc) = r.header("location") {
+                                    let host = loc.trim_start_matches("http://");
+                                    let host = host.split('/').next().unwrap_or(host);
+                                    client = Client::new(host.to_owned());
+                                }
+                            }
+                            // Down, no leader yet, or outcome unknown: try another node. The key
+                            // is retired either way, since it may or may not have been applied.
+                            _ => {
+                                seq += 1;
+                                target = (target + 1) % addrs.len();
+                                client = Client::new(addrs[target].clone());
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Writers {
+            stop,
+            acked,
+            threads,
+        }
+    }
+
+    fn acked_count(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    fn stop(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().expect("writer thread");
+        }
+        self.acked.lock().unwrap().clone()
+    }
+}
+
+fn all_keys(c: &TestCluster) -> BTreeSet<String> {
+    let leader = c.wait_for_leader(Duration::from_secs(20));
+    let r = c
+        .client(leader)
+        .post("/v1/machines/kv/query", br#"{"scan":{"prefix":""}}"#)
+        .expect("scan");
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|kv| kv[0].as_str().map(str::to_owned))
+        .collect()
+}
+
+fn wait_for_acks(w: &Writers, n: usize) {
+    wait_until(Duration::from_secs(30), || (w.acked_count() >= n).then_some(()))
+        .expect("writers made no progress");
+}
+
+#[test]
+fn leader_kill_9_under_load_loses_no_acknowledged_write() {
+    let mut c = TestCluster::start(3);
+    assert_eq!(c.deploy("kv", &guest("kv")).status, 201);
+    let w = Writers::start(&c, 8);
+    wait_for_acks(&w, 200);
+
+    let old = c.wait_for_leader(Duration::from_secs(5));
+    c.kill(old);
+    let killed_at = Instant::now();
+    let before = w.acked_count();
+    // Writes succeed again under a new leader.
+    wait_until(Duration::from_secs(10), || (w.acked_count() > before + 20).then_some(()))
+        .expect("no writes after the leader died");
+    let recovered = killed_at.elapsed();
+    assert!(recovered < Duration::from_secs(5), "writes resumed only after {recovered:?}");
+    let new = c.wait_for_leader(Duration::from_secs(5));
+    assert_ne!(new, old);
+
+    c.restart(old);
+    wait_for_acks(&w, w.acked_count() + 100);
+    let acked = w.stop();
+    let present = all_keys(&c);
+    let lost: Vec<_> = acked.iter().filter(|k| !present.contains(*k)).collect();
+    assert!(lost.is_empty(), "{} acknowledged writes lost: {lost:?}", lost.len());
+    c.wait_converged("kv", Duration::from_secs(30));
+}
+
+#[test]
+fn whole_cluster_kill_9_under_load_keeps_every_acknowledged_write() {
+    let mut c = TestCluster::start(3);
+    assert_eq!(c.deploy("kv", &guest("kv")).status, 201);
+    let w = Writers::start(&c, 8);
+    wait_for_acks(&w, 300);
+    for i in 0..3 {
+        c.kill(i);
+    }
+    let acked = w.stop();
+    for i in 0..3 {
+        c.restart(i);
+    }
+    let present = all_keys(&c);
+    let lost: Vec<_> = acked.iter().filter(|k| !present.contains(*k)).collect();
+    assert!(lost.is_empty(), "{} acknowledged writes lost: {lost:?}", lost.len());
+    c.wait_converged("kv", Duration::from_secs(30));
+}
+
+#[test]
+fn follower_redirects_to_the_leader() {
+    let c = TestCluster::start(3);
+    assert_eq!(c.deploy("counter", &guest("counter")).status, 201);
+    let leader = c.wait_for_leader(Duration::from_secs(10));
+    let follower = (leader + 1) % 3;
+    let r = c
+        .client(follower)
+        .post("/v1/machines/counter/tasks", br#"{"add":5}"#)
+        .expect("post");
+    assert_eq!(r.status, 307, "{}", r.text());
+    let loc = r.header("location").expect("location");
+    assert_eq!(
+        loc,
+        format!("http://{}/v1/machines/counter/tasks", c.nodes[leader].http)
+    );
+    let host = loc.trim_start_matches("http://").split('/').next().unwrap();
+    let r = Client::new(host).post("/v1/machines/counter/tasks", br#"{"add":5}"#).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["value"], 5);
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_the_cluster_stays_healthy() {
+    let c = TestCluster::start(3);
+    let leader = c.wait_for_leader(Duration::from_secs(10));
+    let mut l = c.client(leader);
+
+    let r = l.request("PUT", "/v1/machines/junk", &[], b"this is not wasm").unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.error_code().as_deref(), Some("invalid_module"));
+
+    assert_eq!(c.deploy("chaos", &guest("chaos")).status, 201);
+    let big = vec![b'x'; 2 * 1024 * 1024];
+    let r = l.post("/v1/machines/chaos/tasks", &big);
+    // The server may answer 413 and close before reading the whole body.
+    if let Ok(r) = r {
+        assert_eq!(r.status, 413, "{}", r.text());
+        assert_eq!(r.error_code().as_deref(), Some("too_large"));
+    }
+    let mut l = c.client(leader);
+    let r = l.post("/v1/machines/nope/tasks", b"{}").unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(r.error_code().as_deref(), Some("not_found"));
+
+    let r = l.post("/v1/machines/chaos/tasks", br#"{"spin":true}"#).unwrap();
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(r.error_code().as_deref(), Some("out_of_fuel"));
+    assert!(r.text().contains("fuel"), "{}", r.text());
+    let r = l.post("/v1/machines/chaos/tasks", br#"{"add":2}"#).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["value"], 2);
+    c.wait_converged("chaos", Duration::from_secs(20));
+    for i in 0..3 {
+        let q = c
+            .client(i)
+            .post("/v1/machines/chaos/query?consistency=local", b"")
+            .unwrap();
+        assert_eq!(q.json()["value"], 2, "node {i}");
+    }
+
+    // Garbage and an oversized length prefix on every raft port: the connection closes.
+    for n in &c.nodes {
+        for junk in [&b"\x13\x37garbage\xff\xfe\x00\x01 random bytes"[..], &[0xff, 0xff, 0xff, 0xff, 1, 2, 3]] {
+            let mut s = TcpStream::connect(n.raft).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(junk).unwrap();
+            let mut buf = [0u8; 16];
+            assert!(matches!(s.read(&mut buf), Ok(0) | Err(_)), "connection left open");
+        }
+        let h = Client::new(n.http.to_string()).get("/healthz").unwrap();
+        assert_eq!(h.status, 200);
+    }
+    let r = c
+        .client(c.wait_for_leader(Duration::from_secs(10)))
+        .post("/v1/machines/chaos/tasks", br#"{"add":1}"#)
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+}
