@@ -1,1 +1,97 @@
-//! (in progress)
+//! `chaos`: a deliberately hostile machine for the host's isolation tests.
+//!
+//! `{"trap": true}` panics, `{"spin": true}` loops forever, `{"alloc_mb": n}` allocates and
+//! touches n MiB, `{"recurse": n}` recurses n deep, `{"clock": true}` / `{"random": true}`
+//! report what std's clock and random source return, `{"add": n}` counts. Queries return the
+//! counter.
+
+use std::hint::black_box;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use lockstep_guest::{Context, StateMachine};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+#[derive(Default, Serialize, Deserialize)]
+pub struct Chaos {
+    value: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Command {
+    Trap(bool),
+    Spin(bool),
+    AllocMb(u64),
+    Recurse(u64),
+    Clock(bool),
+    Random(bool),
+    Add(i64),
+}
+
+/// Not a loop in disguise: the work after the call keeps it from becoming a tail call.
+#[inline(never)]
+fn recurse(depth: u64) -> u64 {
+    if depth == 0 {
+        return 0;
+    }
+    let below = recurse(black_box(depth - 1));
+    black_box(below + 1)
+}
+
+impl StateMachine for Chaos {
+    type Command = Command;
+    type Output = Value;
+    type Query = ();
+    type Answer = Value;
+
+    fn apply(&mut self, _ctx: &mut Context, command: Command) -> Result<Value, String> {
+        Ok(match command {
+            Command::Trap(_) => panic!("chaos: trap requested"),
+            Command::Spin(_) => {
+                let mut n = 0u64;
+                loop {
+                    n = black_box(n.wrapping_add(1));
+                }
+            }
+            Command::AllocMb(mb) => {
+                let len = usize::try_from(mb << 20).map_err(|_| "too large")?;
+                let mut block = vec![0u8; len];
+                // Touch every page so the memory is really used.
+                for i in (0..block.len()).step_by(4096) {
+                    block[i] = 1;
+                }
+                let sum: u64 = black_box(&block).iter().step_by(4096).map(|&b| b as u64).sum();
+                json!({ "allocated_mb": mb, "pages": sum })
+            }
+            Command::Recurse(depth) => json!({ "depth": recurse(depth) }),
+            Command::Clock(_) => {
+                let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+                json!({ "unix_ms": since_epoch.as_millis() as u64 })
+            }
+            Command::Random(_) => {
+                let mut bytes = [0u8; 16];
+                getrandom::fill(&mut bytes).map_err(|e| e.to_string())?;
+                json!({ "random": hex(&bytes) })
+            }
+            Command::Add(n) => {
+                self.value = self.value.wrapping_add(n);
+                json!({ "value": self.value })
+            }
+        })
+    }
+
+    fn query(&self, _query: ()) -> Result<Value, String> {
+        Ok(json!({ "value": self.value }))
+    }
+
+    fn decode_query(_request: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+lockstep_guest::export!(Chaos);

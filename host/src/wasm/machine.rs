@@ -1,0 +1,520 @@
+//! One running instance of a deployed module, and how it survives its guest's failures.
+//!
+//! # Trap isolation without batch dependence
+//!
+//! A trap poisons a wasmtime `Store`, and the batch's earlier results die with the call. So the
+//! machine keeps a *base* snapshot plus the *replay log* of entries applied since. When entry
+//! `k` of a batch fails (trap, fuel, memory), the machine builds a fresh store, restores the
+//! base, replays the log, re-applies the batch's entries before `k` (their results are
+//! recomputed: the guest is deterministic), fails `k` alone, and goes on after it. Entries that
+//! fail never enter the log, so the state is that of the log without them. A failure outside
+//! any entry (lowering a large batch into a nearly full memory, say) is retried by halves down
+//! to single entries, so an entry fails only if it fails on its own.
+//!
+//! The common, failure-free path costs one cheap `Bytes` clone per entry for the log; the base
+//! is refreshed once the log weighs about twice the snapshot (at least 1 MiB), so recovery
+//! replays a bounded amount.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use wasmtime::component::{ComponentType, Func, Instance, Lower, TypedFunc};
+use wasmtime::{Store, Trap};
+
+use super::host::{BATCH_FUEL_PER_ENTRY, EntryMark, HostState};
+use super::registry::LoadedModule;
+use super::{GuestError, Limits, MachineError, ModuleRegistry};
+use crate::state_machine::Entry;
+
+/// The replay log is compacted into a new base when it weighs more than this or twice the
+/// snapshot, whichever is larger.
+const REBASE_MIN_BYTES: usize = 1 << 20;
+/// What an entry weighs in the replay log beyond its payload.
+const LOG_ENTRY_OVERHEAD: usize = 64;
+
+/// The `entry` record of the WIT, lowered straight from the host's `Entry` without copying the
+/// payload into an owned buffer first.
+#[derive(ComponentType, Lower)]
+#[component(record)]
+struct EntryParam<'a> {
+    index: u64,
+    term: u64,
+    #[component(name = "timestamp-ms")]
+    timestamp_ms: u64,
+    payload: &'a [u8],
+}
+
+type ApplyResults = (Vec<Result<Vec<u8>, String>>,);
+
+/// The world's four exports of one instance, type-checked once.
+pub(crate) struct Exports {
+    on_apply: Func,
+    query: Func,
+    snapshot: Func,
+    restore: Func,
+}
+
+impl Exports {
+    pub const NAMES: [&'static str; 4] = ["on-apply", "query", "snapshot", "restore"];
+
+    /// Finds and type-checks the exports; the error says which one is wrong and how.
+    pub fn typecheck(store: &mut Store<HostState>, instance: &Instance) -> Result<Self, String> {
+        let mut get = |name: &str| {
+            instance
+                .get_func(&mut *store, name)
+                .ok_or_else(|| format!("missing export `{name}`"))
+        };
+        let (on_apply, query, snapshot, restore) = (
+            get("on-apply")?,
+            get("query")?,
+            get("snapshot")?,
+            get("restore")?,
+        );
+        let wrong =
+            |name: &str, e: wasmtime::Error| format!("export `{name}` has the wrong type: {e:#}");
+        on_apply
+            .typed::<(&[EntryParam<'static>],), ApplyResults>(&*store)
+            .map_err(|e| wrong("on-apply", e))?;
+        query
+            .typed::<(&[u8],), (Result<Vec<u8>, String>,)>(&*store)
+            .map_err(|e| wrong("query", e))?;
+        snapshot
+            .typed::<(), (Vec<u8>,)>(&*store)
+            .map_err(|e| wrong("snapshot", e))?;
+        restore
+            .typed::<(&[u8],), (Result<(), String>,)>(&*store)
+            .map_err(|e| wrong("restore", e))?;
+        Ok(Exports {
+            on_apply,
+            query,
+            snapshot,
+            restore,
+        })
+    }
+}
+
+/// Sets up a new store: memory cap, and fuel for instantiation (a new store has none).
+pub(crate) fn prime_store(store: &mut Store<HostState>, limits: &Limits) {
+    store.limiter(|state| &mut state.cap);
+    // Cannot fail: fuel is enabled on every engine this crate builds.
+    let _ = store.set_fuel(limits.fuel_per_snapshot);
+}
+
+/// A call that failed: which entry of the batch was running, if any, and why.
+struct Failure {
+    position: Option<usize>,
+    error: GuestError,
+}
+
+/// A store and its instance. Any failed call leaves it poisoned: it is then dropped.
+struct Live {
+    store: Store<HostState>,
+    exports: Exports,
+    limits: Limits,
+}
+
+impl Live {
+    fn new(module: &LoadedModule, limits: &Limits) -> Result<Self, GuestError> {
+        let mut store = Store::new(module.pre.engine(), HostState::new(limits));
+        prime_store(&mut store, limits);
+        let instance = module
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| classify(e, store.data(), limits, limits.fuel_per_snapshot))?;
+        let exports = Exports::typecheck(&mut store, &instance).map_err(GuestError::Trap)?;
+        Ok(Live {
+            store,
+            exports,
+            limits: limits.clone(),
+        })
+    }
+
+    fn on_apply(&mut self, chunk: &[Entry]) -> Result<Vec<Result<Vec<u8>, String>>, Failure> {
+        let state = self.store.data_mut();
+        state.meter.batch.clear();
+        state.meter.batch.extend(chunk.iter().map(|e| EntryMark {
+            index: e.index,
+            term: e.term,
+            timestamp_ms: e.timestamp_ms,
+        }));
+        state.meter.begun = 0;
+        state.meter.current = None;
+        state.cap.denied = false;
+        // Until the first `begin-entry` the guest lifts the batch: its own budget, scaled by
+        // the batch's size so that no entry pays for its neighbours.
+        let preamble = self
+            .limits
+            .fuel_per_entry
+            .saturating_add(BATCH_FUEL_PER_ENTRY.saturating_mul(chunk.len() as u64));
+        let _ = self.store.set_fuel(preamble);
+        let params: Vec<EntryParam<'_>> = chunk
+            .iter()
+            .map(|e| EntryParam {
+                index: e.index,
+                term: e.term,
+                timestamp_ms: e.timestamp_ms,
+                payload: &e.payload,
+            })
+            .collect();
+        // SAFETY: `Exports::typecheck` checked this export against exactly these types.
+        let func = unsafe {
+            TypedFunc::<(&[EntryParam<'_>],), ApplyResults>::new_unchecked(self.exports.on_apply)
+        };
+        match func.call(&mut self.store, (&params,)) {
+            Ok((outputs,)) if outputs.len() == chunk.len() => Ok(outputs),
+            Ok((outputs,)) => Err(Failure {
+                position: None,
+                error: GuestError::Trap(format!(
+                    "on-apply returned {} results for {} entries",
+                    outputs.len(),
+                    chunk.len()
+                )),
+            }),
+            Err(e) => {
+                let state = self.store.data();
+                let position = state.meter.current;
+                let budget = if position.is_some() {
+                    self.limits.fuel_per_entry
+                } else {
+                    preamble
+                };
+                Err(Failure {
+                    position,
+                    error: classify(e, state, &self.limits, budget),
+                })
+            }
+        }
+    }
+
+    fn query(&mut self, request: &[u8]) -> Result<Result<Vec<u8>, String>, GuestError> {
+        let budget = self.limits.fuel_per_entry;
+        self.prepare_call(budget);
+        // SAFETY: type-checked in `Exports::typecheck`.
+        let func = unsafe {
+            TypedFunc::<(&[u8],), (Result<Vec<u8>, String>,)>::new_unchecked(self.exports.query)
+        };
+        func.call(&mut self.store, (request,))
+            .map(|(r,)| r)
+            .map_err(|e| classify(e, self.store.data(), &self.limits, budget))
+    }
+
+    fn snapshot(&mut self) -> Result<Vec<u8>, GuestError> {
+        let budget = self.limits.fuel_per_snapshot;
+        self.prepare_call(budget);
+        // SAFETY: type-checked in `Exports::typecheck`.
+        let func = unsafe { TypedFunc::<(), (Vec<u8>,)>::new_unchecked(self.exports.snapshot) };
+        func.call(&mut self.store, ())
+            .map(|(r,)| r)
+            .map_err(|e| classify(e, self.store.data(), &self.limits, budget))
+    }
+
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), GuestError> {
+        let budget = self.limits.fuel_per_snapshot;
+        self.prepare_call(budget);
+        // SAFETY: type-checked in `Exports::typecheck`.
+        let func = unsafe {
+            TypedFunc::<(&[u8],), (Result<(), String>,)>::new_unchecked(self.exports.restore)
+        };
+        match func.call(&mut self.store, (snapshot,)) {
+            Ok((Ok(()),)) => Ok(()),
+            Ok((Err(message),)) => Err(GuestError::Guest(message)),
+            Err(e) => Err(classify(e, self.store.data(), &self.limits, budget)),
+        }
+    }
+
+    /// Outside `on-apply`, no entry is current: neutral clock and seed, a whole budget.
+    fn prepare_call(&mut self, fuel: u64) {
+        let state = self.store.data_mut();
+        state.meter.batch.clear();
+        state.meter.current = None;
+        state.cap.denied = false;
+        state.inputs.set_neutral();
+        let _ = self.store.set_fuel(fuel);
+    }
+}
+
+/// Names a failed call's cause. Deterministic: the same failure gives the same error.
+fn classify(error: wasmtime::Error, state: &HostState, limits: &Limits, budget: u64) -> GuestError {
+    if state.cap.denied {
+        return GuestError::MemoryLimit {
+            limit: limits.memory_bytes,
+        };
+    }
+    if let Some(trap) = error.downcast_ref::<Trap>() {
+        return match trap {
+            Trap::OutOfFuel => GuestError::OutOfFuel { budget },
+            Trap::StackOverflow => GuestError::Trap(format!(
+                "stack overflow: the guest exceeded its {} KiB wasm stack (runaway recursion?)",
+                limits.max_wasm_stack >> 10
+            )),
+            trap => match state.panic_message() {
+                Some(panic) => GuestError::Trap(format!("{panic} ({trap})")),
+                None => GuestError::Trap(trap.to_string()),
+            },
+        };
+    }
+    if let Some(exit) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return GuestError::Trap(format!("the guest called exit({})", exit.0));
+    }
+    GuestError::Trap(error.root_cause().to_string())
+}
+
+/// Where the next `on-apply` call starting at `start` ends: at most `max_bytes` of payload,
+/// at least one entry.
+fn chunk_end(entries: &[Entry], start: usize, max_bytes: usize) -> usize {
+    let mut bytes = 0usize;
+    let mut end = start;
+    while end < entries.len() {
+        bytes = bytes.saturating_add(entries[end].payload.len());
+        if bytes > max_bytes && end > start {
+            break;
+        }
+        end += 1;
+    }
+    end
+}
+
+/// One running instance of a deployed module. See the module docs for how failures are
+/// isolated per entry.
+pub struct Machine {
+    module: Arc<LoadedModule>,
+    limits: Limits,
+    live: Live,
+    /// Set when a failure could not be recovered from (the base snapshot does not restore):
+    /// every call fails until a `restore` or `upgrade` succeeds.
+    broken: Option<GuestError>,
+    base: Bytes,
+    replay: Vec<Entry>,
+    replay_weight: usize,
+    recoveries: u64,
+}
+
+impl Machine {
+    /// Instantiates the module `digest` from `registry` with a fresh (default) state.
+    pub fn new(registry: &ModuleRegistry, digest: &str) -> Result<Self, MachineError> {
+        let module = registry.load(digest)?;
+        let limits = registry.engine().limits().clone();
+        let mut live = Live::new(&module, &limits)?;
+        let base = Bytes::from(live.snapshot()?);
+        Ok(Machine {
+            module,
+            limits,
+            live,
+            broken: None,
+            base,
+            replay: Vec::new(),
+            replay_weight: 0,
+            recoveries: 0,
+        })
+    }
+
+    /// The digest of the module this machine runs.
+    pub fn digest(&self) -> &str {
+        &self.module.digest
+    }
+
+    /// How many times a failure forced a rebuild from the base snapshot.
+    pub fn recoveries(&self) -> u64 {
+        self.recoveries
+    }
+
+    /// Applies committed entries in log order. Exactly one result per entry, in order; a failed
+    /// entry leaves the state as it was before it.
+    pub fn apply(&mut self, batch: &[Entry]) -> Vec<Result<Vec<u8>, GuestError>> {
+        let mut results = Vec::with_capacity(batch.len());
+        let mut start = 0;
+        while start < batch.len() {
+            let end = chunk_end(batch, start, self.limits.max_batch_bytes);
+            self.apply_chunk(&batch[start..end], &mut results);
+            start = end;
+        }
+        self.maybe_rebase();
+        results
+    }
+
+    /// Answers a read-only query.
+    pub fn query(&mut self, request: &[u8]) -> Result<Vec<u8>, GuestError> {
+        self.check_broken()?;
+        match self.live.query(request) {
+            Ok(answer) => answer.map_err(GuestError::Guest),
+            Err(error) => {
+                self.recover();
+                Err(error)
+            }
+        }
+    }
+
+    /// The whole state, as the module serializes it. Also becomes the base for recovery.
+    pub fn snapshot(&mut self) -> Result<Vec<u8>, GuestError> {
+        self.check_broken()?;
+        match self.live.snapshot() {
+            Ok(bytes) => {
+                self.rebase(Bytes::from(bytes.clone()));
+                Ok(bytes)
+            }
+            Err(error) => {
+                self.recover();
+                Err(error)
+            }
+        }
+    }
+
+    /// Replaces the state with `snapshot`. On failure the machine keeps its previous state.
+    pub fn restore(&mut self, snapshot: &[u8]) -> Result<(), GuestError> {
+        let mut live = Live::new(&self.module, &self.limits)?;
+        live.restore(snapshot)?;
+        self.live = live;
+        self.broken = None;
+        self.rebase(Bytes::copy_from_slice(snapshot));
+        Ok(())
+    }
+
+    /// Moves the state to the module `digest`: the current module's snapshot is restored into
+    /// a new instance of it. On any failure the machine keeps running the current module.
+    pub fn upgrade(&mut self, registry: &ModuleRegistry, digest: &str) -> Result<(), MachineError> {
+        let module = registry.load(digest)?;
+        let snapshot = self.snapshot()?;
+        let mut live = Live::new(&module, &self.limits)?;
+        live.restore(&snapshot)?;
+        self.module = module;
+        self.live = live;
+        self.rebase(Bytes::from(snapshot));
+        Ok(())
+    }
+
+    fn check_broken(&self) -> Result<(), GuestError> {
+        match &self.broken {
+            Some(error) => Err(error.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies one call's worth of entries, isolating failures per entry (module docs).
+    fn apply_chunk(&mut self, mut chunk: &[Entry], results: &mut Vec<Result<Vec<u8>, GuestError>>) {
+        while !chunk.is_empty() {
+            if let Some(error) = &self.broken {
+                results.extend(chunk.iter().map(|_| Err(error.clone())));
+                return;
+            }
+            match self.live.on_apply(chunk) {
+                Ok(outputs) => {
+                    results.extend(outputs.into_iter().map(|r| r.map_err(GuestError::Guest)));
+                    self.log(chunk);
+                    return;
+                }
+                Err(failure) => {
+                    self.recover();
+                    match failure.position {
+                        Some(k) => {
+                            self.apply_chunk(&chunk[..k], results);
+                            results.push(Err(failure.error));
+                            chunk = &chunk[k + 1..];
+                        }
+                        None if chunk.len() > 1 => {
+                            let mid = chunk.len() / 2;
+                            self.apply_chunk(&chunk[..mid], results);
+                            chunk = &chunk[mid..];
+                        }
+                        None => {
+                            results.push(Err(failure.error));
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn log(&mut self, applied: &[Entry]) {
+        for entry in applied {
+            self.replay_weight += entry.payload.len() + LOG_ENTRY_OVERHEAD;
+            self.replay.push(entry.clone());
+        }
+    }
+
+    fn maybe_rebase(&mut self) {
+        if self.broken.is_some() {
+            return;
+        }
+        if self.replay_weight < REBASE_MIN_BYTES.max(self.base.len().saturating_mul(2)) {
+            return;
+        }
+        match self.live.snapshot() {
+            Ok(bytes) => self.rebase(Bytes::from(bytes)),
+            Err(error) => {
+                tracing::warn!(%error, digest = %self.module.digest, "snapshot for rebase failed");
+                self.recover();
+            }
+        }
+    }
+
+    fn rebase(&mut self, base: Bytes) {
+        self.base = base;
+        self.replay.clear();
+        self.replay_weight = 0;
+    }
+
+    /// Replaces the poisoned store: fresh instance, base snapshot, replay log.
+    fn recover(&mut self) {
+        self.recoveries += 1;
+        loop {
+            match self.rebuild() {
+                Ok(live) => {
+                    self.live = live;
+                    return;
+                }
+                // An entry that succeeded before fails on replay: only possible near a limit,
+                // where a fresh allocator or hash table differs from the original one. Drop it
+                // (its effect is lost, as if it had failed) rather than lose the machine.
+                Err(Some((position, error))) => {
+                    tracing::error!(
+                        digest = %self.module.digest,
+                        index = self.replay[position].index,
+                        %error,
+                        "an entry failed on replay after succeeding; dropping its effect"
+                    );
+                    let dropped = self.replay.remove(position);
+                    self.replay_weight -= dropped.payload.len() + LOG_ENTRY_OVERHEAD;
+                }
+                Err(None) => return,
+            }
+        }
+    }
+
+    /// `Err(Some(position))`: replay entry `position` failed; `Err(None)`: the machine is now
+    /// marked broken.
+    fn rebuild(&mut self) -> Result<Live, Option<(usize, GuestError)>> {
+        let mut live = match Live::new(&self.module, &self.limits) {
+            Ok(live) => live,
+            Err(error) => return Err(self.mark_broken(error)),
+        };
+        if let Err(error) = live.restore(&self.base) {
+            return Err(self.mark_broken(error));
+        }
+        let mut start = 0;
+        while start < self.replay.len() {
+            let end = chunk_end(&self.replay, start, self.limits.max_batch_bytes);
+            match live.on_apply(&self.replay[start..end]) {
+                Ok(_) => start = end,
+                Err(Failure {
+                    position: Some(k),
+                    error,
+                }) => return Err(Some((start + k, error))),
+                Err(Failure {
+                    position: None,
+                    error,
+                }) => return Err(self.mark_broken(error)),
+            }
+        }
+        Ok(live)
+    }
+
+    fn mark_broken(&mut self, error: GuestError) -> Option<(usize, GuestError)> {
+        tracing::error!(digest = %self.module.digest, %error, "machine cannot recover");
+        self.broken = Some(GuestError::Trap(format!(
+            "the machine cannot recover from an earlier failure ({error}); restore a snapshot \
+             or upgrade the module"
+        )));
+        None
+    }
+}

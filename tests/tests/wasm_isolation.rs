@@ -1,0 +1,148 @@
+//! A hostile guest fails the entry it is applying, and nothing else.
+
+use lockstep::wasm::{GuestError, Limits, Machine};
+use lockstep_tests::{Fixture, entries, entry, guests, show, test_limits};
+
+#[test]
+fn a_trap_fails_only_its_entry_and_is_rolled_back() {
+    let fx = Fixture::new(test_limits());
+    let mut m = fx.machine(guests::CHAOS);
+    let mut log: Vec<String> = (1..=10).map(|n| format!(r#"{{"add": {n}}}"#)).collect();
+    let k = 4;
+    log[k] = r#"{"trap": true}"#.to_string();
+    let results = m.apply(&entries(log.clone()));
+    assert_eq!(results.len(), 10);
+    let mut value = 0;
+    for (i, r) in results.iter().enumerate() {
+        if i == k {
+            let err = r.as_ref().unwrap_err();
+            assert_eq!(err.code(), "guest_trap");
+            let msg = err.to_string();
+            assert!(msg.contains("chaos: trap requested") && msg.contains("unreachable"), "{msg}");
+        } else {
+            value += i as i64 + 1;
+            assert_eq!(show(r), format!(r#"{{"value":{value}}}"#), "entry {i}");
+        }
+    }
+    assert_eq!(m.recoveries(), 1);
+
+    // The state equals that of the log without k.
+    let mut without = fx.machine(guests::CHAOS);
+    let mut log_without = entries(log);
+    log_without.remove(k);
+    without.apply(&log_without);
+    assert_eq!(m.snapshot().unwrap(), without.snapshot().unwrap());
+}
+
+#[test]
+fn a_spin_runs_out_of_fuel_and_the_next_entry_succeeds() {
+    let limits = Limits { fuel_per_entry: 5_000_000, ..Limits::default() };
+    let fx = Fixture::new(limits);
+    let mut m = fx.machine(guests::CHAOS);
+    let out = m.apply(&entries([r#"{"add": 1}"#, r#"{"spin": true}"#, r#"{"add": 1}"#]));
+    assert_eq!(show(&out[0]), r#"{"value":1}"#);
+    assert_eq!(out[1], Err(GuestError::OutOfFuel { budget: 5_000_000 }));
+    assert_eq!(out[1].as_ref().unwrap_err().code(), "out_of_fuel");
+    assert_eq!(show(&out[2]), r#"{"value":2}"#);
+}
+
+#[test]
+fn fuel_is_per_entry_not_per_batch() {
+    let work = r#"{"recurse": 5000}"#;
+    // One such entry needs more than a 64th of the budget...
+    let starved = Fixture::new(Limits { fuel_per_entry: 1_000_000 / 64, ..Limits::default() });
+    let out = starved.machine(guests::CHAOS).apply(&entries([work]));
+    assert_eq!(out[0].as_ref().unwrap_err().code(), "out_of_fuel");
+    // ...yet 64 of them fit in one batch: each entry gets the whole budget afresh.
+    let fx = Fixture::new(Limits { fuel_per_entry: 1_000_000, ..Limits::default() });
+    let out = fx.machine(guests::CHAOS).apply(&entries(vec![work; 64]));
+    assert!(out.iter().all(|r| r.is_ok()), "{:?}", out.iter().map(show).collect::<Vec<_>>());
+}
+
+fn resident_bytes() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[test]
+fn an_oversized_allocation_hits_the_memory_limit() {
+    let fx = Fixture::new(test_limits());
+    let mut m = fx.machine(guests::CHAOS);
+    let before = resident_bytes();
+    let out = m.apply(&entries([
+        r#"{"add": 1}"#,
+        r#"{"alloc_mb": 512}"#,
+        r#"{"alloc_mb": 512}"#,
+        r#"{"alloc_mb": 8}"#,
+        r#"{"add": 1}"#,
+    ]));
+    assert_eq!(show(&out[0]), r#"{"value":1}"#);
+    for r in &out[1..3] {
+        assert_eq!(*r, Err(GuestError::MemoryLimit { limit: 64 << 20 }));
+        assert_eq!(r.as_ref().unwrap_err().code(), "memory_limit");
+    }
+    assert!(out[3].is_ok(), "{}", show(&out[3]));
+    assert_eq!(show(&out[4]), r#"{"value":2}"#);
+    let grown = resident_bytes().saturating_sub(before);
+    assert!(grown < 200 << 20, "resident memory grew by {} MiB", grown >> 20);
+}
+
+#[test]
+fn the_memory_cap_is_configurable() {
+    let fx = Fixture::new(Limits { memory_bytes: 16 << 20, ..test_limits() });
+    let mut m = fx.machine(guests::CHAOS);
+    let out = m.apply(&entries([r#"{"alloc_mb": 32}"#, r#"{"alloc_mb": 4}"#]));
+    assert_eq!(out[0], Err(GuestError::MemoryLimit { limit: 16 << 20 }));
+    assert!(out[1].is_ok());
+}
+
+#[test]
+fn deep_recursion_fails_with_a_stack_error() {
+    let fx = Fixture::new(test_limits());
+    let mut m = fx.machine(guests::CHAOS);
+    let out = m.apply(&entries([r#"{"recurse": 100}"#, r#"{"recurse": 10000000}"#, r#"{"add": 1}"#]));
+    assert_eq!(show(&out[0]), r#"{"depth":100}"#);
+    let err = out[1].as_ref().unwrap_err();
+    assert_eq!(err.code(), "guest_trap");
+    assert!(err.to_string().contains("stack overflow"), "{err}");
+    assert_eq!(show(&out[2]), r#"{"value":1}"#);
+}
+
+#[test]
+fn clock_and_random_are_derived_from_the_entry() {
+    let log: Vec<_> = (1..=20)
+        .map(|i| entry(i, if i % 2 == 0 { r#"{"clock": true}"# } else { r#"{"random": true}"# }))
+        .collect();
+    // Two independent nodes: separate engines, registries and instances.
+    let (a, b) = (Fixture::new(test_limits()), Fixture::new(test_limits()));
+    let (mut ma, mut mb) = (a.machine(guests::CHAOS), b.machine(guests::CHAOS));
+    let ra = ma.apply(&log);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let rb: Vec<_> = log.iter().flat_map(|e| mb.apply(std::slice::from_ref(e))).collect();
+    assert_eq!(ra, rb);
+    for (e, r) in log.iter().zip(&ra) {
+        let out: serde_json::Value = serde_json::from_slice(r.as_ref().unwrap()).unwrap();
+        if e.index % 2 == 0 {
+            // The leader's timestamp, not this machine's wall clock.
+            assert_eq!(out["unix_ms"], e.timestamp_ms, "entry {}", e.index);
+        } else {
+            assert_eq!(out["random"].as_str().unwrap().len(), 32);
+        }
+    }
+    // Different entries draw different random values.
+    let randoms: std::collections::BTreeSet<_> = ra.iter().step_by(2).map(show).collect();
+    assert_eq!(randoms.len(), 10);
+}
+
+#[test]
+fn a_failing_query_does_not_disturb_the_state() {
+    let fx = Fixture::new(test_limits());
+    let mut m: Machine = fx.machine(guests::KV);
+    m.apply(&entries([r#"{"put": {"key": "k", "value": "v"}}"#]));
+    assert_eq!(m.query(b"not json").unwrap_err().code(), "guest_error");
+    assert_eq!(m.query(br#"{"get": {"key": "k"}}"#).unwrap(), br#"{"value":"v"}"#);
+}

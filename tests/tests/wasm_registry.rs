@@ -1,0 +1,155 @@
+//! Deploy-time validation and the on-disk artifact cache.
+
+use lockstep::wasm::{Limits, Machine, ModuleError, ModuleRegistry, WasmEngine};
+use lockstep_tests::{Fixture, guests};
+
+fn refuse(fx: &Fixture, bytes: &[u8]) -> ModuleError {
+    match fx.registry.add(bytes) {
+        Ok(info) => panic!("accepted {} bytes as {}", bytes.len(), info.digest),
+        Err(e) => {
+            assert_eq!(e.code(), "invalid_module");
+            e
+        }
+    }
+}
+
+#[test]
+fn random_bytes_are_not_wasm() {
+    let fx = Fixture::new(Limits::default());
+    let mut state = 0x1234_5678_u64;
+    let bytes: Vec<u8> = (0..4096)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+            (state >> 56) as u8
+        })
+        .collect();
+    let err = refuse(&fx, &bytes);
+    assert!(matches!(err, ModuleError::NotWasm), "{err}");
+    assert!(matches!(refuse(&fx, b""), ModuleError::NotWasm));
+}
+
+#[test]
+fn a_core_module_is_not_a_component() {
+    let fx = Fixture::new(Limits::default());
+    let core = wat::parse_str(r#"(module (func (export "on-apply")))"#).unwrap();
+    let err = refuse(&fx, &core);
+    assert!(matches!(err, ModuleError::NotAComponent), "{err}");
+    assert!(err.to_string().contains("core WebAssembly module"), "{err}");
+}
+
+#[test]
+fn a_component_of_another_world_is_refused_with_what_is_wrong() {
+    let fx = Fixture::new(Limits::default());
+    // Exports nothing of ours.
+    let other = wat::parse_str(
+        r#"(component
+             (core module $m (func (export "hello")))
+             (core instance $i (instantiate $m))
+             (func (export "hello") (canon lift (core func $i "hello"))))"#,
+    )
+    .unwrap();
+    let err = refuse(&fx, &other);
+    assert!(matches!(err, ModuleError::WrongWorld(_)), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("missing exports `on-apply`, `query`, `snapshot`, `restore`"), "{msg}");
+    assert!(msg.contains("it exports: hello"), "{msg}");
+
+    // The right names with the wrong types.
+    let mistyped = wat::parse_str(
+        r#"(component
+             (core module $m (func (export "f")))
+             (core instance $i (instantiate $m))
+             (func (export "on-apply") (canon lift (core func $i "f")))
+             (func (export "query") (canon lift (core func $i "f")))
+             (func (export "snapshot") (canon lift (core func $i "f")))
+             (func (export "restore") (canon lift (core func $i "f"))))"#,
+    )
+    .unwrap();
+    let err = refuse(&fx, &mistyped);
+    assert!(matches!(err, ModuleError::WrongWorld(_)), "{err}");
+    assert!(err.to_string().contains("export `on-apply` has the wrong type"), "{err}");
+
+    // Imports the host does not provide.
+    let importer = wat::parse_str(
+        r#"(component
+             (import "acme:db/query" (instance (export "get" (func))))
+           )"#,
+    )
+    .unwrap();
+    let err = refuse(&fx, &importer);
+    assert!(matches!(err, ModuleError::WrongWorld(_)), "{err}");
+    assert!(err.to_string().contains("acme:db/query"), "{err}");
+}
+
+#[test]
+fn a_truncated_component_is_invalid() {
+    let fx = Fixture::new(Limits::default());
+    let bytes = guests::read(guests::COUNTER);
+    for len in [9, 100, bytes.len() / 2, bytes.len() - 1] {
+        let err = refuse(&fx, &bytes[..len]);
+        assert!(matches!(err, ModuleError::Invalid(_)), "{len} bytes: {err}");
+    }
+}
+
+#[test]
+fn modules_are_stored_once_and_the_artifact_is_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = WasmEngine::new(Limits::default()).unwrap();
+    let bytes = guests::read(guests::COUNTER);
+
+    let first = ModuleRegistry::open(&engine, dir.path()).unwrap();
+    let info = first.add(&bytes).unwrap();
+    assert_eq!(info.digest.len(), 64);
+    assert_eq!(first.add(&bytes).unwrap(), info, "adding twice is a no-op");
+    assert_eq!(first.compilations(), 1);
+    assert!(first.contains(&info.digest));
+    assert_eq!(first.bytes(&info.digest).unwrap(), bytes);
+    drop(first);
+
+    // A restarted node: the module loads from the precompiled artifact, no compilation.
+    let second = ModuleRegistry::open(&engine, dir.path()).unwrap();
+    let mut m = Machine::new(&second, &info.digest).unwrap();
+    assert_eq!(second.artifact_hits(), 1);
+    assert_eq!(second.compilations(), 0);
+    assert!(m.apply(&lockstep_tests::entries([r#"{"add": 1}"#]))[0].is_ok());
+    // Loaded once, then served from memory.
+    Machine::new(&second, &info.digest).unwrap();
+    assert_eq!((second.artifact_hits(), second.compilations()), (1, 0));
+
+    // A damaged artifact is ignored: the module is compiled again, not trusted.
+    drop(second);
+    for artifact in walk(dir.path()).into_iter().filter(|p| p.extension().is_some_and(|e| e == "cwasm")) {
+        let mut data = std::fs::read(&artifact).unwrap();
+        let mid = data.len() / 2;
+        data[mid] ^= 0xff;
+        std::fs::write(&artifact, data).unwrap();
+    }
+    let third = ModuleRegistry::open(&engine, dir.path()).unwrap();
+    Machine::new(&third, &info.digest).unwrap();
+    assert_eq!((third.artifact_hits(), third.compilations()), (0, 1));
+}
+
+#[test]
+fn unknown_and_malformed_digests_are_not_found() {
+    let fx = Fixture::new(Limits::default());
+    for digest in ["0".repeat(64), "../../etc/passwd".to_string(), String::new()] {
+        match Machine::new(&fx.registry, &digest) {
+            Err(lockstep::wasm::MachineError::Module(ModuleError::NotFound(_))) => {}
+            Err(e) => panic!("{digest}: {e}"),
+            Ok(_) => panic!("{digest}: loaded"),
+        }
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
