@@ -156,6 +156,7 @@ pub struct RaftCore {
     read_seq: u64,
     reads: VecDeque<PendingRead>,
 
+    needs_replicate: bool,
     ready: Ready,
 }
 
@@ -198,6 +199,7 @@ impl RaftCore {
             term_start_index: 0,
             read_seq: 0,
             reads: VecDeque::new(),
+            needs_replicate: false,
             ready: Ready::default(),
             cfg,
         };
@@ -357,7 +359,8 @@ impl RaftCore {
             });
         }
         self.append_local(entries);
-        self.replicate_all();
+        // Replicators are woken once per `take_ready`, so a burst of proposals shares appends.
+        self.needs_replicate = true;
         Ok((first, self.term))
     }
 
@@ -543,12 +546,19 @@ impl RaftCore {
 
     /// Drains what the shell must do.
     pub fn take_ready(&mut self) -> Ready {
+        if std::mem::take(&mut self.needs_replicate) && self.role == CoreRole::Leader {
+            self.replicate_all();
+            if self.cfg.members.len() == 1 {
+                self.maybe_commit();
+            }
+        }
         std::mem::take(&mut self.ready)
     }
 
     pub fn has_ready(&self) -> bool {
         let r = &self.ready;
-        !r.messages.is_empty()
+        self.needs_replicate
+            || !r.messages.is_empty()
             || !r.writes.is_empty()
             || r.commit.is_some()
             || !r.reads_ready.is_empty()

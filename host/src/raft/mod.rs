@@ -3,12 +3,20 @@
 
 pub mod ballot_box;
 pub mod core;
+mod fsm_caller;
+pub mod local;
+mod log_manager;
 pub mod message;
+pub mod metrics;
+mod node;
 
 use std::time::Duration;
 
 pub use self::core::{CoreConfig, CoreRole, HardState, LogRead, LogWrite, RaftCore, Ready};
 pub use message::{DecodeError, EntryKind, LogEntry, Message};
+pub use metrics::{HistogramSnapshot, MetricsSnapshot};
+pub use node::{Applied, MemberStatus, Node, ProposeError, ReadError, Role, Status, Transport};
+pub(crate) use node::{Completion, Event, ReadJob};
 
 /// A member's id. Never 0 (0 means "nobody" in the vote).
 pub type NodeId = u64;
