@@ -1,0 +1,1113 @@
+//! The consensus core: Raft's rules and nothing else. No I/O, no clocks, no threads.
+//!
+//! Events go in (`tick` with the time, `step` with a peer message, `propose`, `persisted` when a
+//! storage write is durable, `read_index`, `set_applied`); what must happen comes out through
+//! [`RaftCore::take_ready`]: messages to send now, storage writes (each carrying the messages that
+//! may only leave once that write is durable), the commit index, read indexes that are safe to
+//! serve and role changes. The runtime (`node.rs`) and the simulator are thin shells around it.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use bytes::Bytes;
+use rand::{Rng, SeedableRng, rngs::SmallRng};
+
+use super::NodeId;
+use super::ballot_box::BallotBox;
+use super::message::{EntryKind, LogEntry, Message};
+
+/// The core's own view of the configuration (times in milliseconds of the injected clock).
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    pub id: NodeId,
+    pub members: Vec<NodeId>,
+    pub election_timeout_ms: (u64, u64),
+    pub heartbeat_ms: u64,
+    pub max_batch_entries: usize,
+    pub max_batch_bytes: usize,
+    pub max_inflight: usize,
+    /// Test-only: break "a follower acknowledges only durable entries" (the negative control).
+    #[doc(hidden)]
+    pub unsafe_ack_before_durable: bool,
+}
+
+/// Term, vote and a lower bound of the commit index: what survives a restart besides entries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HardState {
+    pub term: u64,
+    /// 0 = voted for nobody in `term` (node ids are never 0).
+    pub vote: NodeId,
+    pub commit: u64,
+}
+
+/// Reads the durable log below the in-memory tail (entries a lagging follower still needs).
+pub trait LogRead: Send {
+    /// Entries `lo..hi`, at most `max_bytes` (at least one); `None` if storage failed.
+    fn entries(&self, lo: u64, hi: u64, max_bytes: usize) -> Option<Vec<LogEntry>>;
+}
+
+/// One storage action. The runtime applies them in order: delete entries from
+/// `truncate_from` on, append `entries`, save `hard_state`, make it durable, then send `after`
+/// and call [`RaftCore::persisted`] with `(last_index, last_term)`.
+#[derive(Debug, Default)]
+pub struct LogWrite {
+    pub truncate_from: Option<u64>,
+    pub entries: Vec<LogEntry>,
+    pub hard_state: Option<HardState>,
+    /// Commit index known durable with this write (never above the log written so far).
+    pub commit: u64,
+    pub last_index: u64,
+    pub last_term: u64,
+    /// Messages that promise durability (votes, append acknowledgements).
+    pub after: Vec<(NodeId, Message)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CoreRole {
+    Follower,
+    PreCandidate,
+    Candidate,
+    Leader,
+}
+
+/// Everything the core asks of its shell since the last `take_ready`.
+#[derive(Debug, Default)]
+pub struct Ready {
+    pub messages: Vec<(NodeId, Message)>,
+    pub writes: Vec<LogWrite>,
+    /// The commit index, if it advanced.
+    pub commit: Option<u64>,
+    /// Read requests `(id, index)` that may be served once applied ≥ index.
+    pub reads_ready: Vec<(u64, u64)>,
+    /// Read requests that cannot be served here (leadership lost).
+    pub reads_failed: Vec<u64>,
+    /// This node stopped being leader of `term` (pending proposals: outcome unknown).
+    pub stepped_down: bool,
+    pub became_leader: bool,
+}
+
+/// Why a proposal was refused (nothing was appended).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProposeRefused {
+    NotLeader { leader: Option<NodeId> },
+    TermMismatch { expected: u64, current: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ProgressState {
+    /// One probe in flight at a time while the match point is unknown.
+    Probe,
+    /// Match known: stream appends, up to `max_inflight` in flight.
+    Replicate,
+}
+
+/// The leader's view of one follower (braft's Replicator state, etcd's Progress).
+#[derive(Clone, Debug)]
+struct Progress {
+    next: u64,
+    matched: u64,
+    state: ProgressState,
+    /// Last index of each append in flight, oldest first.
+    inflight: VecDeque<u64>,
+    probe_sent_at: Option<u64>,
+    last_progress_at: u64,
+    /// Heard from in the current check-quorum window.
+    active: bool,
+    /// Highest read-index round the follower has answered.
+    seq_acked: u64,
+}
+
+struct PendingRead {
+    id: u64,
+    seq: u64,
+    index: u64,
+}
+
+pub struct RaftCore {
+    cfg: CoreConfig,
+    rng: SmallRng,
+    now: u64,
+    wall_ms: u64,
+
+    role: CoreRole,
+    term: u64,
+    vote: NodeId,
+    leader: Option<NodeId>,
+    commit: u64,
+    applied: u64,
+    durable: u64,
+
+    /// Terms of the whole log as runs `(first index, term)`: term lookups never touch storage.
+    term_runs: Vec<(u64, u64)>,
+    last_index: u64,
+    /// In-memory tail: entries `mem_first..=last_index`; older ones are read through `storage`.
+    mem: VecDeque<LogEntry>,
+    mem_first: u64,
+    storage: Box<dyn LogRead>,
+
+    election_deadline: u64,
+    last_leader_contact: Option<u64>,
+    votes: BTreeMap<NodeId, bool>,
+
+    progress: BTreeMap<NodeId, Progress>,
+    next_heartbeat: u64,
+    next_quorum_check: u64,
+    /// Index of this leader's no-op; reads wait until it commits.
+    term_start_index: u64,
+    read_seq: u64,
+    reads: VecDeque<PendingRead>,
+
+    needs_replicate: bool,
+    ready: Ready,
+}
+
+impl RaftCore {
+    /// Builds a core from durable state: `tail` holds the entries `applied+1..=last` (the rest
+    /// is readable through `storage`), `term_runs` the terms of the whole log.
+    pub fn new(
+        cfg: CoreConfig,
+        seed: u64,
+        hard: HardState,
+        term_runs: Vec<(u64, u64)>,
+        tail: Vec<LogEntry>,
+        applied: u64,
+        storage: Box<dyn LogRead>,
+        now: u64,
+    ) -> RaftCore {
+        let last_index = tail.last().map(|e| e.index).unwrap_or(applied);
+        let mut core = RaftCore {
+            rng: SmallRng::seed_from_u64(seed),
+            now,
+            wall_ms: 0,
+            role: CoreRole::Follower,
+            term: hard.term,
+            vote: hard.vote,
+            leader: None,
+            commit: hard.commit.min(last_index),
+            applied,
+            durable: last_index,
+            term_runs,
+            last_index,
+            mem_first: applied + 1,
+            mem: tail.into(),
+            storage,
+            election_deadline: 0,
+            last_leader_contact: None,
+            votes: BTreeMap::new(),
+            progress: BTreeMap::new(),
+            next_heartbeat: 0,
+            next_quorum_check: 0,
+            term_start_index: 0,
+            read_seq: 0,
+            reads: VecDeque::new(),
+            needs_replicate: false,
+            ready: Ready::default(),
+            cfg,
+        };
+        core.reset_election_deadline();
+        // A lone member need not wait for anybody.
+        if core.cfg.members.len() == 1 && core.cfg.members[0] == core.cfg.id {
+            core.election_deadline = now;
+        }
+        core
+    }
+
+    // ----- observers -----
+
+    pub fn id(&self) -> NodeId {
+        self.cfg.id
+    }
+    pub fn role(&self) -> CoreRole {
+        self.role
+    }
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader
+    }
+    pub fn commit_index(&self) -> u64 {
+        self.commit
+    }
+    pub fn last_index(&self) -> u64 {
+        self.last_index
+    }
+    pub fn durable_index(&self) -> u64 {
+        self.durable
+    }
+    pub fn members(&self) -> &[NodeId] {
+        &self.cfg.members
+    }
+    /// The leader's match index for `peer` (its own durable index for itself).
+    pub fn match_index(&self, peer: NodeId) -> u64 {
+        if peer == self.cfg.id {
+            return self.durable;
+        }
+        self.progress.get(&peer).map(|p| p.matched).unwrap_or(0)
+    }
+    pub fn is_leader(&self) -> bool {
+        self.role == CoreRole::Leader
+    }
+    pub fn hard_state(&self) -> HardState {
+        HardState {
+            term: self.term,
+            vote: self.vote,
+            commit: self.commit,
+        }
+    }
+
+    /// The term of entry `index` (0 for index 0 or beyond the log).
+    pub fn term_at(&self, index: u64) -> u64 {
+        if index == 0 || index > self.last_index {
+            return 0;
+        }
+        let pos = self.term_runs.partition_point(|&(start, _)| start <= index);
+        if pos == 0 {
+            0
+        } else {
+            self.term_runs[pos - 1].1
+        }
+    }
+
+    /// Entries `lo..=hi` from memory or storage (for the state-machine queue and tests).
+    pub fn entries(&self, lo: u64, hi: u64) -> Option<Vec<LogEntry>> {
+        self.slice(lo, hi + 1, usize::MAX)
+    }
+
+    // ----- inputs -----
+
+    /// Advances time; drives elections, heartbeats, retries and check-quorum.
+    pub fn tick(&mut self, now: u64, wall_ms: u64) {
+        self.now = now.max(self.now);
+        self.wall_ms = wall_ms.max(self.wall_ms);
+        match self.role {
+            CoreRole::Leader => {
+                if self.now >= self.next_quorum_check {
+                    self.check_quorum();
+                    if self.role != CoreRole::Leader {
+                        return;
+                    }
+                }
+                if self.now >= self.next_heartbeat {
+                    self.next_heartbeat = self.now + self.cfg.heartbeat_ms;
+                    self.broadcast_heartbeat();
+                }
+                let peers: Vec<NodeId> = self.progress.keys().copied().collect();
+                for p in peers {
+                    self.retry_if_stuck(p);
+                }
+            }
+            _ => {
+                if self.now >= self.election_deadline {
+                    self.start_pre_vote();
+                }
+            }
+        }
+    }
+
+    /// The state machine has applied everything up to `index`: the tail may be trimmed.
+    pub fn set_applied(&mut self, index: u64) {
+        self.applied = self.applied.max(index.min(self.commit));
+        self.trim();
+    }
+
+    /// Storage made the log durable up to `(index, term)`. A notice about entries that were
+    /// truncated since (a different term at that index) is ignored.
+    pub fn persisted(&mut self, index: u64, term: u64) {
+        if index <= self.durable || self.term_at(index) != term {
+            return;
+        }
+        self.durable = index;
+        if self.role == CoreRole::Leader {
+            self.maybe_commit();
+        }
+        self.trim();
+    }
+
+    /// Appends user entries if this node leads `expected_term` (or any term). Returns the index
+    /// of the first one and the term.
+    pub fn propose<I: IntoIterator<Item = Bytes>>(
+        &mut self,
+        payloads: I,
+        timestamp_ms: u64,
+        expected_term: Option<u64>,
+    ) -> Result<(u64, u64), ProposeRefused> {
+        if self.role != CoreRole::Leader {
+            return Err(ProposeRefused::NotLeader {
+                leader: self.leader,
+            });
+        }
+        if let Some(expected) = expected_term
+            && expected != self.term
+        {
+            return Err(ProposeRefused::TermMismatch {
+                expected,
+                current: self.term,
+            });
+        }
+        // Timestamps never go backwards along the log, whatever the leader's clock does.
+        let ts = timestamp_ms.max(self.last_timestamp());
+        let first = self.last_index + 1;
+        let mut entries = Vec::new();
+        for payload in payloads {
+            let index = self.last_index + 1 + entries.len() as u64;
+            entries.push(LogEntry {
+                index,
+                term: self.term,
+                timestamp_ms: ts,
+                kind: EntryKind::Normal,
+                payload,
+            });
+        }
+        self.append_local(entries);
+        // Replicators are woken once per `take_ready`, so a burst of proposals shares appends.
+        self.needs_replicate = true;
+        Ok((first, self.term))
+    }
+
+    /// Starts a read-index round. The answer comes in `Ready::reads_ready` (or `reads_failed`).
+    pub fn read_index(&mut self, id: u64) -> Result<(), ProposeRefused> {
+        if self.role != CoreRole::Leader {
+            return Err(ProposeRefused::NotLeader {
+                leader: self.leader,
+            });
+        }
+        self.read_seq += 1;
+        // Until this term's no-op commits, the commit index may lag what earlier leaders
+        // committed: serve at the no-op's index at least.
+        let index = self.commit.max(self.term_start_index);
+        self.reads.push_back(PendingRead {
+            id,
+            seq: self.read_seq,
+            index,
+        });
+        if self.cfg.members.len() == 1 {
+            self.release_reads();
+        } else {
+            self.broadcast_heartbeat();
+        }
+        Ok(())
+    }
+
+    /// Handles one message from `from`.
+    pub fn step(&mut self, from: NodeId, msg: Message) {
+        if from == self.cfg.id || !self.cfg.members.contains(&from) {
+            return;
+        }
+        let mterm = msg.term();
+        if mterm > self.term {
+            match msg {
+                Message::PreVote { .. } => {}
+                Message::PreVoteResp { granted: true, .. } => {}
+                Message::Vote { .. } if self.in_lease() => {
+                    // A current leader is alive: a disruptive candidate is ignored.
+                    return;
+                }
+                Message::Append { .. } | Message::Heartbeat { .. } => {
+                    self.become_follower(mterm, Some(from))
+                }
+                _ => self.become_follower(mterm, None),
+            }
+        } else if mterm < self.term {
+            match msg {
+                // Tell a stale leader about the newer term so it steps down.
+                Message::Append { .. } | Message::Heartbeat { .. } => {
+                    let resp = Message::AppendResp {
+                        term: self.term,
+                        success: false,
+                        index: 0,
+                        last_index: self.last_index,
+                        seq: 0,
+                    };
+                    self.ready.messages.push((from, resp));
+                }
+                Message::PreVote { .. } | Message::Vote { .. } => {
+                    let granted = false;
+                    let resp = if matches!(msg, Message::PreVote { .. }) {
+                        Message::PreVoteResp {
+                            term: self.term,
+                            granted,
+                        }
+                    } else {
+                        Message::VoteResp {
+                            term: self.term,
+                            granted,
+                        }
+                    };
+                    self.ready.messages.push((from, resp));
+                }
+                _ => {}
+            }
+            return;
+        }
+
+        match msg {
+            Message::PreVote {
+                term,
+                last_index,
+                last_term,
+            } => {
+                let granted =
+                    term > self.term && !self.in_lease() && self.log_ok(last_index, last_term);
+                let term = if granted { term } else { self.term };
+                self.ready
+                    .messages
+                    .push((from, Message::PreVoteResp { term, granted }));
+            }
+            Message::Vote {
+                term,
+                last_index,
+                last_term,
+            } => {
+                let free = self.vote == 0 || self.vote == from;
+                let granted = term == self.term && free && self.log_ok(last_index, last_term);
+                if granted {
+                    self.vote = from;
+                    self.reset_election_deadline();
+                    // The vote must be durable before the candidate may count it.
+                    let hs = self.hard_state();
+                    self.write_mut(false).hard_state = Some(hs);
+                    self.send_after_durable(
+                        from,
+                        Message::VoteResp {
+                            term: self.term,
+                            granted,
+                        },
+                        u64::MAX,
+                    );
+                } else {
+                    self.ready.messages.push((
+                        from,
+                        Message::VoteResp {
+                            term: self.term,
+                            granted,
+                        },
+                    ));
+                }
+            }
+            Message::PreVoteResp { granted, term } => {
+                // Grants carry the proposed term; refusals carry the voter's (possibly ours).
+                if self.role == CoreRole::PreCandidate && (!granted || term == self.term + 1) {
+                    self.votes.insert(from, granted);
+                    self.tally(true);
+                }
+            }
+            Message::VoteResp { granted, .. } => {
+                if self.role == CoreRole::Candidate {
+                    self.votes.insert(from, granted);
+                    self.tally(false);
+                }
+            }
+            Message::Append {
+                prev_index,
+                prev_term,
+                commit,
+                seq,
+                entries,
+                ..
+            } => {
+                self.heard_from_leader(from);
+                self.handle_append(from, prev_index, prev_term, commit, seq, entries);
+            }
+            Message::Heartbeat { commit, seq, .. } => {
+                self.heard_from_leader(from);
+                // The leader sends min(its commit, our match): entries up to it match its log.
+                self.advance_commit(commit.min(self.last_index));
+                self.ready.messages.push((
+                    from,
+                    Message::HeartbeatResp {
+                        term: self.term,
+                        seq,
+                    },
+                ));
+            }
+            Message::AppendResp {
+                success,
+                index,
+                last_index,
+                seq,
+                ..
+            } => {
+                if self.role == CoreRole::Leader {
+                    self.handle_append_resp(from, success, index, last_index, seq);
+                }
+            }
+            Message::HeartbeatResp { seq, .. } => {
+                if self.role == CoreRole::Leader {
+                    self.ack_seq(from, seq);
+                    if let Some(p) = self.progress.get(&from)
+                        && p.matched < self.last_index
+                    {
+                        self.send_append(from);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drains what the shell must do.
+    pub fn take_ready(&mut self) -> Ready {
+        if std::mem::take(&mut self.needs_replicate) && self.role == CoreRole::Leader {
+            self.replicate_all();
+            if self.cfg.members.len() == 1 {
+                self.maybe_commit();
+            }
+        }
+        std::mem::take(&mut self.ready)
+    }
+
+    pub fn has_ready(&self) -> bool {
+        let r = &self.ready;
+        self.needs_replicate
+            || !r.messages.is_empty()
+            || !r.writes.is_empty()
+            || r.commit.is_some()
+            || !r.reads_ready.is_empty()
+            || !r.reads_failed.is_empty()
+            || r.stepped_down
+            || r.became_leader
+    }
+
+    // ----- elections -----
+
+    fn quorum(&self) -> usize {
+        self.cfg.members.len() / 2 + 1
+    }
+
+    fn reset_election_deadline(&mut self) {
+        let (lo, hi) = self.cfg.election_timeout_ms;
+        self.election_deadline = self.now + self.rng.gen_range(lo..=hi.max(lo));
+    }
+
+    /// Within a minimum election timeout of hearing from a leader (leader stickiness).
+    fn in_lease(&self) -> bool {
+        if self.role == CoreRole::Leader {
+            return true;
+        }
+        match self.last_leader_contact {
+            Some(t) => self.leader.is_some() && self.now < t + self.cfg.election_timeout_ms.0,
+            None => false,
+        }
+    }
+
+    fn log_ok(&self, last_index: u64, last_term: u64) -> bool {
+        let my_term = self.term_at(self.last_index);
+        last_term > my_term || (last_term == my_term && last_index >= self.last_index)
+    }
+
+    fn heard_from_leader(&mut self, from: NodeId) {
+        if self.role != CoreRole::Follower {
+            self.become_follower(self.term, Some(from));
+        }
+        self.leader = Some(from);
+        self.last_leader_contact = Some(self.now);
+        self.reset_election_deadline();
+    }
+
+    fn start_pre_vote(&mut self) {
+        self.role = CoreRole::PreCandidate;
+        self.leader = None;
+        self.votes.clear();
+        self.votes.insert(self.cfg.id, true);
+        self.reset_election_deadline();
+        let (last_index, last_term) = (self.last_index, self.term_at(self.last_index));
+        for &p in &self.cfg.members {
+            if p != self.cfg.id {
+                let m = Message::PreVote {
+                    term: self.term + 1,
+                    last_index,
+                    last_term,
+                };
+                self.ready.messages.push((p, m));
+            }
+        }
+        self.tally(true);
+    }
+
+    fn start_election(&mut self) {
+        self.role = CoreRole::Candidate;
+        self.term += 1;
+        self.vote = self.cfg.id;
+        self.leader = None;
+        self.votes.clear();
+        self.votes.insert(self.cfg.id, true);
+        self.reset_election_deadline();
+        let hs = self.hard_state();
+        self.write_mut(false).hard_state = Some(hs);
+        let (last_index, last_term) = (self.last_index, self.term_at(self.last_index));
+        let peers: Vec<NodeId> = self
+            .cfg
+            .members
+            .iter()
+            .copied()
+            .filter(|&p| p != self.cfg.id)
+            .collect();
+        for p in peers {
+            // Our own vote must be durable before anybody else's can make us leader.
+            let m = Message::Vote {
+                term: self.term,
+                last_index,
+                last_term,
+            };
+            self.send_after_durable(p, m, u64::MAX);
+        }
+        self.tally(false);
+    }
+
+    fn tally(&mut self, pre: bool) {
+        let granted = self.votes.values().filter(|&&g| g).count();
+        let rejected = self.votes.values().filter(|&&g| !g).count();
+        if granted >= self.quorum() {
+            if pre {
+                self.start_election();
+            } else {
+                // Our own vote is in the write queued ahead of everything the leader does, so
+                // nothing commits before it is durable (FIFO storage).
+                self.become_leader();
+            }
+        } else if rejected >= self.quorum() {
+            self.become_follower(self.term, None);
+        }
+    }
+
+    fn become_follower(&mut self, term: u64, leader: Option<NodeId>) {
+        let was_leader = self.role == CoreRole::Leader;
+        if term > self.term {
+            self.term = term;
+            self.vote = 0;
+            let hs = self.hard_state();
+            self.write_mut(false).hard_state = Some(hs);
+        }
+        self.role = CoreRole::Follower;
+        self.leader = leader;
+        self.votes.clear();
+        if was_leader {
+            self.progress.clear();
+            self.ready.stepped_down = true;
+            for r in self.reads.drain(..) {
+                self.ready.reads_failed.push(r.id);
+            }
+        }
+        self.reset_election_deadline();
+    }
+
+    fn become_leader(&mut self) {
+        self.role = CoreRole::Leader;
+        self.leader = Some(self.cfg.id);
+        self.ready.became_leader = true;
+        self.progress.clear();
+        for &p in &self.cfg.members {
+            if p != self.cfg.id {
+                self.progress.insert(
+                    p,
+                    Progress {
+                        next: self.last_index + 1,
+                        matched: 0,
+                        state: ProgressState::Probe,
+                        inflight: VecDeque::new(),
+                        probe_sent_at: None,
+                        last_progress_at: self.now,
+                        active: true,
+                        seq_acked: 0,
+                    },
+                );
+            }
+        }
+        self.next_quorum_check = self.now + self.cfg.election_timeout_ms.0;
+        self.next_heartbeat = self.now + self.cfg.heartbeat_ms;
+        let noop = LogEntry {
+            index: self.last_index + 1,
+            term: self.term,
+            timestamp_ms: self.wall_ms.max(self.last_timestamp()),
+            kind: EntryKind::Noop,
+            payload: Bytes::new(),
+        };
+        self.term_start_index = noop.index;
+        self.append_local(vec![noop]);
+        self.replicate_all();
+        self.maybe_commit();
+    }
+
+    fn check_quorum(&mut self) {
+        self.next_quorum_check = self.now + self.cfg.election_timeout_ms.0;
+        let active = 1 + self.progress.values().filter(|p| p.active).count();
+        for p in self.progress.values_mut() {
+            p.active = false;
+        }
+        if active < self.quorum() {
+            self.become_follower(self.term, None);
+        }
+    }
+
+    // ----- the log -----
+
+    fn last_timestamp(&self) -> u64 {
+        self.mem.back().map(|e| e.timestamp_ms).unwrap_or(0)
+    }
+
+    /// The pending storage write to add to (a new one if `fresh` or none is pending).
+    fn write_mut(&mut self, fresh: bool) -> &mut LogWrite {
+        if fresh || self.ready.writes.is_empty() {
+            self.ready.writes.push(LogWrite::default());
+        }
+        let (last_index, last_term, commit) =
+            (self.last_index, self.term_at(self.last_index), self.commit);
+        let w = self
+            .ready
+            .writes
+            .last_mut()
+            .expect("just ensured non-empty");
+        w.last_index = last_index;
+        w.last_term = last_term;
+        w.commit = commit.min(last_index);
+        w
+    }
+
+    /// Sends `msg` at once if the log is durable up to `needs`, else once the pending write is.
+    fn send_after_durable(&mut self, to: NodeId, msg: Message, needs: u64) {
+        if needs <= self.durable || (self.cfg.unsafe_ack_before_durable && needs != u64::MAX) {
+            self.ready.messages.push((to, msg));
+        } else {
+            self.write_mut(false).after.push((to, msg));
+        }
+    }
+
+    /// Appends entries that extend the log (indexes already assigned, contiguous).
+    fn append_local(&mut self, entries: Vec<LogEntry>) {
+        let Some(first) = entries.first() else { return };
+        debug_assert_eq!(first.index, self.last_index + 1);
+        for e in &entries {
+            if self.term_runs.last().map(|&(_, t)| t) != Some(e.term) {
+                self.term_runs.push((e.index, e.term));
+            }
+        }
+        self.last_index = entries.last().map(|e| e.index).unwrap_or(self.last_index);
+        if self.mem.is_empty() {
+            self.mem_first = first.index;
+        }
+        self.mem.extend(entries.iter().cloned());
+        let w = self.write_mut(false);
+        w.entries.extend(entries);
+    }
+
+    /// Deletes entries from `from` on (a conflict with the leader's log).
+    fn truncate(&mut self, from: u64) {
+        assert!(
+            from > self.commit,
+            "truncating committed entry {from} (commit {})",
+            self.commit
+        );
+        let keep = self.term_runs.partition_point(|&(start, _)| start < from);
+        self.term_runs.truncate(keep);
+        self.last_index = from - 1;
+        if from >= self.mem_first {
+            self.mem.truncate((from - self.mem_first) as usize);
+        } else {
+            self.mem.clear();
+            self.mem_first = from;
+        }
+        self.durable = self.durable.min(from - 1);
+        // A write of its own: acknowledgements queued before must not be mixed into it.
+        let w = self.write_mut(true);
+        w.truncate_from = Some(from);
+    }
+
+    /// Frees the in-memory tail up to min(durable, applied).
+    fn trim(&mut self) {
+        let upto = self.durable.min(self.applied);
+        while self.mem_first <= upto && !self.mem.is_empty() {
+            self.mem.pop_front();
+            self.mem_first += 1;
+        }
+    }
+
+    /// Entries `lo..hi` bounded by `max_bytes` (at least one), from memory or storage.
+    fn slice(&self, lo: u64, hi: u64, max_bytes: usize) -> Option<Vec<LogEntry>> {
+        let hi = hi.min(self.last_index + 1);
+        if lo >= hi {
+            return Some(Vec::new());
+        }
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let mut i = lo;
+        if i < self.mem_first {
+            let stored = self.storage.entries(i, hi.min(self.mem_first), max_bytes)?;
+            for e in stored {
+                bytes += e.size();
+                i = e.index + 1;
+                out.push(e);
+            }
+            if i < self.mem_first || bytes >= max_bytes {
+                return Some(out);
+            }
+        }
+        while i < hi {
+            let e = &self.mem[(i - self.mem_first) as usize];
+            if !out.is_empty() && bytes + e.size() > max_bytes {
+                break;
+            }
+            bytes += e.size();
+            out.push(e.clone());
+            i += 1;
+        }
+        Some(out)
+    }
+
+    fn advance_commit(&mut self, to: u64) {
+        if to > self.commit {
+            self.commit = to;
+            self.ready.commit = Some(to);
+            let last = self.last_index;
+            if let Some(w) = self.ready.writes.last_mut() {
+                w.commit = to.min(last);
+            }
+        }
+    }
+
+    // ----- follower side -----
+
+    fn handle_append(
+        &mut self,
+        from: NodeId,
+        prev_index: u64,
+        prev_term: u64,
+        commit: u64,
+        seq: u64,
+        entries: Vec<LogEntry>,
+    ) {
+        let reject = |core: &mut RaftCore| {
+            let m = Message::AppendResp {
+                term: core.term,
+                success: false,
+                index: prev_index,
+                last_index: core.last_index,
+                seq,
+            };
+            core.ready.messages.push((from, m));
+        };
+        if prev_index > self.last_index || self.term_at(prev_index) != prev_term {
+            // Below our commit the entries are known to match: the leader just lags behind.
+            if prev_index >= self.commit {
+                reject(self);
+                return;
+            }
+        }
+        let last_new = prev_index + entries.len() as u64;
+        // Skip what we already have; truncate at the first conflict; append the rest.
+        let mut to_append = Vec::new();
+        for e in entries {
+            if e.index <= self.commit {
+                continue;
+            }
+            if to_append.is_empty() && e.index <= self.last_index {
+                if self.term_at(e.index) == e.term {
+                    continue;
+                }
+                self.truncate(e.index);
+            }
+            to_append.push(e);
+        }
+        if !to_append.is_empty() {
+            self.append_local(to_append);
+        }
+        self.advance_commit(commit.min(last_new));
+        let resp = Message::AppendResp {
+            term: self.term,
+            success: true,
+            index: last_new,
+            last_index: self.last_index,
+            seq,
+        };
+        self.send_after_durable(from, resp, last_new);
+    }
+
+    // ----- leader side -----
+
+    fn replicate_all(&mut self) {
+        let peers: Vec<NodeId> = self.progress.keys().copied().collect();
+        for p in peers {
+            self.send_append(p);
+        }
+    }
+
+    fn broadcast_heartbeat(&mut self) {
+        let peers: Vec<(NodeId, u64)> = self
+            .progress
+            .iter()
+            .map(|(&p, pr)| (p, pr.matched))
+            .collect();
+        for (p, matched) in peers {
+            let m = Message::Heartbeat {
+                term: self.term,
+                commit: self.commit.min(matched),
+                seq: self.read_seq,
+            };
+            self.ready.messages.push((p, m));
+        }
+    }
+
+    /// Sends what `peer` can take now: one probe, or appends up to the in-flight bound.
+    fn send_append(&mut self, peer: NodeId) {
+        loop {
+            let Some(p) = self.progress.get(&peer) else {
+                return;
+            };
+            match p.state {
+                ProgressState::Probe => {
+                    if let Some(at) = p.probe_sent_at
+                        && self.now < at + self.cfg.heartbeat_ms
+                    {
+                        return;
+                    }
+                }
+                ProgressState::Replicate => {
+                    if p.inflight.len() >= self.cfg.max_inflight || p.next > self.last_index {
+                        return;
+                    }
+                }
+            }
+            let next = p.next;
+            let hi = next.saturating_add(self.cfg.max_batch_entries as u64);
+            let Some(entries) = self.slice(next, hi, self.cfg.max_batch_bytes) else {
+                tracing::error!(peer, next, "log read failed; will retry");
+                return;
+            };
+            if entries.is_empty() && p.state == ProgressState::Replicate {
+                return;
+            }
+            let last = next + entries.len() as u64 - 1;
+            let prev_index = next - 1;
+            let msg = Message::Append {
+                term: self.term,
+                prev_index,
+                prev_term: self.term_at(prev_index),
+                commit: self.commit,
+                seq: self.read_seq,
+                entries,
+            };
+            self.ready.messages.push((peer, msg));
+            let now = self.now;
+            let Some(p) = self.progress.get_mut(&peer) else {
+                return;
+            };
+            match p.state {
+                ProgressState::Probe => {
+                    p.probe_sent_at = Some(now);
+                    return;
+                }
+                ProgressState::Replicate => {
+                    p.inflight.push_back(last);
+                    p.next = last + 1;
+                }
+            }
+        }
+    }
+
+    fn handle_append_resp(
+        &mut self,
+        from: NodeId,
+        success: bool,
+        index: u64,
+        last_index: u64,
+        seq: u64,
+    ) {
+        self.ack_seq(from, seq);
+        let now = self.now;
+        let Some(p) = self.progress.get_mut(&from) else {
+            return;
+        };
+        if success {
+            if index > self.last_index {
+                return; // not an answer to anything this leader sent
+            }
+            if index > p.matched {
+                p.matched = index;
+                p.last_progress_at = now;
+            }
+            while p.inflight.front().is_some_and(|&l| l <= p.matched) {
+                p.inflight.pop_front();
+            }
+            if p.state == ProgressState::Probe {
+                p.state = ProgressState::Replicate;
+                p.next = p.matched + 1;
+                p.inflight.clear();
+                p.probe_sent_at = None;
+            }
+            p.next = p.next.max(p.matched + 1);
+            self.maybe_commit();
+        } else {
+            if index <= p.matched {
+                return; // stale rejection
+            }
+            if p.state == ProgressState::Probe && index + 1 != p.next {
+                return; // answer to an older probe
+            }
+            p.state = ProgressState::Probe;
+            p.inflight.clear();
+            p.probe_sent_at = None;
+            p.next = index.min(last_index + 1).max(p.matched + 1);
+        }
+        self.send_append(from);
+    }
+
+    /// Resets a follower whose appends went unanswered (lost messages) to probing.
+    fn retry_if_stuck(&mut self, peer: NodeId) {
+        let retry_after = 2 * self.cfg.heartbeat_ms;
+        let now = self.now;
+        let Some(p) = self.progress.get_mut(&peer) else {
+            return;
+        };
+        if p.state == ProgressState::Replicate
+            && !p.inflight.is_empty()
+            && now >= p.last_progress_at + retry_after
+        {
+            p.state = ProgressState::Probe;
+            p.inflight.clear();
+            p.next = p.matched + 1;
+            p.probe_sent_at = None;
+            p.last_progress_at = now;
+        }
+        self.send_append(peer);
+    }
+
+    fn ack_seq(&mut self, from: NodeId, seq: u64) {
+        if let Some(p) = self.progress.get_mut(&from) {
+            p.active = true;
+            if seq > p.seq_acked {
+                p.seq_acked = seq;
+                self.release_reads();
+            }
+        }
+    }
+
+    /// Serves reads whose round a quorum has answered, once this term's no-op is committed.
+    fn release_reads(&mut self) {
+        if self.commit < self.term_start_index {
+            return;
+        }
+        let mut acked: Vec<u64> = self.progress.values().map(|p| p.seq_acked).collect();
+        acked.push(u64::MAX);
+        acked.sort_unstable_by(|a, b| b.cmp(a));
+        let quorum_seq = acked[self.quorum() - 1];
+        while self.reads.front().is_some_and(|r| r.seq <= quorum_seq) {
+            if let Some(r) = self.reads.pop_front() {
+                self.ready
+                    .reads_ready
+                    .push((r.id, r.index.max(self.term_start_index)));
+            }
+        }
+    }
+
+    /// The ballot box: commit the highest index a quorum holds durably, if it is of this term.
+    fn maybe_commit(&mut self) {
+        let mut bb = BallotBox::new(self.cfg.members.len());
+        bb.vote(self.durable);
+        for p in self.progress.values() {
+            bb.vote(p.matched);
+        }
+        let q = bb.quorum_index();
+        if q > self.commit && self.term_at(q) == self.term {
+            self.advance_commit(q);
+            self.release_reads();
+        }
+    }
+}

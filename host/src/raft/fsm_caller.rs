@@ -1,0 +1,129 @@
+//! The state-machine queue (braft's FSMCaller): one thread owns the machine.
+//!
+//! Commit notices coalesce: everything queued is applied in one `StateMachine::apply` call (no-op
+//! entries are skipped; user machines see only user payloads) and each waiting caller gets its
+//! own entry's output. Reads queued behind an apply run after it, so a read shipped once its
+//! read index was committed sees at least that index applied.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+
+use super::message::{EntryKind, LogEntry};
+use super::metrics::Metrics;
+use super::{Applied, Completion, ProposeError, ReadJob};
+use crate::state_machine::{Entry, StateMachine};
+
+pub(crate) enum FsmTask<SM: StateMachine> {
+    /// Committed entries in order, and the completions of those this node proposed (by index).
+    Apply {
+        entries: Vec<LogEntry>,
+        done: Vec<(u64, Completion<SM::Output>)>,
+    },
+    Read(ReadJob<SM>),
+    Stop,
+}
+
+pub(crate) struct FsmCaller<SM: StateMachine> {
+    pub sm: SM,
+    pub rx: Receiver<FsmTask<SM>>,
+    pub applied: Arc<std::sync::atomic::AtomicU64>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl<SM: StateMachine> FsmCaller<SM> {
+    pub fn run(mut self) {
+        let mut tasks: Vec<FsmTask<SM>> = Vec::new();
+        let mut batch: Vec<Entry> = Vec::new();
+        let mut done: Vec<(u64, Completion<SM::Output>)> = Vec::new();
+        loop {
+            match self.rx.recv() {
+                Ok(t) => tasks.push(t),
+                Err(_) => return,
+            }
+            while tasks.len() < 1024 {
+                match self.rx.try_recv() {
+                    Ok(t) => tasks.push(t),
+                    Err(_) => break,
+                }
+            }
+            let mut stop = false;
+            let mut last = 0;
+            for task in tasks.drain(..) {
+                match task {
+                    FsmTask::Apply { entries, done: d } => {
+                        if let Some(e) = entries.last() {
+                            last = e.index;
+                        }
+                        batch.extend(
+                            entries
+                                .into_iter()
+                                .filter(|e| e.kind == EntryKind::Normal)
+                                .map(|e| Entry {
+                                    index: e.index,
+                                    term: e.term,
+                                    timestamp_ms: e.timestamp_ms,
+                                    payload: e.payload,
+                                }),
+                        );
+                        done.extend(d);
+                    }
+                    FsmTask::Read(job) => {
+                        self.flush(&mut batch, &mut done, last);
+                        job(Ok(&mut self.sm));
+                    }
+                    FsmTask::Stop => stop = true,
+                }
+            }
+            self.flush(&mut batch, &mut done, last);
+            if stop {
+                return;
+            }
+        }
+    }
+
+    fn flush(
+        &mut self,
+        batch: &mut Vec<Entry>,
+        done: &mut Vec<(u64, Completion<SM::Output>)>,
+        last: u64,
+    ) {
+        if !batch.is_empty() {
+            let outputs = self.sm.apply(batch);
+            self.metrics.apply_batch_size.record(batch.len() as u64);
+            self.metrics
+                .entries_applied
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            if outputs.len() != batch.len() {
+                tracing::error!(
+                    entries = batch.len(),
+                    outputs = outputs.len(),
+                    "state machine broke its contract"
+                );
+            }
+            let mut waiting = done.drain(..).peekable();
+            for (entry, output) in batch.iter().zip(outputs) {
+                while waiting.peek().is_some_and(|(i, _)| *i < entry.index) {
+                    waiting.next();
+                }
+                if waiting.peek().is_some_and(|(i, _)| *i == entry.index)
+                    && let Some((_, tx)) = waiting.next()
+                {
+                    let _ = tx.send(Ok(Applied {
+                        index: entry.index,
+                        term: entry.term,
+                        output,
+                    }));
+                }
+            }
+            // Completions left over (a short output list) get an honest answer, not silence.
+            for (_, tx) in waiting {
+                let _ = tx.send(Err(ProposeError::OutcomeUnknown));
+            }
+            batch.clear();
+        }
+        if last > self.applied.load(Ordering::Relaxed) {
+            self.applied.store(last, Ordering::Release);
+        }
+    }
+}

@@ -1,0 +1,748 @@
+//! The runtime around the core: braft's queues as tokio channels and two threads.
+//!
+//! - `ApplyQueue`: callers' submissions go to the core loop's channel; the loop drains
+//!   everything queued and cuts it into batches bounded by count and bytes; each batch is
+//!   checked for leadership and expected term once, gets consecutive indexes, and one completion
+//!   per entry (kept in index order).
+//! - Core loop (a tokio task): owns the [`RaftCore`]; feeds it peer messages, ticks and
+//!   storage notices; sends its messages (the replicators' appends, built from the in-memory
+//!   tail), passes its writes to the disk queue and its commits to the FSM caller.
+//! - `LogManager` disk queue (a thread, `log_manager.rs`), `FsmCaller` (a thread,
+//!   `fsm_caller.rs`).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use super::core::{CoreRole, ProposeRefused, RaftCore};
+use super::fsm_caller::{FsmCaller, FsmTask};
+use super::log_manager::{DiskQueue, DiskTask};
+use super::message::{EntryKind, Message};
+use super::metrics::{Metrics, MetricsSnapshot};
+use super::{NodeId, RaftConfig};
+use crate::state_machine::{Entry, StateMachine};
+use crate::storage::LogStore;
+
+/// Sends one message to a peer. Fire-and-forget: it may drop, delay or reorder.
+pub trait Transport: Send + Sync + 'static {
+    fn send(&self, to: NodeId, msg: Message);
+}
+
+/// A committed, applied entry and what the machine returned for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied<O> {
+    pub index: u64,
+    pub term: u64,
+    pub output: O,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// Nothing was proposed; `leader` is the leader this node knows of, if any.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
+    /// Nothing was proposed: the caller expected another term.
+    #[error("expected term {expected}, current term is {current}")]
+    TermMismatch { expected: u64, current: u64 },
+    /// Proposed, then leadership was lost (or the node stopped): it may still commit.
+    #[error("leadership lost after proposing: outcome unknown")]
+    OutcomeUnknown,
+    /// Nothing was proposed: the node is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
+    /// Leadership was lost before the read index was confirmed; retry on the new leader.
+    #[error("leadership lost before the read was confirmed")]
+    LeadershipLost,
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    Follower,
+    Candidate,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub id: NodeId,
+    /// Leader only (0 elsewhere): highest index known durable on that member.
+    pub match_index: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub id: NodeId,
+    pub role: Role,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_index: u64,
+    pub members: Vec<MemberStatus>,
+}
+
+pub(crate) type Completion<O> = oneshot::Sender<Result<Applied<O>, ProposeError>>;
+pub(crate) type ReadJob<SM> = Box<dyn FnOnce(Result<&mut SM, ReadError>) + Send>;
+
+pub(crate) enum Event<SM: StateMachine> {
+    Propose {
+        payload: Bytes,
+        expected_term: Option<u64>,
+        done: Completion<SM::Output>,
+    },
+    ProposeMany {
+        payloads: Vec<Bytes>,
+        expected_term: Option<u64>,
+        done: Vec<Completion<SM::Output>>,
+    },
+    Read(ReadJob<SM>),
+    Peer {
+        from: NodeId,
+        msg: Message,
+    },
+    Persisted {
+        index: u64,
+        term: u64,
+    },
+    DiskFailed,
+    Shutdown(oneshot::Sender<()>),
+}
+
+struct Shared {
+    status: Mutex<Status>,
+    applied: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
+    stopped: AtomicBool,
+}
+
+struct Handle<SM: StateMachine> {
+    events: mpsc::UnboundedSender<Event<SM>>,
+    fsm: std::sync::mpsc::Sender<FsmTask<SM>>,
+    shared: Arc<Shared>,
+}
+
+/// A running member. Cheap to clone.
+pub struct Node<SM: StateMachine> {
+    inner: Arc<Handle<SM>>,
+}
+
+impl<SM: StateMachine> Clone for Node<SM> {
+    fn clone(&self) -> Self {
+        Node {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<SM: StateMachine> Node<SM> {
+    /// Starts a member from its log (rebuilding `sm` by re-applying the committed entries).
+    /// Must be called inside a tokio runtime.
+    pub fn start(
+        config: RaftConfig,
+        log: LogStore,
+        transport: Arc<dyn Transport>,
+        mut sm: SM,
+    ) -> anyhow::Result<Node<SM>> {
+        anyhow::ensure!(config.id != 0, "node id 0 is reserved");
+        anyhow::ensure!(
+            config.members.contains(&config.id),
+            "node {} is not among the members",
+            config.id
+        );
+        let rec = log.recover().context("recovering the log")?;
+        // Re-apply the committed prefix: the machine is rebuilt from the log (no snapshots yet).
+        let commit = rec.hard_state.commit;
+        let mut applied = 0;
+        while applied < commit {
+            let chunk = log.read(applied + 1, commit + 1, 4 << 20)?;
+            let Some(last) = chunk.last() else {
+                anyhow::bail!("log ends at {applied}, commit is {commit}")
+            };
+            applied = last.index;
+            let batch: Vec<Entry> = chunk
+                .into_iter()
+                .filter(|e| e.kind == EntryKind::Normal)
+                .map(|e| Entry {
+                    index: e.index,
+                    term: e.term,
+                    timestamp_ms: e.timestamp_ms,
+                    payload: e.payload,
+                })
+                .collect();
+            if !batch.is_empty() {
+                sm.apply(&batch);
+            }
+        }
+        let tail = log.read(applied + 1, rec.last_index + 1, usize::MAX)?;
+        let core = RaftCore::new(
+            config.core_config(),
+            rand::random(),
+            rec.hard_state,
+            rec.term_runs,
+            tail,
+            applied,
+            Box::new(log.clone()),
+            0,
+        );
+
+        let metrics = Arc::new(Metrics::default());
+        let applied_at = Arc::new(AtomicU64::new(applied));
+        let shared = Arc::new(Shared {
+            status: Mutex::new(Status {
+                id: config.id,
+                role: Role::Follower,
+                term: rec.hard_state.term,
+                leader: None,
+                commit_index: applied,
+                applied_index: applied,
+                last_index: rec.last_index,
+                members: config
+                    .members
+                    .iter()
+                    .map(|&id| MemberStatus { id, match_index: 0 })
+                    .collect(),
+            }),
+            applied: applied_at.clone(),
+            metrics: metrics.clone(),
+            stopped: AtomicBool::new(false),
+        });
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (disk_tx, disk_rx) = std::sync::mpsc::channel();
+        let (fsm_tx, fsm_rx) = std::sync::mpsc::channel();
+
+        let disk = DiskQueue::<SM> {
+            store: log,
+            rx: disk_rx,
+            events: events_tx.clone(),
+            transport: transport.clone(),
+            metrics: metrics.clone(),
+            max_entries: config.max_write_entries,
+            max_bytes: config.max_write_bytes,
+        };
+        let disk_thread = std::thread::Builder::new()
+            .name(format!("log-manager-{}", config.id))
+            .spawn(move || disk.run())?;
+        let fsm = FsmCaller {
+            sm,
+            rx: fsm_rx,
+            applied: applied_at,
+            metrics,
+        };
+        let fsm_thread = std::thread::Builder::new()
+            .name(format!("fsm-caller-{}", config.id))
+            .spawn(move || fsm.run())?;
+
+        let tick = (config.heartbeat_interval / 5)
+            .clamp(Duration::from_millis(1), Duration::from_millis(20));
+        let core_loop = CoreLoop {
+            core,
+            started: Instant::now(),
+            tick,
+            transport,
+            disk: disk_tx,
+            fsm: fsm_tx.clone(),
+            shared: shared.clone(),
+            pending: VecDeque::new(),
+            shipped: applied,
+            reads: HashMap::new(),
+            next_read: 1,
+            max_batch_entries: config.max_batch_entries.max(1),
+            max_batch_bytes: config.max_batch_bytes.max(1),
+            threads: vec![disk_thread, fsm_thread],
+        };
+        tokio::spawn(core_loop.run(events_rx));
+        Ok(Node {
+            inner: Arc::new(Handle {
+                events: events_tx,
+                fsm: fsm_tx,
+                shared,
+            }),
+        })
+    }
+
+    /// Proposes one entry and waits until it is applied (or fails).
+    pub async fn propose(
+        &self,
+        payload: Bytes,
+        expected_term: Option<u64>,
+    ) -> Result<Applied<SM::Output>, ProposeError> {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .inner
+            .events
+            .send(Event::Propose {
+                payload,
+                expected_term,
+                done: tx,
+            })
+            .is_err()
+        {
+            return Err(ProposeError::ShuttingDown);
+        }
+        // A dropped completion means the node died holding it: it may have been proposed.
+        rx.await.unwrap_or(Err(ProposeError::OutcomeUnknown))
+    }
+
+    /// Proposes several entries as one submission (consecutive indexes, one leadership check).
+    pub async fn propose_many(
+        &self,
+        payloads: Vec<Bytes>,
+        expected_term: Option<u64>,
+    ) -> Vec<Result<Applied<SM::Output>, ProposeError>> {
+        let (txs, rxs): (Vec<_>, Vec<_>) = payloads.iter().map(|_| oneshot::channel()).unzip();
+        if self
+            .inner
+            .events
+            .send(Event::ProposeMany {
+                payloads,
+                expected_term,
+                done: txs,
+            })
+            .is_err()
+        {
+            return rxs
+                .iter()
+                .map(|_| Err(ProposeError::ShuttingDown))
+                .collect();
+        }
+        let mut out = Vec::with_capacity(rxs.len());
+        for rx in rxs {
+            out.push(rx.await.unwrap_or(Err(ProposeError::OutcomeUnknown)));
+        }
+        out
+    }
+
+    /// Runs `f` on the state-machine thread. Linearizable: after a read-index round confirmed
+    /// leadership and the read index is applied (leader only). Otherwise: on the local state.
+    pub async fn read<R: Send + 'static>(
+        &self,
+        linearizable: bool,
+        f: impl FnOnce(&mut SM) -> R + Send + 'static,
+    ) -> Result<R, ReadError> {
+        let (tx, rx) = oneshot::channel();
+        let job: ReadJob<SM> = Box::new(move |sm: Result<&mut SM, ReadError>| {
+            let _ = tx.send(sm.map(f));
+        });
+        let sent = if linearizable {
+            self.inner.events.send(Event::Read(job)).is_ok()
+        } else {
+            self.inner.fsm.send(FsmTask::Read(job)).is_ok()
+        };
+        if !sent {
+            return Err(ReadError::ShuttingDown);
+        }
+        rx.await.unwrap_or(Err(ReadError::ShuttingDown))
+    }
+
+    /// Hands an inbound peer message to the node.
+    pub fn receive(&self, from: NodeId, msg: Message) {
+        let _ = self.inner.events.send(Event::Peer { from, msg });
+    }
+
+    pub fn status(&self) -> Status {
+        let mut s = match self.inner.shared.status.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        s.applied_index = self.inner.shared.applied.load(Ordering::Acquire);
+        s
+    }
+
+    pub fn metrics(&self) -> MetricsSnapshot {
+        let m = &self.inner.shared.metrics;
+        let s = self.status();
+        let r = Ordering::Relaxed;
+        MetricsSnapshot {
+            proposals: m.proposals.load(r),
+            proposals_refused: m.proposals_refused.load(r),
+            reads: m.reads.load(r),
+            commit_index: s.commit_index,
+            applied_index: s.applied_index,
+            entries_applied: m.entries_applied.load(r),
+            apply_batch_size: m.apply_batch_size.snapshot(),
+            fsync_latency_us: m.fsync_latency.snapshot(),
+            fsync_entries: m.fsync_entries.load(r),
+            stepdowns: m.stepdowns.load(r),
+            replication_lag: if s.role == Role::Leader {
+                s.members
+                    .iter()
+                    .filter(|m| m.id != s.id)
+                    .map(|m| (m.id, s.last_index.saturating_sub(m.match_index)))
+                    .collect()
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// True once the node stopped (shutdown, or a failed log commit).
+    pub fn is_stopped(&self) -> bool {
+        self.inner.shared.stopped.load(Ordering::Acquire)
+    }
+
+    /// Stops the node: proposed-but-unapplied entries resolve `OutcomeUnknown`, everything not
+    /// yet proposed `ShuttingDown`; the disk and state-machine threads finish and exit.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.events.send(Event::Shutdown(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+struct CoreLoop<SM: StateMachine> {
+    core: RaftCore,
+    started: Instant,
+    tick: Duration,
+    transport: Arc<dyn Transport>,
+    disk: std::sync::mpsc::Sender<DiskTask>,
+    fsm: std::sync::mpsc::Sender<FsmTask<SM>>,
+    shared: Arc<Shared>,
+    /// Completions of proposed entries, in index order: (index, term, completion).
+    pending: VecDeque<(u64, u64, Completion<SM::Output>)>,
+    /// Highest index handed to the FSM caller.
+    shipped: u64,
+    reads: HashMap<u64, Vec<ReadJob<SM>>>,
+    next_read: u64,
+    max_batch_entries: usize,
+    max_batch_bytes: usize,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+/// One apply-queue batch being assembled.
+struct Batch<O> {
+    expected_term: Option<u64>,
+    payloads: Vec<Bytes>,
+    done: Vec<Completion<O>>,
+    bytes: usize,
+}
+
+impl<SM: StateMachine> CoreLoop<SM> {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event<SM>>) {
+        let mut ticker = tokio::time::interval(self.tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut events = Vec::with_capacity(4096);
+        let mut shutdown: Option<oneshot::Sender<()>> = None;
+        let mut failed = false;
+        loop {
+            tokio::select! {
+                n = rx.recv_many(&mut events, 4096) => {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                _ = ticker.tick() => {
+                    let now = self.now_ms();
+                    self.core.tick(now, wall_ms());
+                }
+            }
+            let mut batch: Option<Batch<SM::Output>> = None;
+            let mut reads: Vec<ReadJob<SM>> = Vec::new();
+            for ev in events.drain(..) {
+                match ev {
+                    Event::Propose {
+                        payload,
+                        expected_term,
+                        done,
+                    } => {
+                        self.enqueue(&mut batch, expected_term, payload, done);
+                    }
+                    Event::ProposeMany {
+                        payloads,
+                        expected_term,
+                        done,
+                    } => {
+                        for (p, d) in payloads.into_iter().zip(done) {
+                            self.enqueue(&mut batch, expected_term, p, d);
+                        }
+                    }
+                    Event::Read(job) => reads.push(job),
+                    Event::Peer { from, msg } => self.core.step(from, msg),
+                    Event::Persisted { index, term } => self.core.persisted(index, term),
+                    Event::DiskFailed => failed = true,
+                    Event::Shutdown(tx) => shutdown = Some(tx),
+                }
+            }
+            if let Some(b) = batch.take() {
+                self.submit(b);
+            }
+            if !reads.is_empty() {
+                self.start_read(reads);
+            }
+            if failed || shutdown.is_some() {
+                break;
+            }
+            self.core
+                .set_applied(self.shared.applied.load(Ordering::Acquire));
+            self.flush_ready();
+            self.publish_status();
+        }
+        self.stop(rx, shutdown).await;
+    }
+
+    fn enqueue(
+        &mut self,
+        batch: &mut Option<Batch<SM::Output>>,
+        expected_term: Option<u64>,
+        payload: Bytes,
+        done: Completion<SM::Output>,
+    ) {
+        let full = batch.as_ref().is_some_and(|b| {
+            b.expected_term != expected_term
+                || b.payloads.len() >= self.max_batch_entries
+                || b.bytes + payload.len() > self.max_batch_bytes
+        });
+        if full && let Some(b) = batch.take() {
+            self.submit(b);
+        }
+        let b = batch.get_or_insert_with(|| Batch {
+            expected_term,
+            payloads: Vec::new(),
+            done: Vec::new(),
+            bytes: 0,
+        });
+        b.bytes += payload.len();
+        b.payloads.push(payload);
+        b.done.push(done);
+    }
+
+    /// One leadership and term check, consecutive indexes, a completion per entry.
+    fn submit(&mut self, b: Batch<SM::Output>) {
+        let n = b.payloads.len() as u64;
+        match self.core.propose(b.payloads, wall_ms(), b.expected_term) {
+            Ok((first, term)) => {
+                self.shared
+                    .metrics
+                    .proposals
+                    .fetch_add(n, Ordering::Relaxed);
+                for (i, done) in b.done.into_iter().enumerate() {
+                    self.pending.push_back((first + i as u64, term, done));
+                }
+            }
+            Err(refused) => {
+                self.shared
+                    .metrics
+                    .proposals_refused
+                    .fetch_add(n, Ordering::Relaxed);
+                let err = match refused {
+                    ProposeRefused::NotLeader { leader } => ProposeError::NotLeader { leader },
+                    ProposeRefused::TermMismatch { expected, current } => {
+                        ProposeError::TermMismatch { expected, current }
+                    }
+                };
+                for done in b.done {
+                    let _ = done.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+
+    /// One read-index round for every read that arrived together.
+    fn start_read(&mut self, jobs: Vec<ReadJob<SM>>) {
+        self.shared
+            .metrics
+            .reads
+            .fetch_add(jobs.len() as u64, Ordering::Relaxed);
+        let id = self.next_read;
+        self.next_read += 1;
+        match self.core.read_index(id) {
+            Ok(()) => {
+                self.reads.insert(id, jobs);
+            }
+            Err(refused) => {
+                let leader = match refused {
+                    ProposeRefused::NotLeader { leader } => leader,
+                    ProposeRefused::TermMismatch { .. } => self.core.leader(),
+                };
+                for job in jobs {
+                    job(Err(ReadError::NotLeader { leader }));
+                }
+            }
+        }
+    }
+
+    fn flush_ready(&mut self) {
+        while self.core.has_ready() {
+            let ready = self.core.take_ready();
+            if ready.stepped_down {
+                self.shared
+                    .metrics
+                    .stepdowns
+                    .fetch_add(1, Ordering::Relaxed);
+                self.fail_pending();
+            }
+            for (to, msg) in ready.messages {
+                self.transport.send(to, msg);
+            }
+            for w in ready.writes {
+                if self.disk.send(DiskTask::Write(w)).is_err() {
+                    tracing::error!("disk queue gone");
+                }
+            }
+            if let Some(commit) = ready.commit {
+                self.ship(commit);
+            }
+            for (id, index) in ready.reads_ready {
+                // The FSM queue is FIFO and everything up to `commit ≥ index` is shipped.
+                debug_assert!(index <= self.shipped);
+                for job in self.reads.remove(&id).unwrap_or_default() {
+                    if let Err(std::sync::mpsc::SendError(FsmTask::Read(job))) =
+                        self.fsm.send(FsmTask::Read(job))
+                    {
+                        job(Err(ReadError::ShuttingDown));
+                    }
+                }
+            }
+            for id in ready.reads_failed {
+                for job in self.reads.remove(&id).unwrap_or_default() {
+                    job(Err(ReadError::LeadershipLost));
+                }
+            }
+        }
+    }
+
+    /// Hands committed entries and their completions to the FSM caller.
+    fn ship(&mut self, commit: u64) {
+        if commit <= self.shipped {
+            return;
+        }
+        let Some(entries) = self.core.entries(self.shipped + 1, commit) else {
+            tracing::error!(
+                from = self.shipped + 1,
+                to = commit,
+                "committed entries unreadable"
+            );
+            return;
+        };
+        let mut done = Vec::new();
+        while self.pending.front().is_some_and(|(i, _, _)| *i <= commit) {
+            let Some((index, term, tx)) = self.pending.pop_front() else {
+                break;
+            };
+            let ours = entries
+                .get((index - self.shipped - 1) as usize)
+                .is_some_and(|e| e.term == term);
+            if ours {
+                done.push((index, tx));
+            } else {
+                let _ = tx.send(Err(ProposeError::OutcomeUnknown));
+            }
+        }
+        self.shipped = commit;
+        if let Err(std::sync::mpsc::SendError(FsmTask::Apply { done, .. })) =
+            self.fsm.send(FsmTask::Apply { entries, done })
+        {
+            for (_, tx) in done {
+                let _ = tx.send(Err(ProposeError::OutcomeUnknown));
+            }
+        }
+    }
+
+    /// Leadership lost: proposals of a term this node no longer leads may or may not commit.
+    fn fail_pending(&mut self) {
+        let (term, leader) = (self.core.term(), self.core.is_leader());
+        let mut keep = VecDeque::new();
+        for (index, t, tx) in self.pending.drain(..) {
+            if leader && t == term {
+                keep.push_back((index, t, tx));
+            } else {
+                let _ = tx.send(Err(ProposeError::OutcomeUnknown));
+            }
+        }
+        self.pending = keep;
+    }
+
+    fn publish_status(&self) {
+        let Ok(mut s) = self.shared.status.lock() else {
+            return;
+        };
+        s.role = match self.core.role() {
+            CoreRole::Leader => Role::Leader,
+            CoreRole::Follower => Role::Follower,
+            CoreRole::PreCandidate | CoreRole::Candidate => Role::Candidate,
+        };
+        s.term = self.core.term();
+        s.leader = self.core.leader();
+        s.commit_index = self.core.commit_index();
+        s.last_index = self.core.last_index();
+        for m in s.members.iter_mut() {
+            m.match_index = if self.core.is_leader() {
+                self.core.match_index(m.id)
+            } else {
+                0
+            };
+        }
+    }
+
+    async fn stop(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Event<SM>>,
+        shutdown: Option<oneshot::Sender<()>>,
+    ) {
+        self.shared.stopped.store(true, Ordering::Release);
+        rx.close();
+        // Entries already shipped to the FSM caller will be applied and answered there.
+        for (_, _, tx) in self.pending.drain(..) {
+            let _ = tx.send(Err(ProposeError::OutcomeUnknown));
+        }
+        for (_, jobs) in self.reads.drain() {
+            for job in jobs {
+                job(Err(ReadError::ShuttingDown));
+            }
+        }
+        let mut waiters = Vec::new();
+        waiters.extend(shutdown);
+        while let Ok(ev) = rx.try_recv() {
+            match ev {
+                Event::Propose { done, .. } => {
+                    let _ = done.send(Err(ProposeError::ShuttingDown));
+                }
+                Event::ProposeMany { done, .. } => {
+                    for d in done {
+                        let _ = d.send(Err(ProposeError::ShuttingDown));
+                    }
+                }
+                Event::Read(job) => job(Err(ReadError::ShuttingDown)),
+                Event::Shutdown(tx) => waiters.push(tx),
+                Event::Peer { .. } | Event::Persisted { .. } | Event::DiskFailed => {}
+            }
+        }
+        let _ = self.disk.send(DiskTask::Stop);
+        let _ = self.fsm.send(FsmTask::Stop);
+        let threads = std::mem::take(&mut self.threads);
+        drop(self);
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+        for w in waiters {
+            let _ = w.send(());
+        }
+    }
+}
+
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,1041 @@
+//! A deterministic cluster simulator for the consensus core (used by `tests/simulation.rs` and
+//! the core's unit tests).
+//!
+//! N cores in one thread, one seed: a network that drops, delays, reorders and duplicates, with
+//! partitions of any shape (one-way included); disks that make writes durable after a delay and
+//! lose whatever was not durable on a crash; crashes of any node (all at once included) and
+//! restarts that rebuild from the disk; clients writing and reading a small key-value machine
+//! through the same completion bookkeeping as the runtime. It checks: at most one leader per
+//! term, committed entries never change, equal state at equal applied index, linearizability of
+//! the history per key, and that no acknowledged write is lost.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use rand::{Rng, SeedableRng, rngs::SmallRng};
+
+use super::NodeId;
+use super::core::ProposeRefused as ProposeRefusal;
+use super::core::{CoreConfig, HardState, LogRead, LogWrite, RaftCore};
+use super::message::{EntryKind, LogEntry, Message};
+
+/// What one simulation run looks like.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub nodes: usize,
+    pub faults: bool,
+    /// Simulated milliseconds of the faulty phase (a quiet phase of healing follows).
+    pub duration_ms: u64,
+    pub clients: usize,
+    pub keys: u64,
+    /// The negative control: followers acknowledge entries before they are durable.
+    pub unsafe_ack_before_durable: bool,
+}
+
+impl SimConfig {
+    pub fn new(seed: u64, nodes: usize) -> SimConfig {
+        SimConfig {
+            seed,
+            nodes,
+            faults: true,
+            duration_ms: 6_000,
+            clients: 3,
+            keys: 6,
+            unsafe_ack_before_durable: false,
+        }
+    }
+}
+
+/// What a passing run reports.
+#[derive(Debug, Clone)]
+pub struct SimReport {
+    pub trace_hash: u64,
+    pub ops_ok: usize,
+    pub ops_indeterminate: usize,
+    pub commit_index: u64,
+    pub leaders: usize,
+}
+
+const TICK_MS: u64 = 10;
+const OP_TIMEOUT_MS: u64 = 1_500;
+const WALL_EPOCH_MS: u64 = 1_700_000_000_000;
+
+#[derive(Default)]
+struct Disk {
+    hard: HardState,
+    entries: Vec<LogEntry>,
+}
+
+#[derive(Clone)]
+struct SharedDisk(Arc<Mutex<Disk>>);
+
+impl LogRead for SharedDisk {
+    fn entries(&self, lo: u64, hi: u64, max_bytes: usize) -> Option<Vec<LogEntry>> {
+        let d = self.0.lock().ok()?;
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for i in lo..hi {
+            let e = d.entries.get((i - 1) as usize)?;
+            if !out.is_empty() && bytes + e.size() > max_bytes {
+                break;
+            }
+            bytes += e.size();
+            out.push(e.clone());
+        }
+        Some(out)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OpKind {
+    Put(u64),
+    Get,
+}
+
+#[derive(Clone, Debug)]
+struct HistOp {
+    key: u64,
+    kind: OpKind,
+    invoke: u64,
+    /// `None`: indeterminate (may or may not have taken effect).
+    ret: Option<u64>,
+    read: Option<u64>,
+}
+
+struct SimNode {
+    id: NodeId,
+    incarnation: u64,
+    core: Option<RaftCore>,
+    disk: SharedDisk,
+    disk_queue: std::collections::VecDeque<LogWrite>,
+    disk_busy: bool,
+    kv: BTreeMap<u64, u64>,
+    applied: u64,
+    state_hash: u64,
+    /// Completions aligned to index: index → (term, history op).
+    pending: BTreeMap<u64, (u64, usize)>,
+    reads: BTreeMap<u64, usize>,
+    /// Committed entries already checked against the cluster's record.
+    checked: u64,
+}
+
+#[derive(Debug)]
+enum Ev {
+    Deliver {
+        from: NodeId,
+        to: NodeId,
+        bytes: Vec<u8>,
+    },
+    DiskDone {
+        node: usize,
+        inc: u64,
+    },
+    Tick {
+        node: usize,
+        inc: u64,
+    },
+    Client {
+        client: usize,
+        epoch: u64,
+    },
+    Fault,
+    Restart {
+        node: usize,
+    },
+}
+
+struct Client {
+    epoch: u64,
+    leader_guess: NodeId,
+    /// The history op in flight and the node it went to.
+    current: Option<(usize, usize)>,
+    deadline: u64,
+}
+
+pub struct Sim {
+    cfg: SimConfig,
+    rng: SmallRng,
+    now: u64,
+    clock: u64,
+    seq: u64,
+    events: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    event_store: BTreeMap<usize, Ev>,
+    next_ev: usize,
+    nodes: Vec<SimNode>,
+    /// blocked[from][to]: one-way link cuts.
+    blocked: Vec<Vec<bool>>,
+    drop_rate: f64,
+    faults_on: bool,
+    clients: Vec<Client>,
+    history: Vec<HistOp>,
+    acked: Vec<(u64, u64, Bytes)>,
+    leaders: BTreeMap<u64, NodeId>,
+    committed: Vec<(u64, u64)>,
+    state_at: BTreeMap<u64, u64>,
+    next_value: u64,
+    next_read_id: u64,
+    hash: u64,
+}
+
+fn fnv(h: u64, bytes: &[u8]) -> u64 {
+    let mut h = h;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+fn entry_hash(e: &LogEntry) -> u64 {
+    let h = fnv(0xcbf29ce484222325, &e.term.to_le_bytes());
+    let h = fnv(h, &[e.kind as u8]);
+    fnv(h, &e.payload)
+}
+
+impl Sim {
+    pub fn new(cfg: SimConfig) -> Sim {
+        let n = cfg.nodes;
+        let mut sim = Sim {
+            rng: SmallRng::seed_from_u64(cfg.seed),
+            now: 0,
+            clock: 0,
+            seq: 0,
+            events: BinaryHeap::new(),
+            event_store: BTreeMap::new(),
+            next_ev: 0,
+            nodes: Vec::new(),
+            blocked: vec![vec![false; n]; n],
+            drop_rate: 0.0,
+            faults_on: cfg.faults,
+            clients: Vec::new(),
+            history: Vec::new(),
+            acked: Vec::new(),
+            leaders: BTreeMap::new(),
+            committed: Vec::new(),
+            state_at: BTreeMap::new(),
+            next_value: 1,
+            next_read_id: 1,
+            hash: 0xcbf29ce484222325,
+            cfg,
+        };
+        for i in 0..n {
+            sim.nodes.push(SimNode {
+                id: i as NodeId + 1,
+                incarnation: 0,
+                core: None,
+                disk: SharedDisk(Arc::new(Mutex::new(Disk::default()))),
+                disk_queue: Default::default(),
+                disk_busy: false,
+                kv: BTreeMap::new(),
+                applied: 0,
+                state_hash: 0,
+                pending: BTreeMap::new(),
+                reads: BTreeMap::new(),
+                checked: 0,
+            });
+            sim.boot(i).expect("a fresh node boots");
+        }
+        for c in 0..sim.cfg.clients {
+            sim.clients.push(Client {
+                epoch: 0,
+                leader_guess: 1,
+                current: None,
+                deadline: 0,
+            });
+            let at = sim.rng.gen_range(0..50);
+            sim.schedule(
+                at,
+                Ev::Client {
+                    client: c,
+                    epoch: 0,
+                },
+            );
+        }
+        if sim.faults_on {
+            let at = sim.rng.gen_range(200..800);
+            sim.schedule(at, Ev::Fault);
+        }
+        sim
+    }
+
+    fn core_config(&self, id: NodeId) -> CoreConfig {
+        CoreConfig {
+            id,
+            members: (1..=self.cfg.nodes as NodeId).collect(),
+            election_timeout_ms: (150, 300),
+            heartbeat_ms: 30,
+            max_batch_entries: 8,
+            max_batch_bytes: 512,
+            max_inflight: 4,
+            unsafe_ack_before_durable: self.cfg.unsafe_ack_before_durable,
+        }
+    }
+
+    fn schedule(&mut self, delay: u64, ev: Ev) {
+        self.seq += 1;
+        let id = self.next_ev;
+        self.next_ev += 1;
+        self.event_store.insert(id, ev);
+        self.events.push(Reverse((self.now + delay, self.seq, id)));
+    }
+
+    fn trace(&mut self, bytes: &[u8]) {
+        self.hash = fnv(self.hash, bytes);
+    }
+
+    /// (Re)starts node `i` from its disk, replaying committed entries into a fresh machine.
+    fn boot(&mut self, i: usize) -> Result<(), String> {
+        let cfg = self.core_config(self.nodes[i].id);
+        let node_seed = self.rng.r#gen::<u64>();
+        let (hard, entries) = {
+            let d = self.nodes[i].disk.0.lock().map_err(|_| "poisoned disk")?;
+            (d.hard, d.entries.clone())
+        };
+        let commit = hard.commit.min(entries.len() as u64);
+        let n = &mut self.nodes[i];
+        n.kv.clear();
+        n.applied = 0;
+        n.state_hash = 0;
+        n.checked = 0;
+        let mut term_runs: Vec<(u64, u64)> = Vec::new();
+        for e in &entries {
+            if term_runs.last().map(|&(_, t)| t) != Some(e.term) {
+                term_runs.push((e.index, e.term));
+            }
+        }
+        let tail = entries[commit as usize..].to_vec();
+        let core = RaftCore::new(
+            cfg,
+            node_seed,
+            hard,
+            term_runs,
+            tail,
+            commit,
+            Box::new(n.disk.clone()),
+            self.now,
+        );
+        n.core = Some(core);
+        n.incarnation += 1;
+        let inc = n.incarnation;
+        self.apply_committed(i, &entries[..commit as usize])?;
+        let first_tick = self.rng.gen_range(1..=TICK_MS);
+        self.schedule(first_tick, Ev::Tick { node: i, inc });
+        Ok(())
+    }
+
+    /// Runs the whole scenario and checks it.
+    pub fn run(mut self) -> Result<SimReport, String> {
+        let end = self.cfg.duration_ms;
+        self.run_until(end)?;
+        // Quiet phase: heal everything, restart the dead, let clients finish.
+        self.faults_on = false;
+        self.drop_rate = 0.0;
+        for row in &mut self.blocked {
+            row.iter_mut().for_each(|b| *b = false);
+        }
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].core.is_none() {
+                self.boot(i)?;
+            }
+        }
+        self.run_until(end + 4_000)?;
+        self.final_reads()?;
+        self.check_linearizable()?;
+        self.check_acked_writes()?;
+        let ops_ok = self.history.iter().filter(|o| o.ret.is_some()).count();
+        Ok(SimReport {
+            trace_hash: self.hash,
+            ops_ok,
+            ops_indeterminate: self.history.len() - ops_ok,
+            commit_index: self.committed.len() as u64,
+            leaders: self.leaders.len(),
+        })
+    }
+
+    fn run_until(&mut self, end: u64) -> Result<(), String> {
+        while let Some(Reverse((at, _, id))) = self.events.peek().copied() {
+            if at > end {
+                break;
+            }
+            self.events.pop();
+            self.now = at;
+            self.clock += 1;
+            let ev = self.event_store.remove(&id).ok_or("lost event")?;
+            self.handle(ev)?;
+        }
+        self.now = end;
+        Ok(())
+    }
+
+    fn handle(&mut self, ev: Ev) -> Result<(), String> {
+        let now = self.now;
+        self.trace(&now.to_le_bytes());
+        match ev {
+            Ev::Deliver { from, to, bytes } => {
+                self.trace(&bytes);
+                let i = (to - 1) as usize;
+                let msg = Message::decode(&bytes).map_err(|e| format!("decode: {e}"))?;
+                if let Some(core) = self.nodes[i].core.as_mut() {
+                    core.step(from, msg);
+                    self.drain(i)?;
+                }
+            }
+            Ev::DiskDone { node, inc } => {
+                if self.nodes[node].incarnation == inc {
+                    self.disk_done(node)?;
+                }
+            }
+            Ev::Tick { node, inc } => {
+                if self.nodes[node].incarnation == inc
+                    && let Some(core) = self.nodes[node].core.as_mut()
+                {
+                    core.tick(now, WALL_EPOCH_MS + now);
+                    self.drain(node)?;
+                    self.schedule(TICK_MS, Ev::Tick { node, inc });
+                }
+            }
+            Ev::Client { client, epoch } => {
+                if self.clients[client].epoch == epoch {
+                    self.client_step(client)?;
+                }
+            }
+            Ev::Fault => {
+                if self.faults_on {
+                    self.fault()?;
+                    let at = self.rng.gen_range(100..700);
+                    self.schedule(at, Ev::Fault);
+                }
+            }
+            Ev::Restart { node } => {
+                if self.nodes[node].core.is_none() {
+                    self.trace(b"restart");
+                    self.boot(node)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ----- network -----
+
+    fn send(&mut self, from: NodeId, to: NodeId, msg: &Message) {
+        let mut bytes = Vec::new();
+        msg.encode(&mut bytes);
+        let (f, t) = ((from - 1) as usize, (to - 1) as usize);
+        if self.blocked[f][t] || (self.drop_rate > 0.0 && self.rng.gen_bool(self.drop_rate)) {
+            return;
+        }
+        let copies = if self.faults_on && self.rng.gen_bool(0.02) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let delay = if self.faults_on && self.rng.gen_bool(0.05) {
+                self.rng.gen_range(20..120)
+            } else {
+                self.rng.gen_range(1..6)
+            };
+            self.schedule(
+                delay,
+                Ev::Deliver {
+                    from,
+                    to,
+                    bytes: bytes.clone(),
+                },
+            );
+        }
+    }
+
+    // ----- faults -----
+
+    fn fault(&mut self) -> Result<(), String> {
+        let n = self.nodes.len();
+        let choice = self.rng.gen_range(0..100);
+        self.trace(&[choice as u8]);
+        match choice {
+            0..=14 => {
+                // Split into two sides.
+                let side: Vec<bool> = (0..n).map(|_| self.rng.gen_bool(0.5)).collect();
+                for a in 0..n {
+                    for b in 0..n {
+                        self.blocked[a][b] = side[a] != side[b];
+                    }
+                }
+            }
+            15..=24 => {
+                // One-way cuts.
+                for _ in 0..self.rng.gen_range(1..=n) {
+                    let a = self.rng.gen_range(0..n);
+                    let b = self.rng.gen_range(0..n);
+                    self.blocked[a][b] = true;
+                }
+            }
+            25..=34 => {
+                // Isolate the leader.
+                if let Some(l) = self.current_leader() {
+                    let l = (l - 1) as usize;
+                    for x in 0..n {
+                        self.blocked[l][x] = x != l;
+                        self.blocked[x][l] = x != l;
+                    }
+                }
+            }
+            35..=54 => {
+                for row in &mut self.blocked {
+                    row.iter_mut().for_each(|b| *b = false);
+                }
+                self.drop_rate = 0.0;
+            }
+            55..=64 => self.drop_rate = [0.0, 0.05, 0.2][self.rng.gen_range(0..3)],
+            65..=84 => {
+                let i = self.rng.gen_range(0..n);
+                self.crash(i);
+            }
+            85..=89 => {
+                for i in 0..n {
+                    self.crash(i);
+                }
+            }
+            _ => {
+                // Crash the leader.
+                if let Some(l) = self.current_leader() {
+                    self.crash((l - 1) as usize);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn current_leader(&self) -> Option<NodeId> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.core.as_ref())
+            .filter(|c| c.is_leader())
+            .map(|c| c.id())
+            .max()
+    }
+
+    fn crash(&mut self, i: usize) {
+        if self.nodes[i].core.is_none() {
+            return;
+        }
+        self.trace(b"crash");
+        let n = &mut self.nodes[i];
+        n.core = None;
+        n.incarnation += 1;
+        n.disk_queue.clear();
+        n.disk_busy = false;
+        // Callers of a crashed node learn nothing: writes indeterminate, reads void.
+        let pending: Vec<usize> = n.pending.values().map(|&(_, op)| op).collect();
+        let reads: Vec<usize> = n.reads.values().copied().collect();
+        n.pending.clear();
+        n.reads.clear();
+        for op in pending {
+            self.finish_op(op, None, false);
+        }
+        for op in reads {
+            self.finish_op(op, None, true);
+        }
+        let at = self.rng.gen_range(50..1_000);
+        self.schedule(at, Ev::Restart { node: i });
+    }
+
+    // ----- the shell around one core (what node.rs does with threads) -----
+
+    fn drain(&mut self, i: usize) -> Result<(), String> {
+        loop {
+            let Some(core) = self.nodes[i].core.as_mut() else {
+                return Ok(());
+            };
+            if !core.has_ready() {
+                return Ok(());
+            }
+            let ready = core.take_ready();
+            let (id, term, is_leader) = (core.id(), core.term(), core.is_leader());
+            if ready.stepped_down {
+                // Proposals of a term this node no longer leads: outcome unknown.
+                let failed: Vec<u64> = self.nodes[i]
+                    .pending
+                    .iter()
+                    .filter(|(_, (t, _))| !is_leader || *t != term)
+                    .map(|(&idx, _)| idx)
+                    .collect();
+                for idx in failed {
+                    if let Some((_, op)) = self.nodes[i].pending.remove(&idx) {
+                        self.finish_op(op, None, false);
+                    }
+                }
+            }
+            for rid in ready.reads_failed {
+                if let Some(op) = self.nodes[i].reads.remove(&rid) {
+                    self.finish_op(op, None, true);
+                }
+            }
+            if ready.became_leader {
+                if let Some(&other) = self.leaders.get(&term)
+                    && other != id
+                {
+                    return Err(format!("two leaders in term {term}: {other} and {id}"));
+                }
+                self.leaders.insert(term, id);
+            }
+            for (to, m) in &ready.messages {
+                self.send(id, *to, m);
+            }
+            if !ready.writes.is_empty() {
+                self.nodes[i].disk_queue.extend(ready.writes);
+                if !self.nodes[i].disk_busy {
+                    self.nodes[i].disk_busy = true;
+                    let inc = self.nodes[i].incarnation;
+                    let at = self.disk_latency();
+                    self.schedule(at, Ev::DiskDone { node: i, inc });
+                }
+            }
+            if let Some(commit) = ready.commit {
+                let Some(core) = self.nodes[i].core.as_ref() else {
+                    return Ok(());
+                };
+                let from = self.nodes[i].applied + 1;
+                let entries = core
+                    .entries(from, commit)
+                    .ok_or("entries for apply unavailable")?;
+                if entries.len() as u64 != commit + 1 - from {
+                    return Err(format!(
+                        "node {id}: committed entries {from}..={commit} missing"
+                    ));
+                }
+                self.apply_committed(i, &entries)?;
+                if let Some(core) = self.nodes[i].core.as_mut() {
+                    core.set_applied(commit);
+                }
+            }
+            for (rid, index) in ready.reads_ready {
+                if let Some(op) = self.nodes[i].reads.remove(&rid) {
+                    if self.nodes[i].applied < index {
+                        return Err(format!(
+                            "read index {index} above applied {}",
+                            self.nodes[i].applied
+                        ));
+                    }
+                    let key = self.history[op].key;
+                    let v = self.nodes[i].kv.get(&key).copied();
+                    self.history[op].read = v;
+                    self.finish_op(op, Some(self.clock), false);
+                }
+            }
+        }
+    }
+
+    fn disk_latency(&mut self) -> u64 {
+        if self.rng.gen_bool(0.1) {
+            self.rng.gen_range(10..40)
+        } else {
+            self.rng.gen_range(1..4)
+        }
+    }
+
+    fn disk_done(&mut self, i: usize) -> Result<(), String> {
+        let Some(w) = self.nodes[i].disk_queue.pop_front() else {
+            self.nodes[i].disk_busy = false;
+            return Ok(());
+        };
+        {
+            let mut d = self.nodes[i].disk.0.lock().map_err(|_| "poisoned disk")?;
+            if let Some(from) = w.truncate_from {
+                d.entries.truncate((from - 1) as usize);
+            }
+            for e in &w.entries {
+                if e.index != d.entries.len() as u64 + 1 {
+                    return Err(format!(
+                        "non-contiguous write at {} (disk has {})",
+                        e.index,
+                        d.entries.len()
+                    ));
+                }
+                d.entries.push(e.clone());
+            }
+            if let Some(hs) = w.hard_state {
+                d.hard.term = hs.term;
+                d.hard.vote = hs.vote;
+            }
+            d.hard.commit = d.hard.commit.max(w.commit.min(d.entries.len() as u64));
+        }
+        let id = self.nodes[i].id;
+        for (to, m) in &w.after {
+            self.send(id, *to, m);
+        }
+        if let Some(core) = self.nodes[i].core.as_mut() {
+            core.persisted(w.last_index, w.last_term);
+        }
+        if self.nodes[i].disk_queue.is_empty() {
+            self.nodes[i].disk_busy = false;
+        } else {
+            let inc = self.nodes[i].incarnation;
+            let at = self.disk_latency();
+            self.schedule(at, Ev::DiskDone { node: i, inc });
+        }
+        self.drain(i)
+    }
+
+    /// The state-machine queue: applies committed entries, checks them against what the
+    /// cluster committed before, and completes the callers waiting on them.
+    fn apply_committed(&mut self, i: usize, entries: &[LogEntry]) -> Result<(), String> {
+        for e in entries {
+            let n = &mut self.nodes[i];
+            if e.index != n.applied + 1 {
+                return Err(format!("node {}: apply gap at {}", n.id, e.index));
+            }
+            let h = entry_hash(e);
+            let slot = (e.index - 1) as usize;
+            match self.committed.get(slot) {
+                Some(&(t, ch)) if t != e.term || ch != h => {
+                    return Err(format!(
+                        "node {}: committed entry {} changed (term {t} → {})",
+                        n.id, e.index, e.term
+                    ));
+                }
+                Some(_) => {}
+                None if slot == self.committed.len() => self.committed.push((e.term, h)),
+                None => return Err("commit record gap".into()),
+            }
+            let mut out = None;
+            if e.kind == EntryKind::Normal {
+                let (k, v) = decode_put(&e.payload).ok_or("bad payload")?;
+                n.kv.insert(k, v);
+                out = Some(());
+            }
+            n.applied = e.index;
+            n.state_hash = fnv(n.state_hash, &h.to_le_bytes());
+            let sh = n.state_hash;
+            match self.state_at.get(&e.index) {
+                Some(&s) if s != sh => {
+                    return Err(format!(
+                        "node {}: state diverges at index {}",
+                        self.nodes[i].id, e.index
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    self.state_at.insert(e.index, sh);
+                }
+            }
+            if let Some((term, op)) = self.nodes[i].pending.remove(&e.index) {
+                if term == e.term && out.is_some() {
+                    self.acked.push((e.index, e.term, e.payload.clone()));
+                    let clock = self.clock;
+                    self.finish_op(op, Some(clock), false);
+                } else {
+                    // Another leader's entry took this index: ours was never committed.
+                    self.history[op].ret = Some(u64::MAX);
+                    self.finish_op(op, None, true);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ----- clients -----
+
+    /// Ends op `op`: `ret` = completion clock, `None` = no answer. `void` removes it from the
+    /// history (it certainly had no effect, or it is a read without an answer).
+    fn finish_op(&mut self, op: usize, ret: Option<u64>, void: bool) {
+        if void {
+            self.history[op].ret = Some(u64::MAX);
+        } else {
+            self.history[op].ret = ret;
+        }
+        for c in 0..self.clients.len() {
+            if self.clients[c].current.map(|(o, _)| o) == Some(op) {
+                self.clients[c].current = None;
+                self.clients[c].epoch += 1;
+                let epoch = self.clients[c].epoch;
+                let think = self.rng.gen_range(0..30);
+                self.schedule(think, Ev::Client { client: c, epoch });
+            }
+        }
+    }
+
+    fn client_step(&mut self, c: usize) -> Result<(), String> {
+        if let Some((op, node)) = self.clients[c].current {
+            if self.now < self.clients[c].deadline {
+                return Ok(());
+            }
+            // Timed out: forget the completion; a write stays indeterminate.
+            self.nodes[node].pending.retain(|_, (_, o)| *o != op);
+            self.nodes[node].reads.retain(|_, o| *o != op);
+            let void = self.history[op].kind == OpKind::Get;
+            self.finish_op(op, None, void);
+            return Ok(());
+        }
+        let key = self.rng.gen_range(0..self.cfg.keys);
+        let kind = if self.rng.gen_bool(0.5) {
+            self.next_value += 1;
+            OpKind::Put(self.next_value)
+        } else {
+            OpKind::Get
+        };
+        self.submit(c, key, kind)
+    }
+
+    fn submit(&mut self, c: usize, key: u64, kind: OpKind) -> Result<(), String> {
+        let target = self.clients[c].leader_guess;
+        let ti = (target - 1) as usize;
+        let n = self.nodes.len() as u64;
+        let retry = |sim: &mut Sim, guess: Option<NodeId>| {
+            let g = guess.unwrap_or_else(|| sim.rng.gen_range(1..=n));
+            sim.clients[c].leader_guess = g;
+            sim.clients[c].epoch += 1;
+            let epoch = sim.clients[c].epoch;
+            sim.schedule(10, Ev::Client { client: c, epoch });
+        };
+        let Some(core) = self.nodes[ti].core.as_mut() else {
+            retry(self, None);
+            return Ok(());
+        };
+        let op = self.history.len();
+        let outcome = match kind {
+            OpKind::Put(v) => core
+                .propose([encode_put(key, v)], WALL_EPOCH_MS + self.now, None)
+                .map(|(index, term)| self.nodes[ti].pending.insert(index, (term, op)).map(|_| ()))
+                .map(|dup| dup.is_none()),
+            OpKind::Get => {
+                let rid = self.next_read_id;
+                self.next_read_id += 1;
+                core.read_index(rid)
+                    .map(|()| self.nodes[ti].reads.insert(rid, op).is_none())
+            }
+        };
+        match outcome {
+            Ok(true) => {
+                self.history.push(HistOp {
+                    key,
+                    kind,
+                    invoke: self.clock,
+                    ret: None,
+                    read: None,
+                });
+                self.clients[c].current = Some((op, ti));
+                self.clients[c].deadline = self.now + OP_TIMEOUT_MS;
+                self.clients[c].epoch += 1;
+                let epoch = self.clients[c].epoch;
+                self.schedule(OP_TIMEOUT_MS, Ev::Client { client: c, epoch });
+                self.drain(ti)
+            }
+            Ok(false) => Err("completion slot reused".into()),
+            Err(ProposeRefusal::NotLeader { leader }) => {
+                retry(self, leader);
+                Ok(())
+            }
+            Err(ProposeRefusal::TermMismatch { .. }) => Err("unexpected term mismatch".into()),
+        }
+    }
+
+    /// After healing: every client reads every key through the leader (into the history).
+    fn final_reads(&mut self) -> Result<(), String> {
+        for c in 0..self.clients.len() {
+            self.clients[c].epoch += 1;
+            if let Some((op, node)) = self.clients[c].current.take() {
+                self.nodes[node].pending.retain(|_, (_, o)| *o != op);
+                self.nodes[node].reads.retain(|_, o| *o != op);
+                let void = self.history[op].kind == OpKind::Get;
+                self.finish_op(op, None, void);
+                self.clients[c].epoch += 1;
+            }
+        }
+        for key in 0..self.cfg.keys {
+            let mut done = false;
+            for _attempt in 0..40 {
+                let Some(l) = self.current_leader() else {
+                    let t = self.now + 100;
+                    self.run_until(t)?;
+                    continue;
+                };
+                let li = (l - 1) as usize;
+                let op = self.history.len();
+                let rid = self.next_read_id;
+                self.next_read_id += 1;
+                let Some(core) = self.nodes[li].core.as_mut() else {
+                    continue;
+                };
+                if core.read_index(rid).is_err() {
+                    let t = self.now + 100;
+                    self.run_until(t)?;
+                    continue;
+                }
+                self.history.push(HistOp {
+                    key,
+                    kind: OpKind::Get,
+                    invoke: self.clock,
+                    ret: None,
+                    read: None,
+                });
+                self.nodes[li].reads.insert(rid, op);
+                self.drain(li)?;
+                let t = self.now + 500;
+                self.run_until(t)?;
+                if self.history[op].ret.is_some_and(|r| r != u64::MAX) {
+                    done = true;
+                    break;
+                }
+                self.nodes[li].reads.remove(&rid);
+                self.history[op].ret = Some(u64::MAX);
+            }
+            if !done {
+                return Err(format!(
+                    "no progress: the healed cluster did not serve a read of key {key}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    // ----- checks -----
+
+    fn check_linearizable(&self) -> Result<(), String> {
+        for key in 0..self.cfg.keys {
+            let ops: Vec<&HistOp> = self
+                .history
+                .iter()
+                .filter(|o| o.key == key && o.ret != Some(u64::MAX))
+                .collect();
+            if !linearizable(&ops) {
+                let mut s = format!("history of key {key} is not linearizable:\n");
+                for o in ops {
+                    s += &format!(
+                        "  {:?} invoke {} ret {:?} read {:?}\n",
+                        o.kind, o.invoke, o.ret, o.read
+                    );
+                }
+                return Err(s);
+            }
+        }
+        Ok(())
+    }
+
+    fn check_acked_writes(&self) -> Result<(), String> {
+        for &(index, term, ref payload) in &self.acked {
+            match self.committed.get((index - 1) as usize) {
+                Some(&(t, _)) if t == term => {}
+                _ => {
+                    return Err(format!(
+                        "acknowledged write at {index} (term {term}) lost: {payload:?}"
+                    ));
+                }
+            }
+        }
+        // The final leader's log holds every committed entry.
+        let l = self.current_leader().ok_or("no leader at the end")?;
+        let core = self.nodes[(l - 1) as usize]
+            .core
+            .as_ref()
+            .ok_or("leader down")?;
+        for (i, &(t, h)) in self.committed.iter().enumerate() {
+            let idx = i as u64 + 1;
+            let e = core
+                .entries(idx, idx)
+                .and_then(|v| v.into_iter().next())
+                .ok_or("leader lacks an entry")?;
+            if e.term != t || entry_hash(&e) != h {
+                return Err(format!("committed entry {idx} differs on the final leader"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn encode_put(key: u64, value: u64) -> Bytes {
+    let mut b = Vec::with_capacity(16);
+    b.extend_from_slice(&key.to_le_bytes());
+    b.extend_from_slice(&value.to_le_bytes());
+    Bytes::from(b)
+}
+
+fn decode_put(p: &[u8]) -> Option<(u64, u64)> {
+    let k = u64::from_le_bytes(p.get(0..8)?.try_into().ok()?);
+    let v = u64::from_le_bytes(p.get(8..16)?.try_into().ok()?);
+    Some((k, v))
+}
+
+/// Wing & Gong / Lowe search for a register: ops with `ret == None` are indeterminate (they may
+/// take effect at any point after their invocation, or never).
+fn linearizable(ops: &[&HistOp]) -> bool {
+    let n = ops.len();
+    let words = n.div_ceil(64).max(1);
+    let mut seen: HashSet<(Vec<u64>, Option<u64>)> = HashSet::new();
+    let mut stack: Vec<(Vec<u64>, Option<u64>)> = vec![(vec![0; words], None)];
+    let must = |done: &Vec<u64>| {
+        (0..n).all(|i| ops[i].ret.is_none() || done[i / 64] & (1 << (i % 64)) != 0)
+    };
+    while let Some((done, value)) = stack.pop() {
+        if must(&done) {
+            return true;
+        }
+        if !seen.insert((done.clone(), value)) {
+            continue;
+        }
+        // Only ops invoked before every pending determinate op returned may go next.
+        let horizon = (0..n)
+            .filter(|&i| done[i / 64] & (1 << (i % 64)) == 0)
+            .filter_map(|i| ops[i].ret)
+            .min()
+            .unwrap_or(u64::MAX);
+        for i in 0..n {
+            if done[i / 64] & (1 << (i % 64)) != 0 || ops[i].invoke > horizon {
+                continue;
+            }
+            let next = match ops[i].kind {
+                OpKind::Put(v) => Some(v),
+                OpKind::Get if ops[i].read == value => value,
+                OpKind::Get => continue,
+            };
+            let mut d = done.clone();
+            d[i / 64] |= 1 << (i % 64);
+            stack.push((d, next));
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(kind: OpKind, invoke: u64, ret: Option<u64>, read: Option<u64>) -> HistOp {
+        HistOp {
+            key: 0,
+            kind,
+            invoke,
+            ret,
+            read,
+        }
+    }
+
+    #[test]
+    fn checker_accepts_and_rejects() {
+        let w1 = op(OpKind::Put(1), 0, Some(2), None);
+        let r1 = op(OpKind::Get, 3, Some(4), Some(1));
+        let r0 = op(OpKind::Get, 3, Some(4), None);
+        assert!(linearizable(&[&w1, &r1]));
+        assert!(
+            !linearizable(&[&w1, &r0]),
+            "stale read after a completed write"
+        );
+        // An indeterminate write may or may not have happened.
+        let wi = op(OpKind::Put(2), 0, None, None);
+        let r2 = op(OpKind::Get, 5, Some(6), Some(2));
+        assert!(linearizable(&[&wi, &r0]));
+        assert!(linearizable(&[&wi, &r2]));
+        // Once seen, a value cannot disappear.
+        let r_after = op(OpKind::Get, 7, Some(8), None);
+        assert!(!linearizable(&[&wi, &r2, &r_after]));
+        // Concurrent ops may take either order.
+        let wa = op(OpKind::Put(3), 0, Some(10), None);
+        let ra = op(OpKind::Get, 1, Some(2), None);
+        let rb = op(OpKind::Get, 3, Some(4), Some(3));
+        assert!(linearizable(&[&wa, &ra, &rb]));
+    }
+}

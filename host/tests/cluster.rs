@@ -1,0 +1,230 @@
+//! The runtime end to end: three in-process nodes with real redb logs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use lockstep::raft::local::LocalNetwork;
+use lockstep::raft::{Node, NodeId, ProposeError, RaftConfig, ReadError, Role};
+use lockstep::state_machine::{Entry, StateMachine};
+use lockstep::storage::LogStore;
+
+/// Appends payloads; outputs how many entries it has seen.
+#[derive(Default)]
+struct Journal {
+    seen: Vec<(u64, Bytes)>,
+}
+
+impl StateMachine for Journal {
+    type Output = u64;
+    fn apply(&mut self, batch: &[Entry]) -> Vec<u64> {
+        batch
+            .iter()
+            .map(|e| {
+                self.seen.push((e.index, e.payload.clone()));
+                self.seen.len() as u64
+            })
+            .collect()
+    }
+}
+
+const MEMBERS: [NodeId; 3] = [1, 2, 3];
+
+fn config(id: NodeId) -> RaftConfig {
+    let mut c = RaftConfig::new(id, MEMBERS.to_vec());
+    c.election_timeout = (Duration::from_millis(150), Duration::from_millis(300));
+    c.heartbeat_interval = Duration::from_millis(30);
+    c
+}
+
+fn start(dir: &std::path::Path, net: &Arc<LocalNetwork>) -> Vec<Node<Journal>> {
+    MEMBERS
+        .iter()
+        .map(|&id| {
+            let log = LogStore::open(&dir.join(format!("n{id}/log.redb"))).expect("open log");
+            let node =
+                Node::start(config(id), log, net.transport(id), Journal::default()).expect("start");
+            net.register(id, node.clone());
+            node
+        })
+        .collect()
+}
+
+async fn leader(nodes: &[Node<Journal>]) -> usize {
+    for _ in 0..500 {
+        if let Some(i) = nodes
+            .iter()
+            .position(|n| n.status().role == Role::Leader && !n.is_stopped())
+        {
+            return i;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no leader elected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicate_read_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = LocalNetwork::new();
+    let nodes = start(dir.path(), &net);
+    let l = leader(&nodes).await;
+    let f = (l + 1) % 3;
+
+    // A follower refuses with a hint and proposes nothing.
+    match nodes[f].propose(Bytes::from_static(b"x"), None).await {
+        Err(ProposeError::NotLeader { leader: Some(id) }) => assert_eq!(id, nodes[l].status().id),
+        other => panic!("follower answered {other:?}"),
+    }
+    let term = nodes[l].status().term;
+    assert_eq!(
+        nodes[l]
+            .propose(Bytes::from_static(b"x"), Some(term + 1))
+            .await,
+        Err(ProposeError::TermMismatch {
+            expected: term + 1,
+            current: term
+        })
+    );
+
+    let mut tasks = Vec::new();
+    for i in 0..200u32 {
+        let n = nodes[l].clone();
+        tasks.push(tokio::spawn(async move {
+            n.propose(Bytes::from(i.to_string()), Some(term)).await
+        }));
+    }
+    let mut outputs = Vec::new();
+    for t in tasks {
+        let a = t.await.expect("join").expect("applied");
+        assert_eq!(a.term, term);
+        outputs.push(a.output);
+    }
+    outputs.sort();
+    assert_eq!(
+        outputs,
+        (1..=200).collect::<Vec<u64>>(),
+        "each caller gets its own entry's output"
+    );
+    let many = nodes[l]
+        .propose_many(
+            vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")],
+            None,
+        )
+        .await;
+    let idx: Vec<u64> = many
+        .iter()
+        .map(|r| r.as_ref().expect("applied").index)
+        .collect();
+    assert_eq!(idx[1], idx[0] + 1);
+
+    // Linearizable read on the leader sees everything acknowledged; followers refuse.
+    let n = nodes[l]
+        .read(true, |sm: &mut Journal| sm.seen.len())
+        .await
+        .expect("read");
+    assert_eq!(n, 202);
+    assert!(matches!(
+        nodes[f].read(true, |sm: &mut Journal| sm.seen.len()).await,
+        Err(ReadError::NotLeader { .. })
+    ));
+    // Followers catch up.
+    for _ in 0..200 {
+        if nodes.iter().all(|n| n.status().applied_index >= idx[1]) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let local = nodes[f]
+        .read(false, |sm: &mut Journal| sm.seen.clone())
+        .await
+        .expect("local read");
+    assert_eq!(local.len(), 202);
+    let m = nodes[l].metrics();
+    assert!(m.proposals >= 202 && m.fsync_latency_us.count > 0);
+
+    for n in &nodes {
+        n.shutdown().await;
+    }
+    assert_eq!(
+        nodes[l].propose(Bytes::new(), None).await,
+        Err(ProposeError::ShuttingDown)
+    );
+    for id in MEMBERS {
+        net.unregister(id);
+    }
+
+    // Restart from the same files: state is rebuilt from the log, and the cluster goes on.
+    let nodes = start(dir.path(), &net);
+    let l = leader(&nodes).await;
+    let seen = nodes[l]
+        .read(true, |sm: &mut Journal| sm.seen.clone())
+        .await
+        .expect("read after restart");
+    assert_eq!(seen, local);
+    let a = nodes[l]
+        .propose(Bytes::from_static(b"after"), None)
+        .await
+        .expect("applied");
+    assert_eq!(a.output, 203);
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_down_resolves_every_pending_completion() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = LocalNetwork::new();
+    let nodes = start(dir.path(), &net);
+    let l = leader(&nodes).await;
+    nodes[l]
+        .propose(Bytes::from_static(b"warm"), None)
+        .await
+        .expect("applied");
+    let id = nodes[l].status().id;
+    net.isolate(id, &MEMBERS, true);
+
+    let mut tasks = Vec::new();
+    for i in 0..50u32 {
+        let n = nodes[l].clone();
+        tasks.push(tokio::spawn(async move {
+            n.propose(Bytes::from(i.to_string()), None).await
+        }));
+    }
+    let n = nodes[l].clone();
+    let read = tokio::spawn(async move { n.read(true, |sm: &mut Journal| sm.seen.len()).await });
+    // Check-quorum deposes the isolated leader; every caller hears "outcome unknown".
+    for t in tasks {
+        let r = tokio::time::timeout(Duration::from_secs(5), t)
+            .await
+            .expect("resolved")
+            .expect("join");
+        assert_eq!(r, Err(ProposeError::OutcomeUnknown));
+    }
+    let r = tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("resolved")
+        .expect("join");
+    assert_eq!(r, Err(ReadError::LeadershipLost));
+    assert_ne!(nodes[l].status().role, Role::Leader);
+
+    // The rest elect a new leader; shutting down with work in flight resolves it too.
+    net.isolate(id, &MEMBERS, false);
+    let l2 = leader(&nodes).await;
+    let n = nodes[l2].clone();
+    let pending = tokio::spawn(async move { n.propose(Bytes::from_static(b"late"), None).await });
+    nodes[l2].shutdown().await;
+    let r = pending.await.expect("join");
+    assert!(
+        r.is_ok()
+            || matches!(
+                r,
+                Err(ProposeError::OutcomeUnknown | ProposeError::ShuttingDown)
+            ),
+        "{r:?}"
+    );
+    for n in &nodes {
+        n.shutdown().await;
+    }
+}
