@@ -3,6 +3,10 @@
 //! The folders follow the path of a task: `api` (HTTP) → `raft` (apply queue, log manager,
 //! replicators, ballot box, FSM caller) → `storage` (redb log) → `state_machine` → `wasm`.
 
+pub mod api;
+pub mod cli;
+pub mod machines;
+pub mod node;
 pub mod raft;
 pub mod state_machine;
 pub mod storage;

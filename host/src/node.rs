@@ -91,7 +91,10 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     let cluster_id = cfg.cluster_id();
 
     let engine = WasmEngine::new(cfg.limits.clone())?;
-    let registry = Arc::new(ModuleRegistry::open(engine, &cfg.data_dir.join("modules"))?);
+    let registry = Arc::new(ModuleRegistry::open(
+        &engine,
+        &cfg.data_dir.join("modules"),
+    )?);
     let machines = MachineSet::new(registry.clone());
     let catalog = machines.catalog();
     let guest_errors = machines.error_counts();

@@ -151,24 +151,34 @@ impl TestCluster {
         (r.status == 200).then(|| r.json())
     }
 
-    /// Waits until every running node has applied the same index with the same state digest for
-    /// `name`, and returns that digest.
+    /// Waits until every running node has applied the leader's commit index and reports the
+    /// same state digest for `name`, and returns that digest. Call it once the load has stopped.
     pub fn wait_converged(&self, name: &str, timeout: Duration) -> String {
+        let running: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].child.is_some())
+            .collect();
         wait_until(timeout, || {
-            let statuses: Vec<serde_json::Value> = (0..self.nodes.len())
-                .filter(|&i| self.nodes[i].child.is_some())
-                .map(|i| self.machine_status(i, name))
+            let leader = self.wait_for_leader(Duration::from_secs(10));
+            let commit = self.cluster_status(leader)?["commit_index"].as_u64()?;
+            for &i in &running {
+                if self.cluster_status(i)?["applied_index"].as_u64()? < commit {
+                    return None;
+                }
+            }
+            let digests: Vec<String> = running
+                .iter()
+                .map(|&i| {
+                    Some(
+                        self.machine_status(i, name)?["state_digest"]
+                            .as_str()?
+                            .to_owned(),
+                    )
+                })
                 .collect::<Option<_>>()?;
-            let commit = self.cluster_status(self.wait_for_leader(Duration::from_secs(10)))?
-                ["commit_index"]
-                .as_u64()?;
-            let first = statuses.first()?;
-            let same = statuses.iter().all(|s| {
-                s["state_digest"] == first["state_digest"] && s["applied_index"] == first["applied_index"]
-            });
-            (same && first["applied_index"].as_u64()? >= commit.saturating_sub(1))
-                .then(|| first["state_digest"].as_str().map(str::to_owned))
-                .flatten()
+            digests
+                .iter()
+                .all(|d| *d == digests[0])
+                .then(|| digests[0].clone())
         })
         .unwrap_or_else(|| panic!("replicas did not converge on {name}"))
     }

@@ -2,6 +2,9 @@
 //!
 //! The example guests are built by `build.rs`; their paths are the constants below.
 
+pub mod cluster;
+pub mod http;
+
 /// Paths of the example guests built by `build.rs`.
 pub mod guests {
     include!(concat!(env!("OUT_DIR"), "/guests.rs"));

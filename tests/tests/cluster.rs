@@ -11,19 +11,11 @@ use lockstep_tests::cluster::{TestCluster, wait_until};
 use lockstep_tests::http::Client;
 
 fn guest(name: &str) -> Vec<u8> {
-    std::fs::read(lockstep_tests::guest_wasm(name)).expect("guest wasm built by tests/build.rs")
-}
-
-/// Submits through whichever node leads, following redirects; None when the outcome is not a 200.
-fn submit(c: &TestCluster, machine: &str, body: &[u8]) -> Option<(u64, serde_json::Value)> {
-    let leader = c.wait_for_leader(Duration::from_secs(10));
-    let r = c
-        .client(leader)
-        .post(&format!("/v1/machines/{machine}/tasks"), body)
-        .ok()?;
-    (r.status == 200).then(|| {
-        let index = r.header("lockstep-index").and_then(|v| v.parse().ok()).unwrap_or(0);
-        (index, r.json())
+    use lockstep_tests::guests;
+    guests::read(match name {
+        "counter" => guests::COUNTER,
+        "kv" => guests::KV,
+        _ => guests::CHAOS,
     })
 }
 
@@ -48,7 +40,11 @@ fn three_nodes_apply_1000_tasks_from_16_clients_and_agree() {
                         .post("/v1/machines/counter/tasks", br#"{"add":1}"#)
                         .expect("task");
                     assert_eq!(r.status, 200, "{}", r.text());
-                    let index: u64 = r.header("lockstep-index").expect("index").parse().expect("u64");
+                    let index: u64 = r
+                        .header("lockstep-index")
+                        .expect("index")
+                        .parse()
+                        .expect("u64");
                     assert!(r.header("lockstep-term").is_some());
                     let value = r.json()["value"].as_i64().expect("value");
                     results.lock().unwrap().push((index, value));
@@ -162,8 +158,10 @@ fn all_keys(c: &TestCluster) -> BTreeSet<String> {
 }
 
 fn wait_for_acks(w: &Writers, n: usize) {
-    wait_until(Duration::from_secs(30), || (w.acked_count() >= n).then_some(()))
-        .expect("writers made no progress");
+    wait_until(Duration::from_secs(30), || {
+        (w.acked_count() >= n).then_some(())
+    })
+    .expect("writers made no progress");
 }
 
 #[test]
@@ -178,10 +176,15 @@ fn leader_kill_9_under_load_loses_no_acknowledged_write() {
     let killed_at = Instant::now();
     let before = w.acked_count();
     // Writes succeed again under a new leader.
-    wait_until(Duration::from_secs(10), || (w.acked_count() > before + 20).then_some(()))
-        .expect("no writes after the leader died");
+    wait_until(Duration::from_secs(10), || {
+        (w.acked_count() > before + 20).then_some(())
+    })
+    .expect("no writes after the leader died");
     let recovered = killed_at.elapsed();
-    assert!(recovered < Duration::from_secs(5), "writes resumed only after {recovered:?}");
+    assert!(
+        recovered < Duration::from_secs(5),
+        "writes resumed only after {recovered:?}"
+    );
     let new = c.wait_for_leader(Duration::from_secs(5));
     assert_ne!(new, old);
 
@@ -190,7 +193,11 @@ fn leader_kill_9_under_load_loses_no_acknowledged_write() {
     let acked = w.stop();
     let present = all_keys(&c);
     let lost: Vec<_> = acked.iter().filter(|k| !present.contains(*k)).collect();
-    assert!(lost.is_empty(), "{} acknowledged writes lost: {lost:?}", lost.len());
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes lost: {lost:?}",
+        lost.len()
+    );
     c.wait_converged("kv", Duration::from_secs(30));
 }
 
@@ -209,7 +216,11 @@ fn whole_cluster_kill_9_under_load_keeps_every_acknowledged_write() {
     }
     let present = all_keys(&c);
     let lost: Vec<_> = acked.iter().filter(|k| !present.contains(*k)).collect();
-    assert!(lost.is_empty(), "{} acknowledged writes lost: {lost:?}", lost.len());
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes lost: {lost:?}",
+        lost.len()
+    );
     c.wait_converged("kv", Duration::from_secs(30));
 }
 
@@ -230,7 +241,9 @@ fn follower_redirects_to_the_leader() {
         format!("http://{}/v1/machines/counter/tasks", c.nodes[leader].http)
     );
     let host = loc.trim_start_matches("http://").split('/').next().unwrap();
-    let r = Client::new(host).post("/v1/machines/counter/tasks", br#"{"add":5}"#).unwrap();
+    let r = Client::new(host)
+        .post("/v1/machines/counter/tasks", br#"{"add":5}"#)
+        .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["value"], 5);
 }
@@ -241,7 +254,9 @@ fn bad_input_gets_clear_errors_and_the_cluster_stays_healthy() {
     let leader = c.wait_for_leader(Duration::from_secs(10));
     let mut l = c.client(leader);
 
-    let r = l.request("PUT", "/v1/machines/junk", &[], b"this is not wasm").unwrap();
+    let r = l
+        .request("PUT", "/v1/machines/junk", &[], b"this is not wasm")
+        .unwrap();
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(r.error_code().as_deref(), Some("invalid_module"));
 
@@ -258,7 +273,9 @@ fn bad_input_gets_clear_errors_and_the_cluster_stays_healthy() {
     assert_eq!(r.status, 404);
     assert_eq!(r.error_code().as_deref(), Some("not_found"));
 
-    let r = l.post("/v1/machines/chaos/tasks", br#"{"spin":true}"#).unwrap();
+    let r = l
+        .post("/v1/machines/chaos/tasks", br#"{"spin":true}"#)
+        .unwrap();
     assert_eq!(r.status, 422, "{}", r.text());
     assert_eq!(r.error_code().as_deref(), Some("out_of_fuel"));
     assert!(r.text().contains("fuel"), "{}", r.text());
@@ -276,12 +293,19 @@ fn bad_input_gets_clear_errors_and_the_cluster_stays_healthy() {
 
     // Garbage and an oversized length prefix on every raft port: the connection closes.
     for n in &c.nodes {
-        for junk in [&b"\x13\x37garbage\xff\xfe\x00\x01 random bytes"[..], &[0xff, 0xff, 0xff, 0xff, 1, 2, 3]] {
+        for junk in [
+            &b"\x13\x37garbage\xff\xfe\x00\x01 random bytes"[..],
+            &[0xff, 0xff, 0xff, 0xff, 1, 2, 3],
+        ] {
             let mut s = TcpStream::connect(n.raft).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            s.write_all(junk).unwrap();
+            // The node may close before it has read everything: a failed write is fine too.
+            let _ = s.write_all(junk);
             let mut buf = [0u8; 16];
-            assert!(matches!(s.read(&mut buf), Ok(0) | Err(_)), "connection left open");
+            assert!(
+                matches!(s.read(&mut buf), Ok(0) | Err(_)),
+                "connection left open"
+            );
         }
         let h = Client::new(n.http.to_string()).get("/healthz").unwrap();
         assert_eq!(h.status, 200);

@@ -73,7 +73,9 @@ impl ApiError {
 impl From<Failure> for ApiError {
     fn from(f: Failure) -> Self {
         match &f {
-            Failure::Guest(g) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, g.code(), f.to_string()),
+            Failure::Guest(g) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, g.code(), f.to_string())
+            }
             Failure::NotFound(_) => Self::not_found(f.to_string()),
             Failure::InvalidModule(_) => {
                 Self::new(StatusCode::BAD_REQUEST, "invalid_module", f.to_string())
@@ -109,7 +111,11 @@ impl From<ReadError> for ApiError {
     fn from(e: ReadError) -> Self {
         match e {
             ReadError::NotLeader { .. } => Self::no_leader(),
-            other => Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", other.to_string()),
+            other => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                other.to_string(),
+            ),
         }
     }
 }

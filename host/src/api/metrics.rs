@@ -9,6 +9,7 @@ use hyper::StatusCode;
 
 use super::ApiState;
 use crate::machines::GuestErrorCounts;
+use crate::raft::{HistogramSnapshot, MetricsSnapshot};
 
 #[derive(Default)]
 pub struct Metrics {
@@ -34,15 +35,30 @@ impl Metrics {
         let mut out = String::with_capacity(4096);
         let s = state.node.status();
         gauge(&mut out, "lockstep_term", "Current Raft term.", s.term);
-        gauge(&mut out, "lockstep_commit_index", "Highest committed log index.", s.commit_index);
-        gauge(&mut out, "lockstep_applied_index", "Highest applied log index.", s.applied_index);
+        gauge(
+            &mut out,
+            "lockstep_commit_index",
+            "Highest committed log index.",
+            s.commit_index,
+        );
+        gauge(
+            &mut out,
+            "lockstep_applied_index",
+            "Highest applied log index.",
+            s.applied_index,
+        );
         gauge(
             &mut out,
             "lockstep_is_leader",
             "1 when this node is the leader.",
             u64::from(s.role == crate::raft::Role::Leader),
         );
-        header(&mut out, "lockstep_http_responses_total", "HTTP responses by status class.", "counter");
+        header(
+            &mut out,
+            "lockstep_http_responses_total",
+            "HTTP responses by status class.",
+            "counter",
+        );
         for (i, c) in self.responses.iter().enumerate() {
             let _ = writeln!(
                 out,
@@ -51,7 +67,12 @@ impl Metrics {
                 c.load(Ordering::Relaxed)
             );
         }
-        header(&mut out, "lockstep_guest_errors_total", "Failed tasks by kind.", "counter");
+        header(
+            &mut out,
+            "lockstep_guest_errors_total",
+            "Failed tasks by kind.",
+            "counter",
+        );
         let g = &self.guest_errors;
         for (kind, c) in [
             ("guest_error", &g.guest_error),
@@ -65,9 +86,83 @@ impl Metrics {
                 c.load(Ordering::Relaxed)
             );
         }
-        state.node.metrics().render_prometheus(&mut out);
+        render_pipeline(&mut out, &state.node.metrics());
         out
     }
+}
+
+fn render_pipeline(out: &mut String, m: &MetricsSnapshot) {
+    for (name, help, v) in [
+        (
+            "lockstep_proposals_total",
+            "Entries this node accepted into the log as leader.",
+            m.proposals,
+        ),
+        (
+            "lockstep_proposals_refused_total",
+            "Submissions refused (not leader, term mismatch).",
+            m.proposals_refused,
+        ),
+        ("lockstep_reads_total", "Reads served.", m.reads),
+        (
+            "lockstep_entries_applied_total",
+            "Entries applied to the state machine.",
+            m.entries_applied,
+        ),
+        (
+            "lockstep_fsync_entries_total",
+            "Entries made durable by group commits.",
+            m.fsync_entries,
+        ),
+        (
+            "lockstep_stepdowns_total",
+            "Times this node stopped leading.",
+            m.stepdowns,
+        ),
+    ] {
+        header(out, name, help, "counter");
+        let _ = writeln!(out, "{name} {v}");
+    }
+    histogram(
+        out,
+        "lockstep_apply_batch_entries",
+        "Entries per state-machine apply call.",
+        &m.apply_batch_size,
+    );
+    histogram(
+        out,
+        "lockstep_fsync_latency_us",
+        "Duration of one durable group commit, microseconds.",
+        &m.fsync_latency_us,
+    );
+    header(
+        out,
+        "lockstep_replication_lag_entries",
+        "Leader only: entries a follower is behind.",
+        "gauge",
+    );
+    for (id, lag) in &m.replication_lag {
+        let _ = writeln!(
+            out,
+            "lockstep_replication_lag_entries{{follower=\"{id}\"}} {lag}"
+        );
+    }
+}
+
+/// Prometheus buckets are cumulative; the snapshot's are per bucket.
+fn histogram(out: &mut String, name: &str, help: &str, h: &HistogramSnapshot) {
+    header(out, name, help, "histogram");
+    let mut cumulative = 0;
+    for (le, n) in &h.buckets {
+        cumulative += n;
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+    }
+    let _ = writeln!(
+        out,
+        "{name}_bucket{{le=\"+Inf\"}} {}",
+        cumulative + h.overflow
+    );
+    let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", h.sum, h.count);
 }
 
 pub fn header(out: &mut String, name: &str, help: &str, kind: &str) {

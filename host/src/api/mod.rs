@@ -5,7 +5,6 @@ pub mod error;
 pub mod metrics;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -19,7 +18,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::machines::{Catalog, Command, Effect, Failure, MachineSet, validate_name};
+use crate::machines::{Catalog, Command, Effect, MachineSet, validate_name};
 use crate::raft::{Node, NodeId, ProposeError, ReadError, Role};
 use crate::wasm::ModuleRegistry;
 pub use error::{ApiError, Body};
@@ -72,14 +71,6 @@ pub async fn serve(listener: TcpListener, state: Arc<ApiState>) {
             }
         });
     }
-}
-
-/// Binds `addr` and serves on it in a background task; returns the bound address.
-pub async fn spawn(addr: SocketAddr, state: Arc<ApiState>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    tokio::spawn(serve(listener, state));
-    Ok(local)
 }
 
 async fn handle(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
@@ -187,16 +178,21 @@ fn expected_term(req: &Request<Incoming>) -> Result<Option<u64>, ApiError> {
     req.headers()
         .get(EXPECTED_TERM)
         .map(|v| {
-            v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()).ok_or_else(|| {
-                ApiError::bad_request("Lockstep-Expected-Term must be an unsigned integer")
-            })
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::bad_request("Lockstep-Expected-Term must be an unsigned integer")
+                })
         })
         .transpose()
 }
 
 fn cluster(state: &ApiState) -> Response<Body> {
     let s = state.node.status();
-    let leader = s.leader.map(|id| json!({"id": id, "http": (state.http_addr)(id)}));
+    let leader = s
+        .leader
+        .map(|id| json!({"id": id, "http": (state.http_addr)(id)}));
     let members: Vec<_> = state
         .members
         .iter()
@@ -246,6 +242,7 @@ async fn deploy(
     if let Some(r) = leader_or_redirect(state, req.uri()) {
         return Ok(r);
     }
+    let uri = req.uri().clone();
     let module = read_body(req, MAX_MODULE_BYTES).await?;
     // Refuse a bad component here, before it costs a log entry on every replica.
     let registry = state.registry.clone();
@@ -261,9 +258,7 @@ async fn deploy(
     .encode();
     let applied = match state.node.propose(entry, None).await {
         Ok(a) => a,
-        Err(ProposeError::NotLeader { leader }) => {
-            return Err(redirect_error(state, leader));
-        }
+        Err(ProposeError::NotLeader { leader }) => return Ok(redirect(state, leader, &uri)),
         Err(e) => return Err(e.into()),
     };
     match applied.output? {
@@ -279,19 +274,9 @@ async fn deploy(
             },
             &json!({"name": name, "digest": digest, "version": version, "index": applied.index}),
         )),
-        other => Err(ApiError::bad_request(format!("unexpected outcome {other:?}"))),
-    }
-}
-
-/// A body already consumed cannot be replayed by a redirect: tell the caller where to go.
-fn redirect_error(state: &ApiState, leader: Option<NodeId>) -> ApiError {
-    match leader.and_then(|id| (state.http_addr)(id)) {
-        Some(http) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_leader",
-            format!("leadership moved to {http} before proposing; nothing was proposed, retry"),
-        ),
-        None => ApiError::no_leader(),
+        other => Err(ApiError::bad_request(format!(
+            "unexpected outcome {other:?}"
+        ))),
     }
 }
 
@@ -349,12 +334,13 @@ async fn submit(
     if let Some(r) = leader_or_redirect(state, req.uri()) {
         return Ok(r);
     }
+    let term = expected_term(&req)?;
+    let uri = req.uri().clone();
+    // Read the body before refusing, so the connection stays usable for the next request.
+    let payload = read_body(req, MAX_TASK_BYTES).await?;
     if !machine_known(state, name) {
         return Err(ApiError::not_found(format!("no machine named {name:?}")));
     }
-    let term = expected_term(&req)?;
-    let uri = req.uri().clone();
-    let payload = read_body(req, MAX_TASK_BYTES).await?;
     let entry = Command::encode_task(name, &payload);
     let applied = match state.node.propose(entry, term).await {
         Ok(a) => a,
@@ -369,12 +355,18 @@ async fn submit(
             h.insert("lockstep-term", applied.term.into());
             Ok(r)
         }
-        other => Err(ApiError::bad_request(format!("unexpected outcome {other:?}"))),
+        other => Err(ApiError::bad_request(format!(
+            "unexpected outcome {other:?}"
+        ))),
     }
 }
 
 fn machine_known(state: &ApiState, name: &str) -> bool {
-    state.catalog.read().map(|c| c.contains_key(name)).unwrap_or(false)
+    state
+        .catalog
+        .read()
+        .map(|c| c.contains_key(name))
+        .unwrap_or(false)
 }
 
 /// Many tasks in one request: a JSON array of task payloads (each any JSON value, passed to the
@@ -388,12 +380,12 @@ async fn submit_batch(
     if let Some(r) = leader_or_redirect(state, req.uri()) {
         return Ok(r);
     }
-    if !machine_known(state, name) {
-        return Err(ApiError::not_found(format!("no machine named {name:?}")));
-    }
     let term = expected_term(&req)?;
     let uri = req.uri().clone();
     let body = read_body(req, MAX_BATCH_BYTES).await?;
+    if !machine_known(state, name) {
+        return Err(ApiError::not_found(format!("no machine named {name:?}")));
+    }
     let tasks: Vec<&serde_json::value::RawValue> = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("expected a JSON array of tasks: {e}")))?;
     let entries: Vec<Bytes> = tasks

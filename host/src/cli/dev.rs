@@ -29,7 +29,8 @@ impl DevArgs {
         let addr = |port: u64| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], port as u16)) };
         let http = |i: u64| addr(self.port as u64 + i - 1);
         let raft = |i: u64| addr(self.port as u64 + 100 + i - 1);
-        let peers: BTreeMap<u64, String> = (1..=self.nodes).map(|i| (i, raft(i).to_string())).collect();
+        let peers: BTreeMap<u64, String> =
+            (1..=self.nodes).map(|i| (i, raft(i).to_string())).collect();
         ServeArgs {
             id,
             data_dir: self.data_dir.join(format!("node{id}")),
@@ -50,7 +51,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         let running = node::start(serve.node_config()).await?;
         println!("lockstep dev: 1 node, data in {}", serve.data_dir.display());
         println!("  http://{}", running.http_addr);
-        println!("try: lockstep deploy counter counter.wasm && lockstep submit counter '{{\"add\":1}}'");
+        println!(
+            "try: lockstep deploy counter counter.wasm && lockstep submit counter '{{\"add\":1}}'"
+        );
         shutdown_signal().await;
         running.shutdown().await;
         return Ok(());
@@ -71,7 +74,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting node {id}"))?;
-        println!("  node {id}: http://{}  (data in {})", s.http, s.data_dir.display());
+        println!(
+            "  node {id}: http://{}  (data in {})",
+            s.http,
+            s.data_dir.display()
+        );
         children.push(child);
     }
     println!(

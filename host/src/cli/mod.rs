@@ -5,7 +5,7 @@ pub mod client;
 pub mod dev;
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -21,7 +21,11 @@ use crate::wasm::Limits;
 pub const DEV_URL: &str = "http://127.0.0.1:7070";
 
 #[derive(Parser)]
-#[command(name = "lockstep", version, about = "Replicated WebAssembly state machines over Raft")]
+#[command(
+    name = "lockstep",
+    version,
+    about = "Replicated WebAssembly state machines over Raft"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -144,6 +148,7 @@ pub fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -237,7 +242,10 @@ fn print_reply(r: &client::Reply) -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let running = node::start(args.node_config()).await?;
-    println!("lockstep node {} serving http://{}", args.id, running.http_addr);
+    println!(
+        "lockstep node {} serving http://{}",
+        args.id, running.http_addr
+    );
     shutdown_signal().await;
     running.shutdown().await;
     Ok(())

@@ -22,7 +22,7 @@ pub enum Command {
     Delete { machine: String },
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum CommandError {
     #[error("empty entry")]
     Empty,

@@ -218,7 +218,10 @@ impl MachineSet {
             return;
         }
         let Some(d) = self.machines.get_mut(machine) else {
-            out.extend(run.drain(..).map(|_| Err(Failure::NotFound(machine.to_owned()))));
+            out.extend(
+                run.drain(..)
+                    .map(|_| Err(Failure::NotFound(machine.to_owned()))),
+            );
             return;
         };
         for r in d.machine.apply(run) {

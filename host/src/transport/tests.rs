@@ -80,7 +80,9 @@ async fn garbage_and_oversized_frames_close_only_their_connection() {
     let (a, _b, inbox, b_addr) = pair("c").await;
     // Random bytes, then a valid-looking hello followed by a length prefix far over the limit.
     let mut junk = TcpStream::connect(&b_addr).await.unwrap();
-    junk.write_all(b"\x00\x00\x00\x10GARBAGEGARBAGE!!").await.unwrap();
+    junk.write_all(b"\x00\x00\x00\x10GARBAGEGARBAGE!!")
+        .await
+        .unwrap();
     let mut rest = Vec::new();
     assert_eq!(junk.read_to_end(&mut rest).await.unwrap_or(0), 0);
 

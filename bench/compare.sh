@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Lockstep vs etcd vs the bare-HTTP ceiling, on this machine, in one run, with one load generator
+# (wrk). Everything listens on 127.0.0.1 and is stopped on exit.
+#
+#   bench/compare.sh                 # 10 s per point, 16/64/256 connections
+#   DUR=5 CONNS="256" bench/compare.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DUR=${DUR:-10}
+CONNS=${CONNS:-"16 64 256"}
+BATCH=${BATCH:-256}
+RESTART_ENTRIES=${RESTART_ENTRIES:-1000000}
+WORK=$(mktemp -d /tmp/lockstep-compare.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need wrk || ! need etcd || ! need etcdctl || ! need curl || ! need bc; then
+  echo "installing wrk, etcd-server, etcd-client, curl, bc (Debian packages)" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk etcd-server etcd-client curl bc >/dev/null
+fi
+rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
+cargo build --release -q -p lockstep --bins
+cargo build --release -q --target wasm32-wasip2 -p counter
+TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+BIN=$TARGET_DIR/release
+WASM=$TARGET_DIR/wasm32-wasip2/release/counter.wasm
+
+wait_http() { # url
+  for _ in $(seq 1 200); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done
+  echo "timed out waiting for $1" >&2; return 1
+}
+
+# --- Lockstep: 3 nodes -----------------------------------------------------------------------
+PEERS=1=127.0.0.1:7401,2=127.0.0.1:7402,3=127.0.0.1:7403
+start_lockstep() { # id
+  "$BIN/lockstep" serve --id "$1" --data-dir "$WORK/ls$1" --http "127.0.0.1:730$1" \
+    --raft "127.0.0.1:740$1" --peers "$PEERS" 2>>"$WORK/ls$1.log" >/dev/null &
+  LS_PID[$1]=$!
+  PIDS+=($!)
+}
+declare -a LS_PID
+for i in 1 2 3; do start_lockstep "$i"; done
+for i in 1 2 3; do wait_http "http://127.0.0.1:730$i/healthz"; done
+leader_url() {
+  for _ in $(seq 1 200); do
+    for i in 1 2 3; do
+      if curl -sf "http://127.0.0.1:730$i/v1/cluster" 2>/dev/null | grep -q '"role":"leader"'; then
+        echo "http://127.0.0.1:730$i"; return 0
+      fi
+    done
+    sleep 0.05
+  done
+  return 1
+}
+LS=$(leader_url)
+curl -sf -X PUT --data-binary "@$WASM" "$LS/v1/machines/counter" >/dev/null
+
+# --- etcd: 3 members, durable (etcd always fsyncs its WAL) ------------------------------------
+EC="e1=http://127.0.0.1:12381,e2=http://127.0.0.1:12382,e3=http://127.0.0.1:12383"
+for i in 1 2 3; do
+  etcd --name "e$i" --data-dir "$WORK/etcd$i" \
+    --listen-client-urls "http://127.0.0.1:1237$i" --advertise-client-urls "http://127.0.0.1:1237$i" \
+    --listen-peer-urls "http://127.0.0.1:1238$i" --initial-advertise-peer-urls "http://127.0.0.1:1238$i" \
+    --initial-cluster "$EC" --initial-cluster-state new --initial-cluster-token lockstep-bench \
+    --log-level error >"$WORK/etcd$i.log" 2>&1 &
+  PIDS+=($!)
+done
+ETCD=""
+for _ in $(seq 1 200); do
+  ETCD=$(ETCDCTL_API=3 etcdctl --endpoints=127.0.0.1:12371,127.0.0.1:12372,127.0.0.1:12373 \
+    endpoint status 2>/dev/null | awk -F', ' '$5=="true"{print $1}' | head -1) || true
+  [ -n "$ETCD" ] && break
+  sleep 0.1
+done
+[ -n "$ETCD" ] || { echo "etcd did not elect a leader" >&2; exit 1; }
+case $ETCD in http*) ;; *) ETCD="http://$ETCD" ;; esac
+
+# --- the ceiling -------------------------------------------------------------------------------
+"$BIN/http-ceiling" 127.0.0.1:7900 >/dev/null &
+PIDS+=($!)
+wait_http http://127.0.0.1:7900/ || true
+
+# --- load ----------------------------------------------------------------------------------------
+PAYLOAD='{"add":1}       '                                   # 16 bytes
+ETCD_BODY='{"key":"a2V5","value":"MDEyMzQ1Njc4OWFiY2RlZg=="}' # value: 16 bytes
+run() { # url body conns -> "rps p50 p99 errors"
+  BODY="$2" wrk -t2 -c"$3" -d"${DUR}s" --timeout 10s -s bench/wrk.lua "$1" 2>/dev/null \
+    | awk '/^RESULT/ {
+        for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+        printf "%.0f %.2f %.2f %d\n", v["requests"] / v["seconds"], v["p50"], v["p99"], v["errors"] }'
+}
+
+printf '\n%-8s | %-28s | %-28s | %-28s | %-9s | %-9s\n' conns "lockstep tasks/s p50 p99 ms" "etcd puts/s p50 p99 ms" \
+  "ceiling req/s p50 p99 ms" "ls/etcd" "ls/ceil"
+for c in $CONNS; do
+  read -r lr lp50 lp99 lerr <<<"$(run "$LS/v1/machines/counter/tasks" "$PAYLOAD" "$c")"
+  read -r er ep50 ep99 eerr <<<"$(run "$ETCD/v3/kv/put" "$ETCD_BODY" "$c")"
+  read -r cr cp50 cp99 cerr <<<"$(run http://127.0.0.1:7900/ "$PAYLOAD" "$c")"
+  printf '%-8s | %9s %8s %8s | %9s %8s %8s | %9s %8s %8s | %8.2fx | %8.2f\n' "$c" \
+    "$lr" "$lp50" "$lp99" "$er" "$ep50" "$ep99" "$cr" "$cp50" "$cp99" \
+    "$(echo "$lr / $er" | bc -l)" "$(echo "$lr / $cr" | bc -l)"
+  [ "$lerr$eerr$cerr" = "000" ] || echo "  (errors: lockstep $lerr, etcd $eerr, ceiling $cerr)"
+done
+
+# --- the batch endpoint ----------------------------------------------------------------------------
+BATCH_BODY="[$(printf '{"add":1},%.0s' $(seq 1 "$BATCH"))"
+BATCH_BODY="${BATCH_BODY%,}]"
+read -r br bp50 bp99 berr <<<"$(run "$LS/v1/machines/counter/tasks:batch" "$BATCH_BODY" 64)"
+echo
+echo "batch endpoint: $BATCH tasks/request, 64 connections: $((br * BATCH)) tasks/s (p50 ${bp50} ms, p99 ${bp99} ms, errors $berr)"
+
+# --- memory ----------------------------------------------------------------------------------------
+for i in 1 2 3; do
+  echo "lockstep node $i peak RSS: $(awk '/VmHWM/ {printf "%.0f MiB", $2 / 1024}' "/proc/${LS_PID[$i]}/status")"
+done
+
+# --- restart with a long log ----------------------------------------------------------------------
+LS=$(leader_url)
+commit() { curl -sf "$1/v1/cluster" | sed -n 's/.*"commit_index":\([0-9]*\).*/\1/p'; }
+applied() { curl -sf "$1/v1/cluster" 2>/dev/null | sed -n 's/.*"applied_index":\([0-9]*\).*/\1/p'; }
+while [ "$(commit "$LS")" -lt "$RESTART_ENTRIES" ]; do
+  BODY="$BATCH_BODY" wrk -t2 -c64 -d5s -s bench/wrk.lua "$LS/v1/machines/counter/tasks:batch" >/dev/null 2>&1
+done
+TARGET=$(commit "$LS")
+VICTIM=""
+for i in 1 2 3; do [ "http://127.0.0.1:730$i" = "$LS" ] || { VICTIM=$i; break; }; done
+kill -9 "${LS_PID[$VICTIM]}"
+wait "${LS_PID[$VICTIM]}" 2>/dev/null || true
+t0=$(date +%s.%N)
+start_lockstep "$VICTIM"
+until [ "$(applied "http://127.0.0.1:730$VICTIM" || echo 0)" -ge "$TARGET" ] 2>/dev/null; do sleep 0.01; done
+t1=$(date +%s.%N)
+printf 'restart of node %s with %s entries in its log: serving its applied state again after %.2f s\n' \
+  "$VICTIM" "$TARGET" "$(echo "$t1 - $t0" | bc -l)"

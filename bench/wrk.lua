@@ -1,0 +1,14 @@
+-- One wrk script for every target: method POST, body from $BODY, and a machine-readable line
+-- with throughput and latency percentiles (ms) at the end.
+wrk.method = "POST"
+wrk.body = os.getenv("BODY") or ""
+wrk.headers["Content-Type"] = "application/json"
+
+done = function(summary, latency, requests)
+  local errors = summary.errors.connect + summary.errors.read + summary.errors.write
+    + summary.errors.status + summary.errors.timeout
+  io.write(string.format("RESULT requests=%d seconds=%.3f p50=%.3f p90=%.3f p99=%.3f p999=%.3f errors=%d\n",
+    summary.requests, summary.duration / 1e6,
+    latency:percentile(50) / 1000, latency:percentile(90) / 1000,
+    latency:percentile(99) / 1000, latency:percentile(99.9) / 1000, errors))
+end
