@@ -26,10 +26,12 @@ if ! need wrk || ! need etcd || ! need etcdctl || ! need curl || ! need bc; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk etcd-server etcd-client curl bc >/dev/null
 fi
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
-cargo build --release -q -p lockstep --bins
-cargo build --release -q --target wasm32-wasip2 -p counter
 TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-BIN=$TARGET_DIR/release
+if [ -z "${LOCKSTEP_BIN_DIR:-}" ]; then
+  cargo build --release -q -p lockstep --bins
+fi
+BIN=${LOCKSTEP_BIN_DIR:-$TARGET_DIR/release}
+cargo build --release -q --target wasm32-wasip2 -p counter
 WASM=$TARGET_DIR/wasm32-wasip2/release/counter.wasm
 
 wait_http() { # url
