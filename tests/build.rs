@@ -11,10 +11,17 @@ const GUESTS: [&str; 3] = ["counter", "kv", "chaos"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let workspace = manifest_dir.parent().expect("tests/ sits in the workspace").to_path_buf();
+    let workspace = manifest_dir
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf();
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
     // OUT_DIR is <target>/<profile>/build/<pkg>-<hash>/out.
-    let target_dir = out_dir.ancestors().nth(4).expect("OUT_DIR layout").join("guests");
+    let target_dir = out_dir
+        .ancestors()
+        .nth(4)
+        .expect("OUT_DIR layout")
+        .join("guests");
 
     for path in ["wit", "guest-sdk", "examples", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", workspace.join(path).display());
@@ -32,11 +39,18 @@ fn main() {
     }
     // Don't let the outer build's settings leak into the guests' (flags for the host target,
     // its target dir, the debug info the workspace's release profile asks for).
-    for var in ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET"] {
+    for var in [
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
         build.env_remove(var);
     }
     build.env("CARGO_PROFILE_RELEASE_DEBUG", "false");
-    let status = build.status().expect("cannot run cargo to build the guests");
+    let status = build
+        .status()
+        .expect("cannot run cargo to build the guests");
     assert!(
         status.success(),
         "building the guests failed (is the target installed? `rustup target add wasm32-wasip2`)"

@@ -30,7 +30,11 @@ pub fn entry(index: u64, payload: impl Into<Vec<u8>>) -> Entry {
 
 /// A sequence of entries numbered from 1.
 pub fn entries<P: Into<Vec<u8>>>(payloads: impl IntoIterator<Item = P>) -> Vec<Entry> {
-    payloads.into_iter().zip(1..).map(|(p, i)| entry(i, p)).collect()
+    payloads
+        .into_iter()
+        .zip(1..)
+        .map(|(p, i)| entry(i, p))
+        .collect()
 }
 
 use lockstep::wasm::{GuestError, Limits, Machine, ModuleRegistry, WasmEngine};
@@ -51,7 +55,10 @@ impl Fixture {
 
     /// Deploys a built guest and returns its digest.
     pub fn deploy(&self, path: &str) -> String {
-        self.registry.add(&guests::read(path)).expect("deploy").digest
+        self.registry
+            .add(&guests::read(path))
+            .expect("deploy")
+            .digest
     }
 
     /// A fresh machine running the guest at `path`.
@@ -63,7 +70,10 @@ impl Fixture {
 
 /// Limits for tests: the defaults, with a smaller fuel budget so spinning guests stop fast.
 pub fn test_limits() -> Limits {
-    Limits { fuel_per_entry: 20_000_000, ..Limits::default() }
+    Limits {
+        fuel_per_entry: 20_000_000,
+        ..Limits::default()
+    }
 }
 
 /// A result as text, for readable assertions.
@@ -80,7 +90,9 @@ pub fn random_sizes(len: usize, max: usize, seed: u64) -> Vec<usize> {
     let mut sizes = Vec::new();
     let mut left = len;
     while left > 0 {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let size = ((state >> 33) as usize % max + 1).min(left);
         sizes.push(size);
         left -= size;
@@ -89,7 +101,11 @@ pub fn random_sizes(len: usize, max: usize, seed: u64) -> Vec<usize> {
 }
 
 /// Applies `log` in batches of the given sizes and returns every result, in order.
-pub fn apply_in(machine: &mut Machine, log: &[Entry], sizes: &[usize]) -> Vec<Result<Vec<u8>, GuestError>> {
+pub fn apply_in(
+    machine: &mut Machine,
+    log: &[Entry],
+    sizes: &[usize],
+) -> Vec<Result<Vec<u8>, GuestError>> {
     let mut results = Vec::with_capacity(log.len());
     let mut start = 0;
     for &size in sizes {

@@ -52,7 +52,10 @@ struct Lcg(u64);
 
 impl Lcg {
     fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (self.0 >> 33) % n
     }
 }
@@ -80,10 +83,19 @@ fn chaos_results_and_state_do_not_depend_on_batching() {
     let results = check_invariance(guests::CHAOS, &log);
 
     // The log really exercised every outcome.
-    let count = |code: &str| results.iter().filter(|r| r.as_ref().err().map(|e| e.code()) == Some(code)).count();
+    let count = |code: &str| {
+        results
+            .iter()
+            .filter(|r| r.as_ref().err().map(|e| e.code()) == Some(code))
+            .count()
+    };
     assert!(count("guest_trap") >= 10, "traps: {}", count("guest_trap"));
     assert!(count("out_of_fuel") >= 3, "spins: {}", count("out_of_fuel"));
-    assert!(count("memory_limit") >= 3, "allocs: {}", count("memory_limit"));
+    assert!(
+        count("memory_limit") >= 3,
+        "allocs: {}",
+        count("memory_limit")
+    );
     assert!(count("guest_error") >= 3);
     assert!(results.iter().filter(|r| r.is_ok()).count() > 800);
 }

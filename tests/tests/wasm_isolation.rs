@@ -18,7 +18,10 @@ fn a_trap_fails_only_its_entry_and_is_rolled_back() {
             let err = r.as_ref().unwrap_err();
             assert_eq!(err.code(), "guest_trap");
             let msg = err.to_string();
-            assert!(msg.contains("chaos: trap requested") && msg.contains("unreachable"), "{msg}");
+            assert!(
+                msg.contains("chaos: trap requested") && msg.contains("unreachable"),
+                "{msg}"
+            );
         } else {
             value += i as i64 + 1;
             assert_eq!(show(r), format!(r#"{{"value":{value}}}"#), "entry {i}");
@@ -36,10 +39,17 @@ fn a_trap_fails_only_its_entry_and_is_rolled_back() {
 
 #[test]
 fn a_spin_runs_out_of_fuel_and_the_next_entry_succeeds() {
-    let limits = Limits { fuel_per_entry: 5_000_000, ..Limits::default() };
+    let limits = Limits {
+        fuel_per_entry: 5_000_000,
+        ..Limits::default()
+    };
     let fx = Fixture::new(limits);
     let mut m = fx.machine(guests::CHAOS);
-    let out = m.apply(&entries([r#"{"add": 1}"#, r#"{"spin": true}"#, r#"{"add": 1}"#]));
+    let out = m.apply(&entries([
+        r#"{"add": 1}"#,
+        r#"{"spin": true}"#,
+        r#"{"add": 1}"#,
+    ]));
     assert_eq!(show(&out[0]), r#"{"value":1}"#);
     assert_eq!(out[1], Err(GuestError::OutOfFuel { budget: 5_000_000 }));
     assert_eq!(out[1].as_ref().unwrap_err().code(), "out_of_fuel");
@@ -50,13 +60,23 @@ fn a_spin_runs_out_of_fuel_and_the_next_entry_succeeds() {
 fn fuel_is_per_entry_not_per_batch() {
     let work = r#"{"recurse": 5000}"#;
     // One such entry needs more than a 64th of the budget...
-    let starved = Fixture::new(Limits { fuel_per_entry: 1_000_000 / 64, ..Limits::default() });
+    let starved = Fixture::new(Limits {
+        fuel_per_entry: 1_000_000 / 64,
+        ..Limits::default()
+    });
     let out = starved.machine(guests::CHAOS).apply(&entries([work]));
     assert_eq!(out[0].as_ref().unwrap_err().code(), "out_of_fuel");
     // ...yet 64 of them fit in one batch: each entry gets the whole budget afresh.
-    let fx = Fixture::new(Limits { fuel_per_entry: 1_000_000, ..Limits::default() });
+    let fx = Fixture::new(Limits {
+        fuel_per_entry: 1_000_000,
+        ..Limits::default()
+    });
     let out = fx.machine(guests::CHAOS).apply(&entries(vec![work; 64]));
-    assert!(out.iter().all(|r| r.is_ok()), "{:?}", out.iter().map(show).collect::<Vec<_>>());
+    assert!(
+        out.iter().all(|r| r.is_ok()),
+        "{:?}",
+        out.iter().map(show).collect::<Vec<_>>()
+    );
 }
 
 fn resident_bytes() -> usize {
@@ -88,12 +108,19 @@ fn an_oversized_allocation_hits_the_memory_limit() {
     assert!(out[3].is_ok(), "{}", show(&out[3]));
     assert_eq!(show(&out[4]), r#"{"value":2}"#);
     let grown = resident_bytes().saturating_sub(before);
-    assert!(grown < 200 << 20, "resident memory grew by {} MiB", grown >> 20);
+    assert!(
+        grown < 200 << 20,
+        "resident memory grew by {} MiB",
+        grown >> 20
+    );
 }
 
 #[test]
 fn the_memory_cap_is_configurable() {
-    let fx = Fixture::new(Limits { memory_bytes: 16 << 20, ..test_limits() });
+    let fx = Fixture::new(Limits {
+        memory_bytes: 16 << 20,
+        ..test_limits()
+    });
     let mut m = fx.machine(guests::CHAOS);
     let out = m.apply(&entries([r#"{"alloc_mb": 32}"#, r#"{"alloc_mb": 4}"#]));
     assert_eq!(out[0], Err(GuestError::MemoryLimit { limit: 16 << 20 }));
@@ -104,7 +131,11 @@ fn the_memory_cap_is_configurable() {
 fn deep_recursion_fails_with_a_stack_error() {
     let fx = Fixture::new(test_limits());
     let mut m = fx.machine(guests::CHAOS);
-    let out = m.apply(&entries([r#"{"recurse": 100}"#, r#"{"recurse": 10000000}"#, r#"{"add": 1}"#]));
+    let out = m.apply(&entries([
+        r#"{"recurse": 100}"#,
+        r#"{"recurse": 10000000}"#,
+        r#"{"add": 1}"#,
+    ]));
     assert_eq!(show(&out[0]), r#"{"depth":100}"#);
     let err = out[1].as_ref().unwrap_err();
     assert_eq!(err.code(), "guest_trap");
@@ -115,14 +146,26 @@ fn deep_recursion_fails_with_a_stack_error() {
 #[test]
 fn clock_and_random_are_derived_from_the_entry() {
     let log: Vec<_> = (1..=20)
-        .map(|i| entry(i, if i % 2 == 0 { r#"{"clock": true}"# } else { r#"{"random": true}"# }))
+        .map(|i| {
+            entry(
+                i,
+                if i % 2 == 0 {
+                    r#"{"clock": true}"#
+                } else {
+                    r#"{"random": true}"#
+                },
+            )
+        })
         .collect();
     // Two independent nodes: separate engines, registries and instances.
     let (a, b) = (Fixture::new(test_limits()), Fixture::new(test_limits()));
     let (mut ma, mut mb) = (a.machine(guests::CHAOS), b.machine(guests::CHAOS));
     let ra = ma.apply(&log);
     std::thread::sleep(std::time::Duration::from_millis(20));
-    let rb: Vec<_> = log.iter().flat_map(|e| mb.apply(std::slice::from_ref(e))).collect();
+    let rb: Vec<_> = log
+        .iter()
+        .flat_map(|e| mb.apply(std::slice::from_ref(e)))
+        .collect();
     assert_eq!(ra, rb);
     for (e, r) in log.iter().zip(&ra) {
         let out: serde_json::Value = serde_json::from_slice(r.as_ref().unwrap()).unwrap();
@@ -144,5 +187,30 @@ fn a_failing_query_does_not_disturb_the_state() {
     let mut m: Machine = fx.machine(guests::KV);
     m.apply(&entries([r#"{"put": {"key": "k", "value": "v"}}"#]));
     assert_eq!(m.query(b"not json").unwrap_err().code(), "guest_error");
-    assert_eq!(m.query(br#"{"get": {"key": "k"}}"#).unwrap(), br#"{"value":"v"}"#);
+    assert_eq!(
+        m.query(br#"{"get": {"key": "k"}}"#).unwrap(),
+        br#"{"value":"v"}"#
+    );
+}
+
+#[test]
+fn sleeping_traps_instead_of_blocking_the_host() {
+    let fx = Fixture::new(test_limits());
+    let mut m = fx.machine(guests::CHAOS);
+    let start = std::time::Instant::now();
+    let out = m.apply(&entries([r#"{"sleep_ms": 60000}"#, r#"{"add": 1}"#]));
+    assert!(start.elapsed() < std::time::Duration::from_secs(10));
+    let err = out[0].as_ref().unwrap_err();
+    assert_eq!(err.code(), "guest_trap");
+    assert!(err.to_string().contains("may not block"), "{err}");
+    assert_eq!(show(&out[1]), r#"{"value":1}"#);
+}
+
+#[test]
+fn machines_and_registries_cross_threads() {
+    fn send<T: Send>() {}
+    fn share<T: Send + Sync>() {}
+    send::<Machine>();
+    share::<lockstep::wasm::ModuleRegistry>();
+    share::<lockstep::wasm::WasmEngine>();
 }

@@ -5,7 +5,9 @@ use lockstep_tests::{Fixture, entries, guests, show};
 use serde_json::{Value, json};
 
 fn json_of(result: &Result<Vec<u8>, GuestError>) -> Value {
-    let bytes = result.as_ref().unwrap_or_else(|e| panic!("entry failed: {e}"));
+    let bytes = result
+        .as_ref()
+        .unwrap_or_else(|e| panic!("entry failed: {e}"));
     serde_json::from_slice(bytes).expect("JSON output")
 }
 
@@ -20,7 +22,10 @@ fn counter_adds_and_answers_queries() {
     assert_eq!(err.code(), "guest_error");
     assert!(err.to_string().contains("invalid command"), "{err}");
     for body in [&b""[..], b"anything", b"{\"x\":1}"] {
-        assert_eq!(serde_json::from_slice::<Value>(&m.query(body).unwrap()).unwrap(), json!({"value": 3}));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&m.query(body).unwrap()).unwrap(),
+            json!({"value": 3})
+        );
     }
 }
 
@@ -54,10 +59,18 @@ fn kv_commands_and_queries() {
             json!({"ok": true, "value": "6"}),
         ]
     );
-    let q = |m: &mut Machine, body: &str| -> Value { serde_json::from_slice(&m.query(body.as_bytes()).unwrap()).unwrap() };
+    let q = |m: &mut Machine, body: &str| -> Value {
+        serde_json::from_slice(&m.query(body.as_bytes()).unwrap()).unwrap()
+    };
     assert_eq!(q(&mut m, r#"{"get": {"key": "c"}}"#), json!({"value": "6"}));
-    assert_eq!(q(&mut m, r#"{"get": {"key": "b"}}"#), json!({"value": null}));
-    assert_eq!(q(&mut m, r#"{"scan": {"prefix": "a/"}}"#), json!({"items": [["a/x", "3"], ["a/y", "4"]]}));
+    assert_eq!(
+        q(&mut m, r#"{"get": {"key": "b"}}"#),
+        json!({"value": null})
+    );
+    assert_eq!(
+        q(&mut m, r#"{"scan": {"prefix": "a/"}}"#),
+        json!({"items": [["a/x", "3"], ["a/y", "4"]]})
+    );
     let err = m.query(b"{\"nope\": 1}").unwrap_err();
     assert_eq!(err.code(), "guest_error");
 }
@@ -71,7 +84,10 @@ fn snapshot_restores_into_a_new_machine() {
     let mut b = fx.machine(guests::KV);
     b.restore(&snap).unwrap();
     assert_eq!(b.snapshot().unwrap(), snap);
-    assert_eq!(b.query(br#"{"get": {"key": "k"}}"#).unwrap(), br#"{"value":"v"}"#);
+    assert_eq!(
+        b.query(br#"{"get": {"key": "k"}}"#).unwrap(),
+        br#"{"value":"v"}"#
+    );
     // A bad snapshot is refused and the machine keeps its state.
     let err = b.restore(b"not a snapshot").unwrap_err();
     assert_eq!(err.code(), "guest_error");

@@ -51,7 +51,10 @@ fn a_component_of_another_world_is_refused_with_what_is_wrong() {
     let err = refuse(&fx, &other);
     assert!(matches!(err, ModuleError::WrongWorld(_)), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("missing exports `on-apply`, `query`, `snapshot`, `restore`"), "{msg}");
+    assert!(
+        msg.contains("missing exports `on-apply`, `query`, `snapshot`, `restore`"),
+        "{msg}"
+    );
     assert!(msg.contains("it exports: hello"), "{msg}");
 
     // The right names with the wrong types.
@@ -67,7 +70,11 @@ fn a_component_of_another_world_is_refused_with_what_is_wrong() {
     .unwrap();
     let err = refuse(&fx, &mistyped);
     assert!(matches!(err, ModuleError::WrongWorld(_)), "{err}");
-    assert!(err.to_string().contains("export `on-apply` has the wrong type"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("export `on-apply` has the wrong type"),
+        "{err}"
+    );
 
     // Imports the host does not provide.
     let importer = wat::parse_str(
@@ -118,7 +125,10 @@ fn modules_are_stored_once_and_the_artifact_is_reused() {
 
     // A damaged artifact is ignored: the module is compiled again, not trusted.
     drop(second);
-    for artifact in walk(dir.path()).into_iter().filter(|p| p.extension().is_some_and(|e| e == "cwasm")) {
+    for artifact in walk(dir.path())
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+    {
         let mut data = std::fs::read(&artifact).unwrap();
         let mid = data.len() / 2;
         data[mid] ^= 0xff;
@@ -132,7 +142,11 @@ fn modules_are_stored_once_and_the_artifact_is_reused() {
 #[test]
 fn unknown_and_malformed_digests_are_not_found() {
     let fx = Fixture::new(Limits::default());
-    for digest in ["0".repeat(64), "../../etc/passwd".to_string(), String::new()] {
+    for digest in [
+        "0".repeat(64),
+        "../../etc/passwd".to_string(),
+        String::new(),
+    ] {
         match Machine::new(&fx.registry, &digest) {
             Err(lockstep::wasm::MachineError::Module(ModuleError::NotFound(_))) => {}
             Err(e) => panic!("{digest}: {e}"),

@@ -2,8 +2,8 @@
 //!
 //! `{"trap": true}` panics, `{"spin": true}` loops forever, `{"alloc_mb": n}` allocates and
 //! touches n MiB, `{"recurse": n}` recurses n deep, `{"clock": true}` / `{"random": true}`
-//! report what std's clock and random source return, `{"add": n}` counts. Queries return the
-//! counter.
+//! report what std's clock and random source return, `{"sleep_ms": n}` tries to sleep,
+//! `{"add": n}` counts. Queries return the counter.
 
 use std::hint::black_box;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -27,6 +27,7 @@ pub enum Command {
     Clock(bool),
     Random(bool),
     Add(i64),
+    SleepMs(u64),
 }
 
 /// Not a loop in disguise: the work after the call keeps it from becoming a tail call.
@@ -61,18 +62,28 @@ impl StateMachine for Chaos {
                 for i in (0..block.len()).step_by(4096) {
                     block[i] = 1;
                 }
-                let sum: u64 = black_box(&block).iter().step_by(4096).map(|&b| b as u64).sum();
+                let sum: u64 = black_box(&block)
+                    .iter()
+                    .step_by(4096)
+                    .map(|&b| b as u64)
+                    .sum();
                 json!({ "allocated_mb": mb, "pages": sum })
             }
             Command::Recurse(depth) => json!({ "depth": recurse(depth) }),
             Command::Clock(_) => {
-                let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+                let since_epoch = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
                 json!({ "unix_ms": since_epoch.as_millis() as u64 })
             }
             Command::Random(_) => {
                 let mut bytes = [0u8; 16];
                 getrandom::fill(&mut bytes).map_err(|e| e.to_string())?;
                 json!({ "random": hex(&bytes) })
+            }
+            Command::SleepMs(ms) => {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+                json!({ "slept_ms": ms })
             }
             Command::Add(n) => {
                 self.value = self.value.wrapping_add(n);

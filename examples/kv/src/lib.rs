@@ -18,9 +18,18 @@ pub struct Kv {
 #[derive(Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Command {
-    Put { key: String, value: String },
-    Delete { key: String },
-    Cas { key: String, from: Option<String>, to: String },
+    Put {
+        key: String,
+        value: String,
+    },
+    Delete {
+        key: String,
+    },
+    Cas {
+        key: String,
+        from: Option<String>,
+        to: String,
+    },
 }
 
 #[derive(Serialize)]
@@ -52,14 +61,24 @@ impl StateMachine for Kv {
 
     fn apply(&mut self, _ctx: &mut Context, command: Command) -> Result<Output, String> {
         Ok(match command {
-            Command::Put { key, value } => Output::Prev { prev: self.items.insert(key, value) },
-            Command::Delete { key } => Output::Prev { prev: self.items.remove(&key) },
+            Command::Put { key, value } => Output::Prev {
+                prev: self.items.insert(key, value),
+            },
+            Command::Delete { key } => Output::Prev {
+                prev: self.items.remove(&key),
+            },
             Command::Cas { key, from, to } => {
                 if self.items.get(&key) == from.as_ref() {
                     self.items.insert(key, to.clone());
-                    Output::Cas { ok: true, value: Some(to) }
+                    Output::Cas {
+                        ok: true,
+                        value: Some(to),
+                    }
                 } else {
-                    Output::Cas { ok: false, value: self.items.get(&key).cloned() }
+                    Output::Cas {
+                        ok: false,
+                        value: self.items.get(&key).cloned(),
+                    }
                 }
             }
         })
@@ -67,7 +86,9 @@ impl StateMachine for Kv {
 
     fn query(&self, query: Query) -> Result<Answer, String> {
         Ok(match query {
-            Query::Get { key } => Answer::Value { value: self.items.get(&key).cloned() },
+            Query::Get { key } => Answer::Value {
+                value: self.items.get(&key).cloned(),
+            },
             Query::Scan { prefix } => Answer::Items {
                 items: self
                     .items

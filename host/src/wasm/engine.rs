@@ -29,6 +29,10 @@ impl WasmEngine {
         // feature altogether, so `wasm_threads` is off and cannot be turned on.
         config.max_wasm_stack(limits.max_wasm_stack);
         config.parallel_compilation(true);
+        // `perf` can name guest functions when asked (writes /tmp/perf-<pid>.map).
+        if std::env::var_os("LOCKSTEP_WASM_PERFMAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).map_err(|e| anyhow::anyhow!("{e:#}"))?;
         Ok(WasmEngine { engine, limits })
     }

@@ -13,6 +13,8 @@ use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, 
 use super::Limits;
 
 const HOST_INTERFACE: &str = "lockstep:machine/host@0.1.0";
+/// The `wasi:io/poll` wasmtime-wasi 48 provides (guests importing any 0.2.x match it).
+const WASI_POLL: &str = "wasi:io/poll@0.2.12";
 /// Enough for a panic message; a guest that logs more only loses the older text.
 const STDERR_CAPACITY: usize = 16 << 10;
 /// Fuel the SDK's batch bookkeeping may use per entry outside any entry's own window
@@ -244,6 +246,16 @@ impl wasmtime_wasi::WasiView for HostState {
 pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+    // Waiting (`std::thread::sleep`, polling a timer) would block the apply thread in real
+    // time, which fuel does not meter and which no two replicas share: it traps instead.
+    linker.allow_shadowing(true);
+    let mut poll = linker.instance(WASI_POLL)?;
+    for name in ["poll", "[method]pollable.block"] {
+        poll.func_new(name, move |_, _, _, _| {
+            wasmtime::bail!("guests may not block or sleep (`{WASI_POLL}#{name}`)")
+        })?;
+    }
+    linker.allow_shadowing(false);
     let mut host = linker.instance(HOST_INTERFACE)?;
     host.func_wrap(
         "begin-entry",

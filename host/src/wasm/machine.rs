@@ -518,3 +518,12 @@ impl Machine {
         None
     }
 }
+
+/// The replication pipeline drives a `Machine` like any other state machine.
+impl crate::state_machine::StateMachine for Machine {
+    type Output = Result<Vec<u8>, GuestError>;
+
+    fn apply(&mut self, batch: &[Entry]) -> Vec<Self::Output> {
+        Machine::apply(self, batch)
+    }
+}
