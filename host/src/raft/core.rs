@@ -39,6 +39,16 @@ pub struct HardState {
     pub commit: u64,
 }
 
+/// What a core starts from: `tail` holds the entries `applied+1..=last` (older ones are
+/// readable through [`LogRead`]), `term_runs` the terms of the whole log as `(first index, term)`.
+#[derive(Debug, Default)]
+pub struct DurableState {
+    pub hard: HardState,
+    pub term_runs: Vec<(u64, u64)>,
+    pub tail: Vec<LogEntry>,
+    pub applied: u64,
+}
+
 /// Reads the durable log below the in-memory tail (entries a lagging follower still needs).
 pub trait LogRead: Send {
     /// Entries `lo..hi`, at most `max_bytes` (at least one); `None` if storage failed.
@@ -161,18 +171,20 @@ pub struct RaftCore {
 }
 
 impl RaftCore {
-    /// Builds a core from durable state: `tail` holds the entries `applied+1..=last` (the rest
-    /// is readable through `storage`), `term_runs` the terms of the whole log.
+    /// Builds a core from durable state (the log is read through `storage` below the tail).
     pub fn new(
         cfg: CoreConfig,
         seed: u64,
-        hard: HardState,
-        term_runs: Vec<(u64, u64)>,
-        tail: Vec<LogEntry>,
-        applied: u64,
+        state: DurableState,
         storage: Box<dyn LogRead>,
         now: u64,
     ) -> RaftCore {
+        let DurableState {
+            hard,
+            term_runs,
+            tail,
+            applied,
+        } = state;
         let last_index = tail.last().map(|e| e.index).unwrap_or(applied);
         let mut core = RaftCore {
             rng: SmallRng::seed_from_u64(seed),
@@ -1164,7 +1176,13 @@ mod tests {
             vote: 0,
             commit: 0,
         };
-        RaftCore::new(cfg(id, n), id, hs, runs, tail, 0, Box::new(NoStorage), 0)
+        let state = DurableState {
+            hard: hs,
+            term_runs: runs,
+            tail,
+            applied: 0,
+        };
+        RaftCore::new(cfg(id, n), id, state, Box::new(NoStorage), 0)
     }
 
     /// Makes every write durable at once; returns all messages (immediate and after-durable).
