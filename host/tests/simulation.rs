@@ -6,7 +6,7 @@ use std::time::Instant;
 use lockstep::raft::sim::{Sim, SimConfig, SimReport};
 
 fn config(seed: u64) -> SimConfig {
-    SimConfig::new(seed, if seed % 2 == 0 { 3 } else { 5 })
+    SimConfig::new(seed, if seed.is_multiple_of(2) { 3 } else { 5 })
 }
 
 fn run(cfg: SimConfig) -> Result<SimReport, String> {
@@ -25,10 +25,7 @@ fn run_seeds(seeds: Vec<u64>, make: fn(u64) -> SimConfig) -> Vec<(u64, String)> 
             let seeds = seeds.clone();
             let failures = failures.clone();
             s.spawn(move || {
-                loop {
-                    let Some(seed) = seeds.lock().ok().and_then(|mut v| v.pop()) else {
-                        break;
-                    };
+                while let Some(seed) = seeds.lock().ok().and_then(|mut v| v.pop()) {
                     if let Err(e) = run(make(seed)) {
                         eprintln!("seed {seed} FAILED (reproduce: LOCKSTEP_SIM_SEED={seed}): {e}");
                         if let Ok(mut f) = failures.lock() {

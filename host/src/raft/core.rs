@@ -39,6 +39,16 @@ pub struct HardState {
     pub commit: u64,
 }
 
+/// What a core starts from: `tail` holds the entries `applied+1..=last` (older ones are
+/// readable through [`LogRead`]), `term_runs` the terms of the whole log as `(first index, term)`.
+#[derive(Debug, Default)]
+pub struct DurableState {
+    pub hard: HardState,
+    pub term_runs: Vec<(u64, u64)>,
+    pub tail: Vec<LogEntry>,
+    pub applied: u64,
+}
+
 /// Reads the durable log below the in-memory tail (entries a lagging follower still needs).
 pub trait LogRead: Send {
     /// Entries `lo..hi`, at most `max_bytes` (at least one); `None` if storage failed.
@@ -161,18 +171,20 @@ pub struct RaftCore {
 }
 
 impl RaftCore {
-    /// Builds a core from durable state: `tail` holds the entries `applied+1..=last` (the rest
-    /// is readable through `storage`), `term_runs` the terms of the whole log.
+    /// Builds a core from durable state (the log is read through `storage` below the tail).
     pub fn new(
         cfg: CoreConfig,
         seed: u64,
-        hard: HardState,
-        term_runs: Vec<(u64, u64)>,
-        tail: Vec<LogEntry>,
-        applied: u64,
+        state: DurableState,
         storage: Box<dyn LogRead>,
         now: u64,
     ) -> RaftCore {
+        let DurableState {
+            hard,
+            term_runs,
+            tail,
+            applied,
+        } = state;
         let last_index = tail.last().map(|e| e.index).unwrap_or(applied);
         let mut core = RaftCore {
             rng: SmallRng::seed_from_u64(seed),
@@ -1109,5 +1121,467 @@ impl RaftCore {
             self.advance_commit(q);
             self.release_reads();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoStorage;
+    impl LogRead for NoStorage {
+        fn entries(&self, _: u64, _: u64, _: usize) -> Option<Vec<LogEntry>> {
+            None
+        }
+    }
+
+    fn cfg(id: NodeId, n: u64) -> CoreConfig {
+        CoreConfig {
+            id,
+            members: (1..=n).collect(),
+            election_timeout_ms: (100, 200),
+            heartbeat_ms: 20,
+            max_batch_entries: 64,
+            max_batch_bytes: 1 << 20,
+            max_inflight: 4,
+            unsafe_ack_before_durable: false,
+        }
+    }
+
+    fn entry(index: u64, term: u64) -> LogEntry {
+        LogEntry {
+            index,
+            term,
+            timestamp_ms: 0,
+            kind: EntryKind::Normal,
+            payload: Bytes::from(vec![term as u8]),
+        }
+    }
+
+    /// A core whose log holds entries with the given terms (index = position + 1).
+    fn core(id: NodeId, n: u64, terms: &[u64], term: u64) -> RaftCore {
+        let tail: Vec<LogEntry> = terms
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| entry(i as u64 + 1, t))
+            .collect();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for e in &tail {
+            if runs.last().map(|r| r.1) != Some(e.term) {
+                runs.push((e.index, e.term));
+            }
+        }
+        let hs = HardState {
+            term,
+            vote: 0,
+            commit: 0,
+        };
+        let state = DurableState {
+            hard: hs,
+            term_runs: runs,
+            tail,
+            applied: 0,
+        };
+        RaftCore::new(cfg(id, n), id, state, Box::new(NoStorage), 0)
+    }
+
+    /// Makes every write durable at once; returns all messages (immediate and after-durable).
+    fn flush(c: &mut RaftCore) -> Vec<(NodeId, Message)> {
+        let mut out = Vec::new();
+        while c.has_ready() {
+            let r = c.take_ready();
+            out.extend(r.messages);
+            for w in r.writes {
+                out.extend(w.after);
+                c.persisted(w.last_index, w.last_term);
+            }
+        }
+        out
+    }
+
+    /// Elects node 1 of `n` with the given log, votes granted by every peer.
+    fn elect(c: &mut RaftCore, n: u64) {
+        c.tick(1_000, 0);
+        flush(c);
+        for p in 2..=n {
+            c.step(
+                p,
+                Message::PreVoteResp {
+                    term: c.term() + 1,
+                    granted: true,
+                },
+            );
+        }
+        flush(c);
+        for p in 2..=n {
+            c.step(
+                p,
+                Message::VoteResp {
+                    term: c.term(),
+                    granted: true,
+                },
+            );
+        }
+        flush(c);
+        assert!(c.is_leader());
+    }
+
+    #[test]
+    fn election_safety_one_vote_per_term_and_only_when_durable() {
+        let mut c = core(1, 3, &[1, 1], 1);
+        c.step(
+            2,
+            Message::Vote {
+                term: 2,
+                last_index: 2,
+                last_term: 1,
+            },
+        );
+        let r = c.take_ready();
+        assert!(
+            r.messages
+                .iter()
+                .all(|(_, m)| !matches!(m, Message::VoteResp { granted: true, .. }))
+        );
+        let w = r
+            .writes
+            .iter()
+            .find(|w| w.hard_state.is_some())
+            .expect("vote is persisted");
+        assert_eq!(w.hard_state.map(|h| (h.term, h.vote)), Some((2, 2)));
+        assert!(
+            w.after.contains(&(
+                2,
+                Message::VoteResp {
+                    term: 2,
+                    granted: true
+                }
+            )),
+            "granted only after durable"
+        );
+        // A second candidate in the same term is refused.
+        c.step(
+            3,
+            Message::Vote {
+                term: 2,
+                last_index: 9,
+                last_term: 1,
+            },
+        );
+        assert!(c.take_ready().messages.contains(&(
+            3,
+            Message::VoteResp {
+                term: 2,
+                granted: false
+            }
+        )));
+        // A candidate with a less up-to-date log is refused in a fresh term.
+        let mut c = core(1, 3, &[1, 2], 2);
+        c.step(
+            3,
+            Message::Vote {
+                term: 3,
+                last_index: 5,
+                last_term: 1,
+            },
+        );
+        assert!(c.take_ready().messages.contains(&(
+            3,
+            Message::VoteResp {
+                term: 3,
+                granted: false
+            }
+        )));
+    }
+
+    #[test]
+    fn election_safety_no_leader_without_a_quorum() {
+        let mut c = core(1, 5, &[], 0);
+        c.tick(1_000, 0);
+        flush(&mut c);
+        c.step(
+            2,
+            Message::PreVoteResp {
+                term: 1,
+                granted: true,
+            },
+        );
+        flush(&mut c);
+        assert_eq!(c.role(), CoreRole::PreCandidate, "2 of 5 is no quorum");
+        assert_eq!(c.term(), 0, "pre-vote changes no term");
+        c.step(
+            3,
+            Message::PreVoteResp {
+                term: 1,
+                granted: true,
+            },
+        );
+        flush(&mut c);
+        assert_eq!((c.role(), c.term()), (CoreRole::Candidate, 1));
+        c.step(
+            2,
+            Message::VoteResp {
+                term: 1,
+                granted: true,
+            },
+        );
+        c.step(
+            2,
+            Message::VoteResp {
+                term: 1,
+                granted: true,
+            },
+        ); // a duplicate counts once
+        flush(&mut c);
+        assert_eq!(c.role(), CoreRole::Candidate);
+        c.step(
+            4,
+            Message::VoteResp {
+                term: 1,
+                granted: true,
+            },
+        );
+        flush(&mut c);
+        assert!(c.is_leader());
+    }
+
+    #[test]
+    fn log_matching_rejects_gaps_and_truncates_conflicts() {
+        let mut f = core(2, 3, &[1, 1, 2, 2], 2);
+        // prev entry missing: rejected with our last index as a hint.
+        f.step(
+            1,
+            Message::Append {
+                term: 3,
+                prev_index: 6,
+                prev_term: 3,
+                commit: 0,
+                seq: 0,
+                entries: vec![],
+            },
+        );
+        assert!(f.take_ready().messages.contains(&(
+            1,
+            Message::AppendResp {
+                term: 3,
+                success: false,
+                index: 6,
+                last_index: 4,
+                seq: 0
+            }
+        )));
+        // prev term differs: rejected.
+        f.step(
+            1,
+            Message::Append {
+                term: 3,
+                prev_index: 3,
+                prev_term: 3,
+                commit: 0,
+                seq: 0,
+                entries: vec![],
+            },
+        );
+        assert!(
+            flush(&mut f)
+                .iter()
+                .any(|(_, m)| matches!(m, Message::AppendResp { success: false, .. }))
+        );
+        // Matching prev, conflicting suffix: truncated from the conflict, the rest kept.
+        f.step(
+            1,
+            Message::Append {
+                term: 3,
+                prev_index: 1,
+                prev_term: 1,
+                commit: 2,
+                seq: 0,
+                entries: vec![entry(2, 1), entry(3, 3)],
+            },
+        );
+        let r = f.take_ready();
+        assert_eq!(r.writes.iter().find_map(|w| w.truncate_from), Some(3));
+        assert_eq!((f.last_index(), f.term_at(2), f.term_at(3)), (3, 1, 3));
+        assert_eq!(f.commit_index(), 2);
+        // The ack waits for durability.
+        assert!(
+            r.messages
+                .iter()
+                .all(|(_, m)| !matches!(m, Message::AppendResp { success: true, .. }))
+        );
+        assert!(
+            r.writes
+                .iter()
+                .any(|w| w.after.iter().any(|(_, m)| matches!(
+                    m,
+                    Message::AppendResp {
+                        success: true,
+                        index: 3,
+                        ..
+                    }
+                )))
+        );
+        // A stale, shorter append never truncates what matches.
+        f.step(
+            1,
+            Message::Append {
+                term: 3,
+                prev_index: 1,
+                prev_term: 1,
+                commit: 2,
+                seq: 0,
+                entries: vec![entry(2, 1)],
+            },
+        );
+        flush(&mut f);
+        assert_eq!(f.last_index(), 3);
+    }
+
+    #[test]
+    #[should_panic(expected = "truncating committed entry")]
+    fn log_matching_never_truncates_committed_entries() {
+        let mut f = core(2, 3, &[1, 1], 1);
+        f.step(
+            1,
+            Message::Append {
+                term: 1,
+                prev_index: 2,
+                prev_term: 1,
+                commit: 2,
+                seq: 0,
+                entries: vec![],
+            },
+        );
+        flush(&mut f);
+        assert_eq!(f.commit_index(), 2);
+        // Entry 1 at ≤ commit is skipped (known to match); forcing the check at the core level:
+        f.truncate(2);
+    }
+
+    #[test]
+    fn commit_rule_counts_only_current_term_entries() {
+        // Node 1 has entries of terms 1 and 2 and becomes leader of term 3 (no-op at 3).
+        let mut c = core(1, 3, &[1, 2], 2);
+        elect(&mut c, 3);
+        assert_eq!((c.term(), c.last_index()), (3, 3));
+        // A quorum holds index 2 (an older term's entry): it must not commit by counting.
+        c.step(
+            2,
+            Message::AppendResp {
+                term: 3,
+                success: true,
+                index: 2,
+                last_index: 2,
+                seq: 0,
+            },
+        );
+        flush(&mut c);
+        assert_eq!(
+            c.commit_index(),
+            0,
+            "entries of an older term are not committed by counting replicas"
+        );
+        // Once the current term's no-op is on a quorum, everything up to it commits.
+        c.step(
+            2,
+            Message::AppendResp {
+                term: 3,
+                success: true,
+                index: 3,
+                last_index: 3,
+                seq: 0,
+            },
+        );
+        flush(&mut c);
+        assert_eq!(c.commit_index(), 3);
+    }
+
+    #[test]
+    fn commit_needs_the_leaders_own_durable_write() {
+        let mut c = core(1, 3, &[], 0);
+        elect(&mut c, 3);
+        let (first, _) = c
+            .propose([Bytes::from_static(b"a")], 0, None)
+            .expect("leader");
+        let r = c.take_ready(); // not persisted: the leader's vote is missing
+        c.step(
+            2,
+            Message::AppendResp {
+                term: 1,
+                success: true,
+                index: first,
+                last_index: first,
+                seq: 0,
+            },
+        );
+        flush(&mut c);
+        assert_eq!(
+            c.commit_index(),
+            1,
+            "only the no-op (durable on the leader) commits"
+        );
+        for w in r.writes {
+            c.persisted(w.last_index, w.last_term);
+        }
+        flush(&mut c);
+        assert_eq!(c.commit_index(), first);
+    }
+
+    #[test]
+    fn check_quorum_steps_down_and_fails_reads() {
+        let mut c = core(1, 3, &[], 0);
+        elect(&mut c, 3);
+        c.read_index(7).expect("leader");
+        let mut t = 1_000;
+        while c.is_leader() && t < 2_000 {
+            t += 10;
+            c.tick(t, 0);
+        }
+        assert!(!c.is_leader(), "a leader that hears nobody steps down");
+        let r = c.take_ready();
+        assert!(r.stepped_down);
+        assert_eq!(r.reads_failed, vec![7]);
+    }
+
+    #[test]
+    fn read_index_waits_for_a_quorum_round() {
+        let mut c = core(1, 3, &[], 0);
+        elect(&mut c, 3);
+        c.step(
+            2,
+            Message::AppendResp {
+                term: 1,
+                success: true,
+                index: 1,
+                last_index: 1,
+                seq: 0,
+            },
+        );
+        flush(&mut c);
+        c.read_index(1).expect("leader");
+        let seq = flush(&mut c)
+            .iter()
+            .find_map(|(_, m)| {
+                if let Message::Heartbeat { seq, .. } = m {
+                    Some(*seq)
+                } else {
+                    None
+                }
+            })
+            .expect("a heartbeat round");
+        assert!(c.take_ready().reads_ready.is_empty());
+        c.step(
+            3,
+            Message::HeartbeatResp {
+                term: 1,
+                seq: seq - 1,
+            },
+        );
+        assert!(
+            c.take_ready().reads_ready.is_empty(),
+            "an older round does not confirm"
+        );
+        c.step(3, Message::HeartbeatResp { term: 1, seq });
+        assert_eq!(c.take_ready().reads_ready, vec![(1, 1)]);
     }
 }

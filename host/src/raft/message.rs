@@ -46,6 +46,15 @@ impl LogEntry {
         r.finish()?;
         Ok(e)
     }
+
+    /// Decodes back-to-back encoded entries (a storage row), calling `f` on each.
+    pub fn decode_all(bytes: &[u8], mut f: impl FnMut(LogEntry)) -> Result<(), DecodeError> {
+        let mut r = Reader { buf: bytes, pos: 0 };
+        while r.remaining() > 0 {
+            f(r.entry()?);
+        }
+        Ok(())
+    }
 }
 
 /// A Raft message between peers. `term` is the sender's term.

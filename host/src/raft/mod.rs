@@ -12,7 +12,9 @@ mod node;
 
 use std::time::Duration;
 
-pub use self::core::{CoreConfig, CoreRole, HardState, LogRead, LogWrite, RaftCore, Ready};
+pub use self::core::{
+    CoreConfig, CoreRole, DurableState, HardState, LogRead, LogWrite, RaftCore, Ready,
+};
 pub use message::{DecodeError, EntryKind, LogEntry, Message};
 pub use metrics::{HistogramSnapshot, MetricsSnapshot};
 pub use node::{Applied, MemberStatus, Node, ProposeError, ReadError, Role, Status, Transport};

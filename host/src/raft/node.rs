@@ -19,7 +19,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use super::core::{CoreRole, ProposeRefused, RaftCore};
+use super::core::{CoreRole, DurableState, ProposeRefused, RaftCore};
 use super::fsm_caller::{FsmCaller, FsmTask};
 use super::log_manager::{DiskQueue, DiskTask};
 use super::message::{EntryKind, Message};
@@ -187,13 +187,16 @@ impl<SM: StateMachine> Node<SM> {
             }
         }
         let tail = log.read(applied + 1, rec.last_index + 1, usize::MAX)?;
+        let state = DurableState {
+            hard: rec.hard_state,
+            term_runs: rec.term_runs,
+            tail,
+            applied,
+        };
         let core = RaftCore::new(
             config.core_config(),
             rand::random(),
-            rec.hard_state,
-            rec.term_runs,
-            tail,
-            applied,
+            state,
             Box::new(log.clone()),
             0,
         );

@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng, rngs::SmallRng};
 
 use super::NodeId;
 use super::core::ProposeRefused as ProposeRefusal;
-use super::core::{CoreConfig, HardState, LogRead, LogWrite, RaftCore};
+use super::core::{CoreConfig, DurableState, HardState, LogRead, LogWrite, RaftCore};
 use super::message::{EntryKind, LogEntry, Message};
 
 /// What one simulation run looks like.
@@ -307,16 +307,13 @@ impl Sim {
             }
         }
         let tail = entries[commit as usize..].to_vec();
-        let core = RaftCore::new(
-            cfg,
-            node_seed,
+        let state = DurableState {
             hard,
             term_runs,
             tail,
-            commit,
-            Box::new(n.disk.clone()),
-            self.now,
-        );
+            applied: commit,
+        };
+        let core = RaftCore::new(cfg, node_seed, state, Box::new(n.disk.clone()), self.now);
         n.core = Some(core);
         n.incarnation += 1;
         let inc = n.incarnation;

@@ -1,6 +1,10 @@
-//! The Raft log in redb: one database per node holding the entries (`log`: index → encoded
-//! entry) and the metadata (`meta`: term, vote, commit lower bound, compaction point), updated in
+//! The Raft log in redb: one database per node holding the entries and the metadata (`meta`: term, vote, commit lower bound, compaction point), updated in
 //! the same durable transaction.
+//!
+//! Entries are stored in rows of consecutive entries (`log`: index of the first entry → the
+//! entries encoded back to back), one row per append: a group commit inserts a few B-tree rows
+//! instead of one per entry, which is most of the CPU of a commit. Rows never overlap;
+//! truncation rewrites the row it cuts and deletes the later ones.
 //!
 //! One writer (the log manager's disk thread) group-commits many [`LogWrite`]s per transaction
 //! with `Durability::Immediate`; readers (replicators reaching below the in-memory tail, restart)
@@ -77,16 +81,26 @@ impl LogStore {
         let mut expected = get(META_FIRST_INDEX)?.max(1);
         for item in log.iter()? {
             let (k, v) = item?;
-            let (index, term) = decode_index_term(v.value()).context("corrupt log entry header")?;
             anyhow::ensure!(
-                index == k.value() && index == expected,
-                "log hole or mislabeled entry at {index}"
+                k.value() == expected,
+                "log hole: row at {} where {expected} was expected",
+                k.value()
             );
-            if r.term_runs.last().map(|&(_, t)| t) != Some(term) {
-                r.term_runs.push((index, term));
+            let mut bad = None;
+            LogEntry::decode_all(v.value(), |e| {
+                if e.index != expected {
+                    bad.get_or_insert(e.index);
+                }
+                if r.term_runs.last().map(|&(_, t)| t) != Some(e.term) {
+                    r.term_runs.push((e.index, e.term));
+                }
+                r.last_index = e.index;
+                expected += 1;
+            })
+            .context("corrupt log row")?;
+            if let Some(i) = bad {
+                anyhow::bail!("mislabeled log entry {i}");
             }
-            r.last_index = index;
-            expected += 1;
         }
         r.hard_state.commit = r.hard_state.commit.min(r.last_index);
         Ok(r)
@@ -98,14 +112,29 @@ impl LogStore {
         let log = txn.open_table(LOG)?;
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        for item in log.range(lo..hi)? {
+        // The row holding `lo` starts at or before it.
+        let start = match log.range(..=lo)?.next_back() {
+            Some(row) => row?.0.value(),
+            None => lo,
+        };
+        let mut full = false;
+        for item in log.range(start..hi)? {
             let (_, v) = item?;
-            let e = LogEntry::decode(v.value()).context("corrupt log entry")?;
-            if !out.is_empty() && bytes + e.size() > max_bytes {
+            LogEntry::decode_all(v.value(), |e| {
+                if full || e.index < lo || e.index >= hi {
+                    return;
+                }
+                if !out.is_empty() && bytes + e.size() > max_bytes {
+                    full = true;
+                    return;
+                }
+                bytes += e.size();
+                out.push(e);
+            })
+            .context("corrupt log row")?;
+            if full {
                 break;
             }
-            bytes += e.size();
-            out.push(e);
         }
         Ok(out)
     }
@@ -119,19 +148,28 @@ impl LogStore {
             let mut meta = txn.open_table(META)?;
             let mut commit = meta.get(META_COMMIT)?.map(|v| v.value()).unwrap_or(0);
             let mut hard = None;
+            // Consecutive appends of the group become one row.
+            scratch.clear();
+            let mut row_start = None;
             for w in writes {
                 if let Some(from) = w.truncate_from {
-                    log.retain_in(from.., |_, _| false)?;
+                    if let Some(start) = row_start.take() {
+                        log.insert(start, scratch.as_slice())?;
+                        scratch.clear();
+                    }
+                    truncate(&mut log, from)?;
                 }
                 for e in &w.entries {
-                    scratch.clear();
+                    row_start.get_or_insert(e.index);
                     e.encode(scratch);
-                    log.insert(e.index, scratch.as_slice())?;
                 }
                 if let Some(hs) = w.hard_state {
                     hard = Some(hs);
                 }
                 commit = commit.max(w.commit);
+            }
+            if let Some(start) = row_start {
+                log.insert(start, scratch.as_slice())?;
             }
             if let Some(hs) = hard {
                 meta.insert(META_TERM, hs.term)?;
@@ -156,22 +194,30 @@ impl LogRead for LogStore {
     }
 }
 
-/// The index and term at the front of an encoded entry (no payload copy).
-fn decode_index_term(b: &[u8]) -> Option<(u64, u64)> {
-    let mut pos = 0;
-    let mut next = || -> Option<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let byte = *b.get(pos)?;
-            pos += 1;
-            v |= ((byte & 0x7f) as u64).checked_shl(shift)?;
-            if byte & 0x80 == 0 {
-                return Some(v);
-            }
+/// Deletes every entry from index `from` on: the row holding `from` is cut, later rows go.
+fn truncate(log: &mut redb::Table<u64, &[u8]>, from: u64) -> anyhow::Result<()> {
+    let cut = match log.range(..from)?.next_back() {
+        Some(row) => {
+            let (k, v) = row?;
+            let mut kept = Vec::new();
+            let mut cut = false;
+            LogEntry::decode_all(v.value(), |e| {
+                if e.index < from {
+                    e.encode(&mut kept);
+                } else {
+                    cut = true;
+                }
+            })
+            .context("corrupt log row")?;
+            cut.then_some((k.value(), kept))
         }
-        None
+        None => None,
     };
-    Some((next()?, next()?))
+    if let Some((k, kept)) = cut {
+        log.insert(k, kept.as_slice())?;
+    }
+    log.retain_in(from.., |_, _| false)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -214,6 +260,32 @@ mod tests {
                 ..Default::default()
             };
             s.write(&[w1, w2], &mut scratch)?;
+            // Rows of several writes, then a cut in the middle of a row of an older commit.
+            let w3 = LogWrite {
+                entries: (5..=9).map(|i| entry(i, 2)).collect(),
+                ..Default::default()
+            };
+            let w4 = LogWrite {
+                entries: (10..=12).map(|i| entry(i, 2)).collect(),
+                ..Default::default()
+            };
+            s.write(&[w3, w4], &mut scratch)?;
+            assert_eq!(
+                s.read(7, 11, usize::MAX)?,
+                (7..=10).map(|i| entry(i, 2)).collect::<Vec<_>>()
+            );
+            let w5 = LogWrite {
+                truncate_from: Some(7),
+                entries: vec![entry(7, 3)],
+                ..Default::default()
+            };
+            s.write(&[w5], &mut scratch)?;
+            assert_eq!(s.read(6, 100, usize::MAX)?, vec![entry(6, 2), entry(7, 3)]);
+            let w6 = LogWrite {
+                truncate_from: Some(5),
+                ..Default::default()
+            };
+            s.write(&[w6], &mut scratch)?;
             assert_eq!(s.read(1, 100, usize::MAX)?.len(), 4);
             assert_eq!(
                 s.read(2, 4, 1)?.len(),
