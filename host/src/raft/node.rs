@@ -342,7 +342,7 @@ impl<SM: StateMachine> Node<SM> {
         let sent = if linearizable {
             self.inner.events.send(Event::Read(job)).is_ok()
         } else {
-            self.inner.fsm.send(FsmTask::Read(job)).is_ok()
+            self.inner.fsm.send(FsmTask::Read(0, job)).is_ok()
         };
         if !sent {
             return Err(ReadError::ShuttingDown);
@@ -603,11 +603,10 @@ impl<SM: StateMachine> CoreLoop<SM> {
                 self.ship(commit);
             }
             for (id, index) in ready.reads_ready {
-                // The FSM queue is FIFO and everything up to `commit ≥ index` is shipped.
-                debug_assert!(index <= self.shipped);
+                // The FSM caller runs it once `index` is applied.
                 for job in self.reads.remove(&id).unwrap_or_default() {
-                    if let Err(std::sync::mpsc::SendError(FsmTask::Read(job))) =
-                        self.fsm.send(FsmTask::Read(job))
+                    if let Err(std::sync::mpsc::SendError(FsmTask::Read(_, job))) =
+                        self.fsm.send(FsmTask::Read(index, job))
                     {
                         job(Err(ReadError::ShuttingDown));
                     }
@@ -639,8 +638,9 @@ impl<SM: StateMachine> CoreLoop<SM> {
             let Some((index, term, tx)) = self.pending.pop_front() else {
                 break;
             };
-            let ours = entries
-                .get((index - self.shipped - 1) as usize)
+            let ours = index
+                .checked_sub(self.shipped + 1)
+                .and_then(|k| entries.get(k as usize))
                 .is_some_and(|e| e.term == term);
             if ours {
                 done.push((index, tx));
