@@ -29,6 +29,8 @@ use crate::state_machine::{Entry, StateMachine};
 use crate::storage::LogStore;
 
 /// Sends one message to a peer. Fire-and-forget: it may drop, delay or reorder.
+/// Called from the core loop (a tokio task) and from the disk thread (not a tokio thread):
+/// it must not block; queue and return.
 pub trait Transport: Send + Sync + 'static {
     fn send(&self, to: NodeId, msg: Message);
 }
