@@ -228,3 +228,44 @@ async fn step_down_resolves_every_pending_completion() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_member_cluster_serves_alone_and_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("solo/log.redb");
+    let net = LocalNetwork::new();
+    for round in 1..=2u64 {
+        let log = LogStore::open(&path).expect("open log");
+        let node = Node::start(
+            RaftConfig::new(7, vec![7]),
+            log,
+            net.transport(7),
+            Journal::default(),
+        )
+        .expect("start");
+        let mut ok = None;
+        for _ in 0..200 {
+            match node.propose(Bytes::from(format!("r{round}")), None).await {
+                Ok(a) => {
+                    ok = Some(a);
+                    break;
+                }
+                Err(ProposeError::NotLeader { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let a = ok.expect("a lone member elects itself");
+        assert_eq!(
+            a.output, round,
+            "round {round} sees the entries of earlier rounds replayed"
+        );
+        let seen = node
+            .read(true, |sm: &mut Journal| sm.seen.len())
+            .await
+            .expect("read");
+        assert_eq!(seen as u64, round);
+        node.shutdown().await;
+    }
+}

@@ -1,5 +1,5 @@
-//! The cluster simulator over many seeds: `LOCKSTEP_SIM_SEEDS=N` sets how many (default 200,
-//! alternating 3- and 5-node clusters), `LOCKSTEP_SIM_SEED=S` runs one and prints its trace hash.
+//! The cluster simulator over many seeds: `LOCKSTEP_SIM_SEEDS=N` sets how many (default 1000,
+//! alternating 3- and 5-node clusters, about 10 s on 2 cores), `LOCKSTEP_SIM_SEED=S` runs one and prints its trace hash.
 
 use std::time::Instant;
 
@@ -14,7 +14,11 @@ fn run(cfg: SimConfig) -> Result<SimReport, String> {
 }
 
 /// Runs `seeds` on all cores; returns the failures.
-fn run_seeds(seeds: Vec<u64>, make: fn(u64) -> SimConfig) -> Vec<(u64, String)> {
+fn run_seeds(
+    seeds: Vec<u64>,
+    make: fn(u64) -> SimConfig,
+    expect_failures: bool,
+) -> Vec<(u64, String)> {
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2);
@@ -27,7 +31,11 @@ fn run_seeds(seeds: Vec<u64>, make: fn(u64) -> SimConfig) -> Vec<(u64, String)> 
             s.spawn(move || {
                 while let Some(seed) = seeds.lock().ok().and_then(|mut v| v.pop()) {
                     if let Err(e) = run(make(seed)) {
-                        eprintln!("seed {seed} FAILED (reproduce: LOCKSTEP_SIM_SEED={seed}): {e}");
+                        if !expect_failures {
+                            eprintln!(
+                                "seed {seed} FAILED (reproduce: LOCKSTEP_SIM_SEED={seed}): {e}"
+                            );
+                        }
                         if let Ok(mut f) = failures.lock() {
                             f.push((seed, e));
                         }
@@ -62,9 +70,9 @@ fn simulation() {
     let n: u64 = std::env::var("LOCKSTEP_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
+        .unwrap_or(1000);
     let start = Instant::now();
-    let failures = run_seeds((0..n).rev().collect(), config);
+    let failures = run_seeds((0..n).rev().collect(), config, false);
     println!("{n} seeds in {:.1?}", start.elapsed());
     assert!(
         failures.is_empty(),
@@ -91,7 +99,7 @@ fn negative_control_ack_before_durable_is_caught() {
         c.unsafe_ack_before_durable = true;
         c
     }
-    let failures = run_seeds((1000..1200).collect(), broken);
+    let failures = run_seeds((1000..1200).collect(), broken, true);
     println!(
         "negative control: {} of 200 seeds caught the broken rule",
         failures.len()

@@ -3,7 +3,7 @@
 //! percentiles and process CPU per task at several submitter counts.
 //!
 //! `cargo run --release -p lockstep --bin pipeline-bench -- [--secs 5] [--payload 32]
-//!  [--submitters 1,64,256] [--dir /tmp/x]`
+//!  [--submitters 1,64,256] [--dir /tmp/x] [--workers 2]`
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +42,7 @@ struct Args {
     payload: usize,
     submitters: Vec<usize>,
     dir: Option<std::path::PathBuf>,
+    workers: usize,
 }
 
 fn args() -> anyhow::Result<Args> {
@@ -50,6 +51,7 @@ fn args() -> anyhow::Result<Args> {
         payload: 32,
         submitters: vec![1, 64, 256],
         dir: None,
+        workers: 2,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -64,6 +66,7 @@ fn args() -> anyhow::Result<Args> {
                     .collect::<Result<_, _>>()?;
             }
             "--dir" => a.dir = Some(val()?.into()),
+            "--workers" => a.workers = val()?.parse()?,
             other => anyhow::bail!("unknown flag {other}"),
         }
     }
@@ -92,7 +95,7 @@ fn cpu_seconds() -> f64 {
 fn main() -> anyhow::Result<()> {
     let args = args()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(args.workers.max(1))
         .enable_all()
         .build()?;
     rt.block_on(run(args))

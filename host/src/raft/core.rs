@@ -896,6 +896,22 @@ impl RaftCore {
             };
             core.ready.messages.push((from, m));
         };
+        // A well-formed append carries consecutive entries after `prev_index`, in terms that
+        // never decrease nor exceed the leader's; anything else is dropped, not trusted.
+        let well_formed = entries.iter().enumerate().all(|(k, e)| {
+            e.index == prev_index + 1 + k as u64
+                && e.term <= self.term
+                && e.term
+                    >= if k == 0 {
+                        prev_term
+                    } else {
+                        entries[k - 1].term
+                    }
+        });
+        if !well_formed {
+            tracing::warn!(from, prev_index, "dropping a malformed append");
+            return;
+        }
         if prev_index > self.last_index || self.term_at(prev_index) != prev_term {
             // Below our commit the entries are known to match: the leader just lags behind.
             if prev_index >= self.commit {

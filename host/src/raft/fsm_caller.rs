@@ -11,7 +11,7 @@ use std::sync::mpsc::Receiver;
 
 use super::message::{EntryKind, LogEntry};
 use super::metrics::Metrics;
-use super::{Applied, Completion, ProposeError, ReadJob};
+use super::{Applied, Completion, ProposeError, ReadError, ReadJob};
 use crate::state_machine::{Entry, StateMachine};
 
 pub(crate) enum FsmTask<SM: StateMachine> {
@@ -20,7 +20,8 @@ pub(crate) enum FsmTask<SM: StateMachine> {
         entries: Vec<LogEntry>,
         done: Vec<(u64, Completion<SM::Output>)>,
     },
-    Read(ReadJob<SM>),
+    /// Runs once everything up to the index is applied (0: at once, on local state).
+    Read(u64, ReadJob<SM>),
     Stop,
 }
 
@@ -36,6 +37,8 @@ impl<SM: StateMachine> FsmCaller<SM> {
         let mut tasks: Vec<FsmTask<SM>> = Vec::new();
         let mut batch: Vec<Entry> = Vec::new();
         let mut done: Vec<(u64, Completion<SM::Output>)> = Vec::new();
+        // Reads whose index is not applied yet, in arrival order.
+        let mut waiting: Vec<(u64, ReadJob<SM>)> = Vec::new();
         loop {
             match self.rx.recv() {
                 Ok(t) => tasks.push(t),
@@ -68,15 +71,29 @@ impl<SM: StateMachine> FsmCaller<SM> {
                         );
                         done.extend(d);
                     }
-                    FsmTask::Read(job) => {
+                    FsmTask::Read(index, job) => {
                         self.flush(&mut batch, &mut done, last);
-                        job(Ok(&mut self.sm));
+                        if index <= self.applied.load(Ordering::Relaxed) && waiting.is_empty() {
+                            job(Ok(&mut self.sm));
+                        } else {
+                            waiting.push((index, job));
+                        }
                     }
                     FsmTask::Stop => stop = true,
                 }
             }
             self.flush(&mut batch, &mut done, last);
+            if !waiting.is_empty() {
+                let applied = self.applied.load(Ordering::Relaxed);
+                let ready = waiting.iter().take_while(|(i, _)| *i <= applied).count();
+                for (_, job) in waiting.drain(..ready) {
+                    job(Ok(&mut self.sm));
+                }
+            }
             if stop {
+                for (_, job) in waiting.drain(..) {
+                    job(Err(ReadError::ShuttingDown));
+                }
                 return;
             }
         }

@@ -72,9 +72,14 @@ impl<SM: StateMachine> DiskQueue<SM> {
             // Linger: under steady load, a commit that would start with a small fraction of
             // the usual batch (the first arrivals of a cohort) waits a little for the rest,
             // so one fsync covers the cohort instead of splitting it over two cycles.
-            if !stopping && avg_batch >= 8.0 && (entries as f64) < avg_batch / 2.0 {
-                let deadline = Instant::now() + (avg_commit / 4).min(Duration::from_micros(400));
-                while !stopping && (entries as f64) < avg_batch / 2.0 && entries < self.max_entries
+            if !stopping && avg_batch >= 8.0 && (entries as f64) < avg_batch * LINGER_FILL {
+                let deadline = Instant::now()
+                    + avg_commit
+                        .mul_f64(LINGER_WAIT)
+                        .min(Duration::from_micros(400));
+                while !stopping
+                    && (entries as f64) < avg_batch * LINGER_FILL
+                    && entries < self.max_entries
                 {
                     let now = Instant::now();
                     if now >= deadline {
@@ -118,3 +123,8 @@ impl<SM: StateMachine> DiskQueue<SM> {
 fn size(w: &LogWrite) -> usize {
     w.entries.iter().map(|e| e.size()).sum::<usize>() + 16
 }
+
+/// Linger while a batch holds less than this fraction of the average batch...
+const LINGER_FILL: f64 = 0.5;
+/// ...for at most this fraction of the average commit time.
+const LINGER_WAIT: f64 = 0.25;

@@ -29,6 +29,8 @@ use crate::state_machine::{Entry, StateMachine};
 use crate::storage::LogStore;
 
 /// Sends one message to a peer. Fire-and-forget: it may drop, delay or reorder.
+/// Called from the core loop (a tokio task) and from the disk thread (not a tokio thread):
+/// it must not block; queue and return.
 pub trait Transport: Send + Sync + 'static {
     fn send(&self, to: NodeId, msg: Message);
 }
@@ -342,7 +344,7 @@ impl<SM: StateMachine> Node<SM> {
         let sent = if linearizable {
             self.inner.events.send(Event::Read(job)).is_ok()
         } else {
-            self.inner.fsm.send(FsmTask::Read(job)).is_ok()
+            self.inner.fsm.send(FsmTask::Read(0, job)).is_ok()
         };
         if !sent {
             return Err(ReadError::ShuttingDown);
@@ -496,6 +498,9 @@ impl<SM: StateMachine> CoreLoop<SM> {
                 .set_applied(self.shared.applied.load(Ordering::Acquire));
             self.flush_ready();
             self.publish_status();
+            // Let woken submitters run before draining again: the next batch is bigger and
+            // the cycle costs fewer appends, writes and thread wake-ups.
+            tokio::task::yield_now().await;
         }
         self.stop(rx, shutdown).await;
     }
@@ -603,11 +608,10 @@ impl<SM: StateMachine> CoreLoop<SM> {
                 self.ship(commit);
             }
             for (id, index) in ready.reads_ready {
-                // The FSM queue is FIFO and everything up to `commit ≥ index` is shipped.
-                debug_assert!(index <= self.shipped);
+                // The FSM caller runs it once `index` is applied.
                 for job in self.reads.remove(&id).unwrap_or_default() {
-                    if let Err(std::sync::mpsc::SendError(FsmTask::Read(job))) =
-                        self.fsm.send(FsmTask::Read(job))
+                    if let Err(std::sync::mpsc::SendError(FsmTask::Read(_, job))) =
+                        self.fsm.send(FsmTask::Read(index, job))
                     {
                         job(Err(ReadError::ShuttingDown));
                     }
@@ -639,8 +643,9 @@ impl<SM: StateMachine> CoreLoop<SM> {
             let Some((index, term, tx)) = self.pending.pop_front() else {
                 break;
             };
-            let ours = entries
-                .get((index - self.shipped - 1) as usize)
+            let ours = index
+                .checked_sub(self.shipped + 1)
+                .and_then(|k| entries.get(k as usize))
                 .is_some_and(|e| e.term == term);
             if ours {
                 done.push((index, tx));

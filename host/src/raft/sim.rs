@@ -41,8 +41,8 @@ impl SimConfig {
             seed,
             nodes,
             faults: true,
-            duration_ms: 6_000,
-            clients: 3,
+            duration_ms: 10_000,
+            clients: 4,
             keys: 6,
             unsafe_ack_before_durable: false,
         }
