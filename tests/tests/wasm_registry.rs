@@ -115,6 +115,8 @@ fn modules_are_stored_once_and_the_artifact_is_reused() {
 
     // A restarted node: the module loads from the precompiled artifact, no compilation.
     let second = ModuleRegistry::open(&engine, dir.path()).unwrap();
+    // Deploying the same bytes again (a replayed deploy entry) neither revalidates nor compiles.
+    assert_eq!(second.add(&bytes).unwrap(), info);
     let mut m = Machine::new(&second, &info.digest).unwrap();
     assert_eq!(second.artifact_hits(), 1);
     assert_eq!(second.compilations(), 0);

@@ -161,15 +161,32 @@ impl Live {
             TypedFunc::<(&[EntryParam<'_>],), ApplyResults>::new_unchecked(self.exports.on_apply)
         };
         match func.call(&mut self.store, (&params,)) {
-            Ok((outputs,)) if outputs.len() == chunk.len() => Ok(outputs),
-            Ok((outputs,)) => Err(Failure {
-                position: None,
-                error: GuestError::Trap(format!(
-                    "on-apply returned {} results for {} entries",
-                    outputs.len(),
-                    chunk.len()
-                )),
-            }),
+            Ok((outputs,)) => {
+                // Every entry must have been metered (begun) and the batch closed: otherwise
+                // fuel and failures were not per entry, and results could depend on batching.
+                let meter = &self.store.data().meter;
+                let problem = if outputs.len() != chunk.len() {
+                    format!(
+                        "on-apply returned {} results for {} entries",
+                        outputs.len(),
+                        chunk.len()
+                    )
+                } else if meter.begun != chunk.len() || meter.current.is_some() {
+                    format!(
+                        "on-apply skipped the lockstep:machine/host protocol (began {} of {} \
+                         entries, end-batch {}called); build the module with lockstep-guest",
+                        meter.begun,
+                        chunk.len(),
+                        if meter.current.is_some() { "not " } else { "" }
+                    )
+                } else {
+                    return Ok(outputs);
+                };
+                Err(Failure {
+                    position: None,
+                    error: GuestError::Trap(problem),
+                })
+            }
             Err(e) => {
                 let state = self.store.data();
                 let position = state.meter.current;

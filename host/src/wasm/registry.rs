@@ -86,7 +86,8 @@ impl ModuleRegistry {
             digest: digest.clone(),
             size: bytes.len(),
         };
-        if self.cached(&digest).is_some() && self.module_path(&digest).exists() {
+        // Already stored (validated then): at most a load from the artifact.
+        if self.module_path(&digest).exists() && self.load(&digest).is_ok() {
             return Ok(info);
         }
         check_header(bytes)?;
