@@ -117,6 +117,7 @@ fn modules_are_stored_once_and_the_artifact_is_reused() {
     let second = ModuleRegistry::open(&engine, dir.path()).unwrap();
     // Deploying the same bytes again (a replayed deploy entry) neither revalidates nor compiles.
     assert_eq!(second.add(&bytes).unwrap(), info);
+    assert_eq!(second.load(&info.digest).unwrap(), info);
     let mut m = Machine::new(&second, &info.digest).unwrap();
     assert_eq!(second.artifact_hits(), 1);
     assert_eq!(second.compilations(), 0);

@@ -309,7 +309,7 @@ pub struct Machine {
 impl Machine {
     /// Instantiates the module `digest` from `registry` with a fresh (default) state.
     pub fn new(registry: &ModuleRegistry, digest: &str) -> Result<Self, MachineError> {
-        let module = registry.load(digest)?;
+        let module = registry.loaded(digest)?;
         let limits = registry.engine().limits().clone();
         let mut live = Live::new(&module, &limits)?;
         let base = Bytes::from(live.snapshot()?);
@@ -389,7 +389,7 @@ impl Machine {
     /// Moves the state to the module `digest`: the current module's snapshot is restored into
     /// a new instance of it. On any failure the machine keeps running the current module.
     pub fn upgrade(&mut self, registry: &ModuleRegistry, digest: &str) -> Result<(), MachineError> {
-        let module = registry.load(digest)?;
+        let module = registry.loaded(digest)?;
         let snapshot = self.snapshot()?;
         let mut live = Live::new(&module, &self.limits)?;
         live.restore(&snapshot)?;
