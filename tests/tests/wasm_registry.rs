@@ -170,3 +170,30 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn one_registry_serves_several_threads() {
+    let fx = std::sync::Arc::new(Fixture::new(Limits::default()));
+    let bytes = std::sync::Arc::new(guests::read(guests::KV));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (fx, bytes) = (fx.clone(), bytes.clone());
+            std::thread::spawn(move || {
+                let digest = fx.registry.add(&bytes).unwrap().digest;
+                let mut m = Machine::new(&fx.registry, &digest).unwrap();
+                let put = format!(r#"{{"put": {{"key": "t", "value": "{t}"}}}}"#);
+                assert!(m.apply(&lockstep_tests::entries([put]))[0].is_ok());
+                digest
+            })
+        })
+        .collect();
+    let digests: Vec<String> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(digests.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(
+        walk(fx.dir.path())
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "wasm"))
+            .count(),
+        1
+    );
+}
