@@ -1,7 +1,8 @@
 //! Builds the example guests to wasm32-wasip2 so that `cargo test` needs no manual step (the
 //! way wasmtime's test-programs artifacts crate does it). The guests get their own target
-//! directory, `<target>/guests`, so this nested cargo never waits on the outer one's lock and
-//! keeps its incremental state across test runs.
+//! directory, `<target>/guests/<checkout>`, so this nested cargo never waits on the outer one's
+//! lock, keeps its incremental state across test runs, and two checkouts sharing one target
+//! dir never overwrite each other's `.wasm`.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -16,15 +17,26 @@ fn main() {
         .expect("tests/ sits in the workspace")
         .to_path_buf();
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
+    let checkout: String = workspace
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
     // OUT_DIR is <target>/<profile>/build/<pkg>-<hash>/out.
     let target_dir = out_dir
         .ancestors()
         .nth(4)
         .expect("OUT_DIR layout")
-        .join("guests");
+        .join("guests")
+        .join(checkout);
 
-    for path in ["wit", "guest-sdk", "examples", "Cargo.lock"] {
-        println!("cargo:rerun-if-changed={}", workspace.join(path).display());
+    // Every source file, one by one: the guests are rebuilt whenever one of them changes.
+    println!(
+        "cargo:rerun-if-changed={}",
+        workspace.join("Cargo.lock").display()
+    );
+    for dir in ["wit", "guest-sdk", "examples"] {
+        watch(&workspace.join(dir));
     }
 
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -68,6 +80,23 @@ fn main() {
         ));
     }
     std::fs::write(out_dir.join("guests.rs"), consts).expect("write guests.rs");
+}
+
+fn watch(dir: &Path) {
+    println!("cargo:rerun-if-changed={}", dir.display());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if path.file_name().is_some_and(|n| n != "target") {
+                watch(&path);
+            }
+        } else {
+            println!("cargo:rerun-if-changed={}", path.display());
+        }
+    }
 }
 
 fn path_str(path: &Path) -> String {

@@ -28,10 +28,13 @@ pub fn on_apply<M: StateMachine>(
 ) -> Vec<Result<Vec<u8>, String>> {
     // Allocated before the first entry so that no entry pays for growing the result list.
     let mut results = Vec::with_capacity(batch.len());
+    let metered = host::begin_batch();
     slot.with(|machine| {
         for entry in batch {
             // From here until the next call the host meters and blames this entry.
-            host::begin_entry(entry.index);
+            if metered {
+                host::begin_entry(entry.index);
+            }
             let mut ctx = Context::new(entry.index, entry.term, entry.timestamp_ms);
             let result = M::decode_command(&entry.payload)
                 .and_then(|command| machine.apply(&mut ctx, command))

@@ -120,3 +120,26 @@ fn kv_results_and_state_do_not_depend_on_batching() {
     let results = check_invariance(guests::KV, &log);
     assert!(results.iter().filter(|r| r.is_err()).count() >= 50);
 }
+
+/// Without clock, random or spins, the machine stays on the unmetered fast path and falls back
+/// to per-entry metering only for the batches that fail: the outcome must still not depend on
+/// batching.
+#[test]
+fn the_unmetered_fast_path_gives_the_same_results() {
+    let mut rng = Lcg(99);
+    let log: Vec<Entry> = (1..=1000)
+        .map(|i| {
+            let payload = match rng.below(100) {
+                0..=2 => r#"{"trap": true}"#.to_string(),
+                3 => r#"{"alloc_mb": 512}"#.to_string(),
+                4 => r#"{"alloc_mb": 4}"#.to_string(),
+                5 => r#"{"recurse": 10000000}"#.to_string(),
+                6 => "[]".to_string(),
+                _ => format!(r#"{{"add": {}}}"#, rng.below(100)),
+            };
+            entry(i, payload)
+        })
+        .collect();
+    let results = check_invariance(guests::CHAOS, &log);
+    assert!(results.iter().filter(|r| r.is_err()).count() >= 40);
+}

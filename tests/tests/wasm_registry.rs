@@ -115,6 +115,9 @@ fn modules_are_stored_once_and_the_artifact_is_reused() {
 
     // A restarted node: the module loads from the precompiled artifact, no compilation.
     let second = ModuleRegistry::open(&engine, dir.path()).unwrap();
+    // Deploying the same bytes again (a replayed deploy entry) neither revalidates nor compiles.
+    assert_eq!(second.add(&bytes).unwrap(), info);
+    assert_eq!(second.load(&info.digest).unwrap(), info);
     let mut m = Machine::new(&second, &info.digest).unwrap();
     assert_eq!(second.artifact_hits(), 1);
     assert_eq!(second.compilations(), 0);
@@ -166,4 +169,31 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+#[test]
+fn one_registry_serves_several_threads() {
+    let fx = std::sync::Arc::new(Fixture::new(Limits::default()));
+    let bytes = std::sync::Arc::new(guests::read(guests::KV));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (fx, bytes) = (fx.clone(), bytes.clone());
+            std::thread::spawn(move || {
+                let digest = fx.registry.add(&bytes).unwrap().digest;
+                let mut m = Machine::new(&fx.registry, &digest).unwrap();
+                let put = format!(r#"{{"put": {{"key": "t", "value": "{t}"}}}}"#);
+                assert!(m.apply(&lockstep_tests::entries([put]))[0].is_ok());
+                digest
+            })
+        })
+        .collect();
+    let digests: Vec<String> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(digests.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(
+        walk(fx.dir.path())
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "wasm"))
+            .count(),
+        1
+    );
 }

@@ -2,7 +2,7 @@
 //! cap, and a WASI context whose clocks and randomness come from the entry being applied.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use wasmtime::component::{Linker, ResourceTable};
@@ -38,6 +38,10 @@ pub(crate) struct EntryMeter {
     /// Position of the entry in progress, if the guest is inside one.
     pub current: Option<usize>,
     pub fuel_per_entry: u64,
+    /// Whether this call wants `begin-entry` per entry (see `begin-batch` in the WIT).
+    pub metered: bool,
+    /// Whether the guest called `end-batch` in this call.
+    pub ended: bool,
 }
 
 /// Caps linear memory and tables, and remembers a refused growth so that the failure it
@@ -80,6 +84,9 @@ pub(crate) struct EntryInputs {
     seed: AtomicU64,
     /// Bumped whenever the seed changes, so RNGs know to restart their stream.
     epoch: AtomicU64,
+    /// Set when the guest reads the clock or the random source: an unmetered batch that did
+    /// so saw the wrong entry's values and must be applied again with metering.
+    pub touched: AtomicBool,
 }
 
 impl EntryInputs {
@@ -108,6 +115,7 @@ impl HostWallClock for EntryWallClock {
     }
 
     fn now(&self) -> Duration {
+        self.0.touched.store(true, Ordering::Relaxed);
         Duration::from_millis(self.0.timestamp_ms.load(Ordering::Relaxed))
     }
 }
@@ -121,6 +129,7 @@ impl HostMonotonicClock for EntryMonotonicClock {
     }
 
     fn now(&self) -> u64 {
+        self.0.touched.store(true, Ordering::Relaxed);
         self.0
             .timestamp_ms
             .load(Ordering::Relaxed)
@@ -148,6 +157,7 @@ impl EntryRandom {
     }
 
     fn next(&mut self) -> u64 {
+        self.inputs.touched.store(true, Ordering::Relaxed);
         let epoch = self.inputs.epoch.load(Ordering::Relaxed);
         if epoch != self.epoch {
             self.epoch = epoch;
@@ -258,10 +268,17 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostS
     linker.allow_shadowing(false);
     let mut host = linker.instance(HOST_INTERFACE)?;
     host.func_wrap(
+        "begin-batch",
+        |store: StoreContextMut<'_, HostState>, (): ()| Ok((store.data().meter.metered,)),
+    )?;
+    host.func_wrap(
         "begin-entry",
         |mut store: StoreContextMut<'_, HostState>, (index,): (u64,)| {
             let state = store.data_mut();
             let meter = &mut state.meter;
+            if !meter.metered {
+                wasmtime::bail!("begin-entry({index}) in a batch the host meters as a whole");
+            }
             let position = meter.begun;
             let Some(mark) = meter.batch.get(position).copied() else {
                 wasmtime::bail!(
@@ -288,7 +305,7 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostS
         |mut store: StoreContextMut<'_, HostState>, (): ()| {
             let state = store.data_mut();
             let meter = &mut state.meter;
-            if meter.begun != meter.batch.len() {
+            if meter.metered && meter.begun != meter.batch.len() {
                 wasmtime::bail!(
                     "end-batch after {} of {} entries",
                     meter.begun,
@@ -296,6 +313,7 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostS
                 );
             }
             meter.current = None;
+            meter.ended = true;
             let fuel = BATCH_FUEL_PER_ENTRY.saturating_mul(meter.batch.len() as u64 + 1);
             state.inputs.set_neutral();
             store.set_fuel(fuel)?;

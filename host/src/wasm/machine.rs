@@ -14,8 +14,19 @@
 //! The common, failure-free path costs one cheap `Bytes` clone per entry for the log; the base
 //! is refreshed once the log weighs about twice the snapshot (at least 1 MiB), so recovery
 //! replays a bounded amount.
+//!
+//! # The unmetered fast path
+//!
+//! Per-entry metering costs a host call per entry. So a batch is first applied *unmetered*,
+//! with one entry's fuel budget for the whole call (`begin-batch` returns false). If it
+//! completes, no entry can have used more than its own budget, and an entry's output does not
+//! depend on fuel: the results are those metering would give. If it fails in any way, or reads
+//! the WASI clock or random source (whose values are per entry), the machine recovers and
+//! applies it again, metered. A machine whose unmetered batches run out of fuel or read the
+//! clock is metered from then on.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use wasmtime::component::{ComponentType, Func, Instance, Lower, TypedFunc};
@@ -104,6 +115,9 @@ pub(crate) fn prime_store(store: &mut Store<HostState>, limits: &Limits) {
 struct Failure {
     position: Option<usize>,
     error: GuestError,
+    /// An unmetered batch that ran out of fuel or read the clock or random source: this
+    /// machine's batches should be metered per entry from now on.
+    needs_metering: bool,
 }
 
 /// A store and its instance. Any failed call leaves it poisoned: it is then dropped.
@@ -129,7 +143,14 @@ impl Live {
         })
     }
 
-    fn on_apply(&mut self, chunk: &[Entry]) -> Result<Vec<Result<Vec<u8>, String>>, Failure> {
+    /// Applies `chunk` in one call: `metered`, with fuel and failures per entry; otherwise with
+    /// one entry's budget for the whole call (see `begin-batch` in the WIT), any failure then
+    /// meaning "apply it again, metered".
+    fn on_apply(
+        &mut self,
+        chunk: &[Entry],
+        metered: bool,
+    ) -> Result<Vec<Result<Vec<u8>, String>>, Failure> {
         let state = self.store.data_mut();
         state.meter.batch.clear();
         state.meter.batch.extend(chunk.iter().map(|e| EntryMark {
@@ -139,13 +160,20 @@ impl Live {
         }));
         state.meter.begun = 0;
         state.meter.current = None;
+        state.meter.metered = metered;
+        state.meter.ended = false;
         state.cap.denied = false;
-        // Until the first `begin-entry` the guest lifts the batch: its own budget, scaled by
-        // the batch's size so that no entry pays for its neighbours.
-        let preamble = self
-            .limits
-            .fuel_per_entry
-            .saturating_add(BATCH_FUEL_PER_ENTRY.saturating_mul(chunk.len() as u64));
+        state.inputs.touched.store(false, Ordering::Relaxed);
+        // Metered: until the first `begin-entry` the guest lifts the batch, on its own budget
+        // scaled by the batch's size so that no entry pays for its neighbours. Unmetered: one
+        // entry's budget for everything.
+        let preamble = if metered {
+            self.limits
+                .fuel_per_entry
+                .saturating_add(BATCH_FUEL_PER_ENTRY.saturating_mul(chunk.len() as u64))
+        } else {
+            self.limits.fuel_per_entry
+        };
         let _ = self.store.set_fuel(preamble);
         let params: Vec<EntryParam<'_>> = chunk
             .iter()
@@ -160,27 +188,57 @@ impl Live {
         let func = unsafe {
             TypedFunc::<(&[EntryParam<'_>],), ApplyResults>::new_unchecked(self.exports.on_apply)
         };
-        match func.call(&mut self.store, (&params,)) {
-            Ok((outputs,)) if outputs.len() == chunk.len() => Ok(outputs),
-            Ok((outputs,)) => Err(Failure {
-                position: None,
-                error: GuestError::Trap(format!(
-                    "on-apply returned {} results for {} entries",
-                    outputs.len(),
-                    chunk.len()
-                )),
-            }),
+        let outcome = func.call(&mut self.store, (&params,));
+        let state = self.store.data();
+        let touched = state.inputs.touched.load(Ordering::Relaxed);
+        match outcome {
+            Ok((outputs,)) => {
+                let meter = &state.meter;
+                let problem = if outputs.len() != chunk.len() {
+                    format!(
+                        "on-apply returned {} results for {} entries",
+                        outputs.len(),
+                        chunk.len()
+                    )
+                } else if !meter.ended || (metered && meter.begun != chunk.len()) {
+                    // Every entry must have been metered and the batch closed: otherwise fuel
+                    // and failures were not per entry, and results could depend on batching.
+                    format!(
+                        "on-apply skipped the lockstep:machine/host protocol (began {} of {} \
+                         entries, end-batch {}called); build the module with lockstep-guest",
+                        meter.begun,
+                        chunk.len(),
+                        if meter.ended { "" } else { "not " }
+                    )
+                } else if !metered && touched {
+                    return Err(Failure {
+                        position: None,
+                        error: GuestError::Trap("read the clock or random source".into()),
+                        needs_metering: true,
+                    });
+                } else {
+                    return Ok(outputs);
+                };
+                Err(Failure {
+                    position: None,
+                    error: GuestError::Trap(problem),
+                    needs_metering: false,
+                })
+            }
             Err(e) => {
-                let state = self.store.data();
                 let position = state.meter.current;
                 let budget = if position.is_some() {
                     self.limits.fuel_per_entry
                 } else {
                     preamble
                 };
+                let error = classify(e, state, &self.limits, budget);
+                let needs_metering =
+                    !metered && (touched || matches!(error, GuestError::OutOfFuel { .. }));
                 Err(Failure {
                     position,
-                    error: classify(e, state, &self.limits, budget),
+                    error,
+                    needs_metering,
                 })
             }
         }
@@ -287,12 +345,15 @@ pub struct Machine {
     replay: Vec<Entry>,
     replay_weight: usize,
     recoveries: u64,
+    /// Set once an unmetered batch ran out of fuel or read the clock or random source: from
+    /// then on every batch is metered per entry (unmetered attempts would keep failing).
+    always_meter: bool,
 }
 
 impl Machine {
     /// Instantiates the module `digest` from `registry` with a fresh (default) state.
     pub fn new(registry: &ModuleRegistry, digest: &str) -> Result<Self, MachineError> {
-        let module = registry.load(digest)?;
+        let module = registry.loaded(digest)?;
         let limits = registry.engine().limits().clone();
         let mut live = Live::new(&module, &limits)?;
         let base = Bytes::from(live.snapshot()?);
@@ -305,6 +366,7 @@ impl Machine {
             replay: Vec::new(),
             replay_weight: 0,
             recoveries: 0,
+            always_meter: false,
         })
     }
 
@@ -372,7 +434,7 @@ impl Machine {
     /// Moves the state to the module `digest`: the current module's snapshot is restored into
     /// a new instance of it. On any failure the machine keeps running the current module.
     pub fn upgrade(&mut self, registry: &ModuleRegistry, digest: &str) -> Result<(), MachineError> {
-        let module = registry.load(digest)?;
+        let module = registry.loaded(digest)?;
         let snapshot = self.snapshot()?;
         let mut live = Live::new(&module, &self.limits)?;
         live.restore(&snapshot)?;
@@ -389,14 +451,36 @@ impl Machine {
         }
     }
 
+    /// Applies one call's worth of entries: unmetered first (fast), metered if that fails.
+    fn apply_chunk(&mut self, chunk: &[Entry], results: &mut Vec<Result<Vec<u8>, GuestError>>) {
+        if !self.always_meter && self.broken.is_none() {
+            match self.live.on_apply(chunk, false) {
+                Ok(outputs) => {
+                    results.extend(outputs.into_iter().map(|r| r.map_err(GuestError::Guest)));
+                    self.log(chunk);
+                    return;
+                }
+                Err(failure) => {
+                    self.always_meter |= failure.needs_metering;
+                    self.recover();
+                }
+            }
+        }
+        self.apply_chunk_metered(chunk, results);
+    }
+
     /// Applies one call's worth of entries, isolating failures per entry (module docs).
-    fn apply_chunk(&mut self, mut chunk: &[Entry], results: &mut Vec<Result<Vec<u8>, GuestError>>) {
+    fn apply_chunk_metered(
+        &mut self,
+        mut chunk: &[Entry],
+        results: &mut Vec<Result<Vec<u8>, GuestError>>,
+    ) {
         while !chunk.is_empty() {
             if let Some(error) = &self.broken {
                 results.extend(chunk.iter().map(|_| Err(error.clone())));
                 return;
             }
-            match self.live.on_apply(chunk) {
+            match self.live.on_apply(chunk, true) {
                 Ok(outputs) => {
                     results.extend(outputs.into_iter().map(|r| r.map_err(GuestError::Guest)));
                     self.log(chunk);
@@ -406,13 +490,13 @@ impl Machine {
                     self.recover();
                     match failure.position {
                         Some(k) => {
-                            self.apply_chunk(&chunk[..k], results);
+                            self.apply_chunk_metered(&chunk[..k], results);
                             results.push(Err(failure.error));
                             chunk = &chunk[k + 1..];
                         }
                         None if chunk.len() > 1 => {
                             let mid = chunk.len() / 2;
-                            self.apply_chunk(&chunk[..mid], results);
+                            self.apply_chunk_metered(&chunk[..mid], results);
                             chunk = &chunk[mid..];
                         }
                         None => {
@@ -494,15 +578,19 @@ impl Machine {
         let mut start = 0;
         while start < self.replay.len() {
             let end = chunk_end(&self.replay, start, self.limits.max_batch_bytes);
-            match live.on_apply(&self.replay[start..end]) {
+            match live.on_apply(&self.replay[start..end], true) {
                 Ok(_) => start = end,
                 Err(Failure {
                     position: Some(k),
                     error,
-                }) => return Err(Some((start + k, error))),
+                    ..
+                }) => {
+                    return Err(Some((start + k, error)));
+                }
                 Err(Failure {
                     position: None,
                     error,
+                    ..
                 }) => return Err(self.mark_broken(error)),
             }
         }

@@ -86,7 +86,8 @@ impl ModuleRegistry {
             digest: digest.clone(),
             size: bytes.len(),
         };
-        if self.cached(&digest).is_some() && self.module_path(&digest).exists() {
+        // Already stored (validated then): at most a load from the artifact.
+        if self.module_path(&digest).exists() && self.loaded(&digest).is_ok() {
             return Ok(info);
         }
         check_header(bytes)?;
@@ -116,7 +117,7 @@ impl ModuleRegistry {
 
     /// Makes a stored module ready to instantiate: from memory, else from its precompiled
     /// artifact, else by compiling it (and writing the artifact for next time).
-    pub(crate) fn load(&self, digest: &str) -> Result<Arc<LoadedModule>, ModuleError> {
+    pub(crate) fn loaded(&self, digest: &str) -> Result<Arc<LoadedModule>, ModuleError> {
         if !valid_digest(digest) {
             return Err(ModuleError::NotFound(digest.to_string()));
         }
@@ -141,9 +142,15 @@ impl ModuleRegistry {
         Ok(self.remember(module))
     }
 
-    /// Ensures the module can be instantiated; returns its digest's info.
-    pub fn preload(&self, digest: &str) -> Result<(), ModuleError> {
-        self.load(digest).map(|_| ())
+    /// Makes a stored module ready to instantiate (memory, else artifact, else compile), so
+    /// that the next `Machine::new` is fast. A node calls it for its modules at startup.
+    pub fn load(&self, digest: &str) -> Result<ModuleInfo, ModuleError> {
+        self.loaded(digest)?;
+        let size = fs::metadata(self.module_path(digest)).map_or(0, |m| m.len() as usize);
+        Ok(ModuleInfo {
+            digest: digest.to_string(),
+            size,
+        })
     }
 
     /// How many times a component was compiled by Cranelift.
