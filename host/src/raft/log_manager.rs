@@ -109,8 +109,10 @@ impl<SM: StateMachine> DiskQueue<SM> {
             }
             let took = started.elapsed();
             self.metrics.fsync_latency.observe(took);
+            // A one-off burst (a follower catching up, a large submission) is not a cohort:
+            // at most twice the average counts, enough to reunite a cohort split in two.
+            cohort = (cohort * COHORT_DECAY).max((entries as f64).min(2.0 * avg_batch));
             avg_batch = 0.8 * avg_batch + 0.2 * entries as f64;
-            cohort = (cohort * COHORT_DECAY).max(entries as f64);
             avg_commit = avg_commit.mul_f64(0.8) + took.mul_f64(0.2);
             self.metrics
                 .fsync_entries
