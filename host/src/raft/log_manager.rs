@@ -37,8 +37,10 @@ impl<SM: StateMachine> DiskQueue<SM> {
         let mut batch: Vec<LogWrite> = Vec::new();
         let mut scratch = Vec::with_capacity(64 * 1024);
         let mut stopping = false;
-        // Moving averages of entries per commit and of commit time (for the linger).
+        // For the linger: a moving average of entries per commit, a decaying maximum of it (the
+        // size a whole cohort of writers reaches), and a moving average of commit time.
         let mut avg_batch = 1.0f64;
+        let mut cohort = 1.0f64;
         let mut avg_commit = Duration::from_micros(500);
         while !stopping {
             let first = match self.rx.recv_timeout(Duration::from_secs(1)) {
@@ -69,24 +71,31 @@ impl<SM: StateMachine> DiskQueue<SM> {
                     Err(_) => break,
                 }
             }
-            // Linger: under steady load, a commit that would start with a small fraction of
-            // the usual batch (the first arrivals of a cohort) waits a little for the rest,
-            // so one fsync covers the cohort instead of splitting it over two cycles.
-            if !stopping && avg_batch >= 8.0 && (entries as f64) < avg_batch * LINGER_FILL {
+            // Linger: under steady load, a commit that would start with only part of a cohort
+            // (the writers released together by the last commits) waits a little for the rest,
+            // so one fsync covers the cohort instead of splitting it over two. The target is the
+            // recent maximum, not the average: a cohort split over two commits would otherwise
+            // lower the average to half the cohort and the split would perpetuate itself.
+            let target = cohort * LINGER_FILL;
+            if !stopping && avg_batch >= 8.0 && (entries as f64) < target {
                 let deadline = Instant::now()
                     + avg_commit
                         .mul_f64(LINGER_WAIT)
-                        .min(Duration::from_micros(400));
+                        .min(Duration::from_micros(LINGER_MAX_US));
                 while !stopping
-                    && (entries as f64) < avg_batch * LINGER_FILL
+                    && (entries as f64) < target
                     && entries < self.max_entries
+                    && bytes < self.max_bytes
                 {
                     let now = Instant::now();
                     if now >= deadline {
                         break;
                     }
                     match self.rx.recv_timeout(deadline - now) {
-                        Ok(t) => entries += add(t, &mut batch, &mut stopping).0,
+                        Ok(t) => {
+                            let (n, b) = add(t, &mut batch, &mut stopping);
+                            (entries, bytes) = (entries + n, bytes + b);
+                        }
                         Err(_) => break,
                     }
                 }
@@ -100,6 +109,9 @@ impl<SM: StateMachine> DiskQueue<SM> {
             }
             let took = started.elapsed();
             self.metrics.fsync_latency.observe(took);
+            // A one-off burst (a follower catching up, a large submission) is not a cohort:
+            // at most twice the average counts, enough to reunite a cohort split in two.
+            cohort = (cohort * COHORT_DECAY).max((entries as f64).min(2.0 * avg_batch));
             avg_batch = 0.8 * avg_batch + 0.2 * entries as f64;
             avg_commit = avg_commit.mul_f64(0.8) + took.mul_f64(0.2);
             self.metrics
@@ -124,7 +136,11 @@ fn size(w: &LogWrite) -> usize {
     w.entries.iter().map(|e| e.size()).sum::<usize>() + 16
 }
 
-/// Linger while a batch holds less than this fraction of the average batch...
-const LINGER_FILL: f64 = 0.5;
-/// ...for at most this fraction of the average commit time.
-const LINGER_WAIT: f64 = 0.25;
+/// Linger while a batch holds less than this fraction of the cohort (the recent largest batch)...
+const LINGER_FILL: f64 = 0.9;
+/// ...for at most this fraction of the average commit time, and at most `LINGER_MAX_US`.
+const LINGER_WAIT: f64 = 0.5;
+const LINGER_MAX_US: u64 = 600;
+/// The cohort estimate forgets a large batch by this factor per commit (about 14 commits to
+/// halve), so a load that shrinks stops lingering for writers that no longer come.
+const COHORT_DECAY: f64 = 0.95;
