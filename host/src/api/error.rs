@@ -30,6 +30,10 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
@@ -63,7 +67,8 @@ impl ApiError {
             header::CONTENT_TYPE,
             header::HeaderValue::from_static("application/json"),
         );
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        // Only where nothing was done: retrying an `outcome_unknown` could apply a task twice.
+        if matches!(self.code, "no_leader" | "shutting_down") {
             h.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
         resp

@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, header};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tracing::debug;
@@ -30,6 +30,10 @@ pub const MAX_TASK_BYTES: usize = 1024 * 1024;
 pub const MAX_MODULE_BYTES: usize = 16 * 1024 * 1024;
 /// Largest body of a batch of tasks.
 pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Most tasks in one batch request.
+pub const MAX_BATCH_TASKS: usize = 10_000;
+/// Time a client has to send a request's headers.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Header carrying the term a caller expects the leader to be in.
 pub const EXPECTED_TERM: &str = "lockstep-expected-term";
 
@@ -64,7 +68,10 @@ pub async fn serve(listener: TcpListener, state: Arc<ApiState>) {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, req).await) }
             });
+            // A client that never finishes its headers must not hold a connection forever.
             if let Err(e) = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await
             {
@@ -87,6 +94,11 @@ async fn route(state: &ApiState, req: Request<Incoming>) -> Result<Response<Body
     let path = req.uri().path().to_owned();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method().clone(), segs.as_slice()) {
+        (Method::GET, ["healthz"]) if state.node.is_stopped() => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stopped",
+            "the replication pipeline stopped (see the node's log)",
+        )),
         (Method::GET, ["healthz"]) => Ok(text(StatusCode::OK, "ok\n")),
         (Method::GET, ["metrics"]) => Ok(text(StatusCode::OK, &state.metrics.render(state))),
         (Method::GET, ["v1", "cluster"]) => Ok(cluster(state)),
@@ -171,8 +183,8 @@ fn redirect(state: &ApiState, leader: Option<NodeId>, uri: &hyper::Uri) -> Respo
 
 /// `Some(redirect)` when this node is not the leader: nothing is proposed on a follower.
 fn leader_or_redirect(state: &ApiState, uri: &hyper::Uri) -> Option<Response<Body>> {
-    let s = state.node.status();
-    (s.role != Role::Leader).then(|| redirect(state, s.leader, uri))
+    let (role, leader) = state.node.role();
+    (role != Role::Leader).then(|| redirect(state, leader, uri))
 }
 
 fn expected_term(req: &Request<Incoming>) -> Result<Option<u64>, ApiError> {
@@ -250,7 +262,7 @@ async fn deploy(
     let bytes = module.clone();
     tokio::task::spawn_blocking(move || registry.add(&bytes))
         .await
-        .map_err(|e| ApiError::bad_request(format!("validating the module: {e}")))?
+        .map_err(|e| ApiError::internal(format!("validating the module: {e}")))?
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_module", e.to_string()))?;
     let entry = Command::Deploy {
         machine: name.to_owned(),
@@ -275,9 +287,7 @@ async fn deploy(
             },
             &json!({"name": name, "digest": digest, "version": version, "index": applied.index}),
         )),
-        other => Err(ApiError::bad_request(format!(
-            "unexpected outcome {other:?}"
-        ))),
+        other => Err(ApiError::internal(format!("unexpected outcome {other:?}"))),
     }
 }
 
@@ -356,18 +366,23 @@ async fn submit(
             h.insert("lockstep-term", applied.term.into());
             Ok(r)
         }
-        other => Err(ApiError::bad_request(format!(
-            "unexpected outcome {other:?}"
-        ))),
+        other => Err(ApiError::internal(format!("unexpected outcome {other:?}"))),
     }
 }
 
+/// False only when the machine is surely absent. A new leader may not have applied everything
+/// committed yet: then the task goes through the log and apply answers `not_found` itself.
 fn machine_known(state: &ApiState, name: &str) -> bool {
-    state
+    if state
         .catalog
         .read()
         .map(|c| c.contains_key(name))
         .unwrap_or(false)
+    {
+        return true;
+    }
+    let s = state.node.status();
+    s.applied_index < s.commit_index
 }
 
 /// Many tasks in one request: a JSON array of task payloads (each any JSON value, passed to the
@@ -389,6 +404,23 @@ async fn submit_batch(
     }
     let tasks: Vec<&serde_json::value::RawValue> = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("expected a JSON array of tasks: {e}")))?;
+    if tasks.len() > MAX_BATCH_TASKS {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "{} tasks; a batch takes at most {MAX_BATCH_TASKS}",
+                tasks.len()
+            ),
+        ));
+    }
+    if let Some(i) = tasks.iter().position(|t| t.get().len() > MAX_TASK_BYTES) {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("task {i} exceeds the limit of {MAX_TASK_BYTES} bytes"),
+        ));
+    }
     let entries: Vec<Bytes> = tasks
         .iter()
         .map(|t| Command::encode_task(name, t.get().as_bytes()))

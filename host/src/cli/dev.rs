@@ -16,7 +16,7 @@ pub struct DevArgs {
     /// How many nodes to run (1, 3 or 5 make sense).
     #[arg(long, default_value_t = 1)]
     pub nodes: u64,
-    /// Where the nodes keep their data (node N in DIR/nodeN); reused on the next run.
+    /// Where the nodes keep their data (DIR/<n>-nodes/nodeN); reused on the next run.
     #[arg(long, default_value = "lockstep-dev")]
     pub data_dir: PathBuf,
     /// HTTP port of node 1; node N uses PORT+N-1, and its peer port is 100 above.
@@ -33,11 +33,16 @@ impl DevArgs {
             (1..=self.nodes).map(|i| (i, raft(i).to_string())).collect();
         ServeArgs {
             id,
-            data_dir: self.data_dir.join(format!("node{id}")),
+            // Clusters of different sizes must never share a log: each size has its own folder
+            // and identity.
+            data_dir: self
+                .data_dir
+                .join(format!("{}-nodes", self.nodes))
+                .join(format!("node{id}")),
             http: http(id),
             raft: raft(id),
             peers,
-            cluster_id: Some("lockstep-dev".into()),
+            cluster_id: Some(format!("lockstep-dev-{}", self.nodes)),
             fuel_per_task: None,
             memory_mib: None,
         }
@@ -45,7 +50,15 @@ impl DevArgs {
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.nodes >= 1, "--nodes must be at least 1");
+    anyhow::ensure!(
+        (1..=99).contains(&args.nodes),
+        "--nodes must be between 1 and 99"
+    );
+    anyhow::ensure!(
+        args.port as u64 + 100 + args.nodes <= u16::MAX as u64,
+        "--port is too high for {} nodes",
+        args.nodes
+    );
     if args.nodes == 1 {
         let serve = args.serve_args(1);
         let running = node::start(serve.node_config()).await?;
@@ -70,7 +83,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .arg(&s.data_dir)
             .args(["--http", &s.http.to_string(), "--raft", &s.raft.to_string()])
             .args(["--peers", &peers.join(",")])
-            .args(["--cluster-id", "lockstep-dev"])
+            .arg("--cluster-id")
+            .arg(s.cluster_id.as_deref().unwrap_or("lockstep-dev"))
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting node {id}"))?;

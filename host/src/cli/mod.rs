@@ -246,7 +246,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "lockstep node {} serving http://{}",
         args.id, running.http_addr
     );
-    shutdown_signal().await;
+    let node = running.node.clone();
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        // A failed log commit stops the pipeline: exit so a supervisor restarts the node from
+        // its data directory instead of leaving a process that only looks alive.
+        _ = async {
+            while !node.is_stopped() {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        } => {
+            running.shutdown().await;
+            bail!("the replication pipeline stopped (see the log above); exiting");
+        }
+    }
     running.shutdown().await;
     Ok(())
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 use sha2::{Digest, Sha256};
 
 use crate::state_machine::{Entry, StateMachine};
-use crate::wasm::{GuestError, Machine, ModuleRegistry};
+use crate::wasm::{GuestError, Machine, MachineError, ModuleError, ModuleRegistry};
 pub use command::{Command, CommandError, validate_name};
 
 /// What applying one entry did, when it succeeded.
@@ -157,23 +157,19 @@ impl MachineSet {
     }
 
     fn deploy(&mut self, name: String, module: &[u8]) -> Outcome {
-        let info = self
-            .registry
-            .add(module)
-            .map_err(|e| Failure::InvalidModule(e.to_string()))?;
+        let info = self.registry.add(module).map_err(refused)?;
         let digest = info.digest;
         let (version, created) = match self.machines.get_mut(&name) {
             Some(d) => {
                 d.machine
                     .upgrade(&self.registry, &digest)
-                    .map_err(|e| Failure::InvalidModule(e.to_string()))?;
+                    .map_err(refused_machine)?;
                 d.digest = digest.clone();
                 d.version += 1;
                 (d.version, false)
             }
             None => {
-                let machine = Machine::new(&self.registry, &digest)
-                    .map_err(|e| Failure::InvalidModule(e.to_string()))?;
+                let machine = Machine::new(&self.registry, &digest).map_err(refused_machine)?;
                 self.machines.insert(
                     name.clone(),
                     Deployed {
@@ -234,6 +230,26 @@ impl MachineSet {
             });
         }
         run.clear();
+    }
+}
+
+/// A module refused for what it is fails the deploy on every replica alike. A storage error is
+/// this node's alone: recording it as the entry's outcome would let this replica diverge, so
+/// the node stops (as for a failed log commit) and re-applies the log when restarted.
+fn refused(e: ModuleError) -> Failure {
+    if let ModuleError::Storage(what) = &e {
+        tracing::error!(error = %what, "module storage failed while applying a deploy: stopping");
+        std::process::abort();
+    }
+    Failure::InvalidModule(e.to_string())
+}
+
+fn refused_machine(e: MachineError) -> Failure {
+    match e {
+        MachineError::Module(m) => refused(m),
+        MachineError::Guest(g) => {
+            Failure::InvalidModule(format!("the module failed to start: {g}"))
+        }
     }
 }
 

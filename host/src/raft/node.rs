@@ -366,6 +366,18 @@ impl<SM: StateMachine> Node<SM> {
         s
     }
 
+    /// This node's role and the leader it knows of: the per-request check, without copying
+    /// the whole status.
+    pub fn role(&self) -> (Role, Option<NodeId>) {
+        match self.inner.shared.status.lock() {
+            Ok(s) => (s.role, s.leader),
+            Err(p) => {
+                let s = p.into_inner();
+                (s.role, s.leader)
+            }
+        }
+    }
+
     pub fn metrics(&self) -> MetricsSnapshot {
         let m = &self.inner.shared.metrics;
         let s = self.status();

@@ -52,9 +52,12 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     if len > limit {
         return Err(FrameError::TooLarge { len, limit });
     }
+    // Grow with the bytes that actually arrive, not with what the prefix claims.
     buf.clear();
-    buf.resize(len as usize, 0);
-    reader.read_exact(buf).await?;
+    let got = reader.take(u64::from(len)).read_to_end(buf).await?;
+    if got != len as usize {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+    }
     Ok(())
 }
 

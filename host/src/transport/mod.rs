@@ -173,12 +173,13 @@ async fn serve_inbound<M: WireMessage>(
     on_message: &Handler<M>,
 ) -> Result<(), FrameError> {
     stream.set_nodelay(true)?;
-    let mut reader = BufReader::with_capacity(256 * 1024, stream);
+    let mut stream = stream;
     let mut buf = Vec::new();
-    // A silent connection must not hold a task forever.
+    // A silent connection must not hold a task forever. The hello is read unbuffered: a
+    // stranger gets no large buffer before it has said who it is.
     tokio::time::timeout(
         Duration::from_secs(5),
-        read_frame(&mut reader, MAX_HELLO_BYTES, &mut buf),
+        read_frame(&mut stream, MAX_HELLO_BYTES, &mut buf),
     )
     .await
     .map_err(|_| FrameError::BadHello("no hello within 5 s"))??;
@@ -190,6 +191,7 @@ async fn serve_inbound<M: WireMessage>(
         return Err(FrameError::BadHello("peer id is not a member"));
     }
     let from = hello.node_id;
+    let mut reader = BufReader::with_capacity(256 * 1024, stream);
     if let Ok(mut m) = http_addrs.write() {
         m.insert(from, hello.http_addr);
     }
