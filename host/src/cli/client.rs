@@ -8,6 +8,9 @@ use hyper::{Method, Request, StatusCode, Uri, header};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+/// How long the CLI waits for one answer (a deploy compiles the module first).
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub struct Reply {
     pub status: StatusCode,
     pub headers: hyper::HeaderMap,
@@ -23,7 +26,12 @@ pub async fn request(
 ) -> anyhow::Result<Reply> {
     let mut url = url.to_owned();
     for _ in 0..5 {
-        let reply = once(method.clone(), &url, body.clone(), headers).await?;
+        let reply = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            once(method.clone(), &url, body.clone(), headers),
+        )
+        .await
+        .map_err(|_| anyhow!("no answer from {url} within {REQUEST_TIMEOUT:?}"))??;
         if matches!(
             reply.status,
             StatusCode::TEMPORARY_REDIRECT | StatusCode::PERMANENT_REDIRECT

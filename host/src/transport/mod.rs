@@ -238,6 +238,7 @@ async fn dial_loop<M: WireMessage>(
         out.clear();
         put_frame(&mut out, &hello);
         if stream.write_all(&out).await.is_err() {
+            tokio::time::sleep(backoff).await;
             continue;
         }
         info!(%addr, "connected to peer");
