@@ -1,9 +1,9 @@
 //! The glue `export!` expands to: the batch loop and the per-entry metering protocol.
 
+use std::alloc::{Layout, dealloc};
 use std::cell::RefCell;
 use std::marker::PhantomData;
 
-use crate::bindings::Entry;
 use crate::bindings::lockstep::machine::host;
 use crate::{Context, Snapshot, StateMachine};
 
@@ -22,31 +22,222 @@ impl<M: StateMachine> Slot<M> {
     }
 }
 
-pub fn on_apply<M: StateMachine>(
-    slot: &Slot<M>,
-    batch: Vec<Entry>,
-) -> Vec<Result<Vec<u8>, String>> {
-    // Allocated before the first entry so that no entry pays for growing the result list.
-    let mut results = Vec::with_capacity(batch.len());
-    let metered = host::begin_batch();
-    slot.with(|machine| {
-        for entry in batch {
-            // From here until the next call the host meters and blames this entry.
-            if metered {
-                host::begin_entry(entry.index);
-            }
-            let mut ctx = Context::new(entry.index, entry.term, entry.timestamp_ms);
-            let result = M::decode_command(&entry.payload)
-                .and_then(|command| machine.apply(&mut ctx, command))
-                .and_then(|output| M::encode_output(&output));
-            // Free the payload now: an entry's memory headroom should not depend on how many
-            // entries follow it in the same batch.
-            drop(entry);
-            results.push(result);
+/// One entry of the `list<entry>` argument, in the canonical ABI's layout (wasm32): three
+/// `u64`s, then the payload's pointer and length. Size 32, alignment 8.
+#[repr(C)]
+struct RawEntry {
+    index: u64,
+    term: u64,
+    timestamp_ms: u64,
+    payload: *mut u8,
+    payload_len: usize,
+}
+
+/// One `result<list<u8>, string>` of the returned list, in the canonical ABI's layout (wasm32):
+/// a one-byte case (0 = ok, 1 = err), then the bytes' pointer and length at offset 4. Size 12.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RawResult {
+    case: u8,
+    ptr: *const u8,
+    len: usize,
+}
+
+#[cfg(target_pointer_width = "32")]
+const _: () = {
+    assert!(std::mem::size_of::<RawEntry>() == 32 && std::mem::align_of::<RawEntry>() == 8);
+    assert!(std::mem::size_of::<RawResult>() == 12 && std::mem::align_of::<RawResult>() == 4);
+};
+
+/// Outputs are copied into chunks of this size, which never move once allocated (the result
+/// list points into them). An output larger than half a chunk gets its own allocation.
+const CHUNK: usize = 16 << 10;
+/// Chunks kept for the next batch; the rest are freed after each batch.
+const CHUNKS_KEPT: usize = 2;
+/// Per-batch buffers larger than this are freed after the batch rather than kept.
+const KEEP_BYTES: usize = 64 << 10;
+
+/// Where outputs live until the host has copied them: chunks that never move once allocated
+/// (the result list points into them), and outputs too large to share a chunk.
+struct OutputArena {
+    chunks: Vec<Vec<u8>>,
+    /// Chunk being filled.
+    current: usize,
+    large: Vec<Vec<u8>>,
+}
+
+impl OutputArena {
+    /// Keeps `bytes` until `release` and returns its address.
+    fn store(&mut self, bytes: Vec<u8>) -> *const u8 {
+        if bytes.len() > CHUNK / 2 {
+            self.large.push(bytes);
+            return self.large.last().map_or(std::ptr::null(), |v| v.as_ptr());
         }
-    });
-    host::end_batch();
-    results
+        self.store_copy(&bytes)
+    }
+
+    fn store_copy(&mut self, bytes: &[u8]) -> *const u8 {
+        if bytes.len() > CHUNK / 2 {
+            return self.store(bytes.to_vec());
+        }
+        if self.chunks.is_empty() {
+            self.chunks.push(Vec::with_capacity(CHUNK));
+        }
+        if CHUNK - self.chunks[self.current].len() < bytes.len() {
+            self.current += 1;
+            if self.current == self.chunks.len() {
+                self.chunks.push(Vec::with_capacity(CHUNK));
+            }
+        }
+        let chunk = &mut self.chunks[self.current];
+        let start = chunk.len();
+        // Within capacity: the chunk does not reallocate, earlier pointers stay valid.
+        chunk.extend_from_slice(bytes);
+        chunk[start..].as_ptr()
+    }
+
+    fn release(&mut self) {
+        self.large.clear();
+        self.chunks.truncate(CHUNKS_KEPT);
+        for chunk in &mut self.chunks {
+            chunk.clear();
+        }
+        self.current = 0;
+    }
+}
+
+/// What one `on-apply` call returns, kept alive until the host has copied it out (the
+/// canonical ABI's post-return), and reused by the next call. Allocating one buffer per output
+/// and freeing each in post-return cost more than applying a small command.
+struct BatchOutput {
+    results: Vec<RawResult>,
+    arena: OutputArena,
+    /// Each output is encoded here first, then copied to the arena.
+    scratch: Vec<u8>,
+    /// The return area: pointer and length of `results`.
+    ret: [usize; 2],
+}
+
+impl BatchOutput {
+    const fn new() -> Self {
+        BatchOutput {
+            results: Vec::new(),
+            arena: OutputArena {
+                chunks: Vec::new(),
+                current: 0,
+                large: Vec::new(),
+            },
+            scratch: Vec::new(),
+            ret: [0; 2],
+        }
+    }
+
+    /// Records the outcome of the entry whose output (if `Ok`) is in `scratch`.
+    fn push(&mut self, result: Result<(), String>) {
+        let (case, ptr, len) = match result {
+            Ok(()) if self.scratch.len() > CHUNK / 2 => {
+                let len = self.scratch.len();
+                (0, self.arena.store(std::mem::take(&mut self.scratch)), len)
+            }
+            Ok(()) => (0, self.arena.store_copy(&self.scratch), self.scratch.len()),
+            Err(message) => {
+                let len = message.len();
+                (1, self.arena.store(message.into_bytes()), len)
+            }
+        };
+        self.results.push(RawResult { case, ptr, len });
+    }
+
+    /// After the host has copied the results: forget them, and give back memory beyond what a
+    /// typical batch needs.
+    fn release(&mut self) {
+        self.results.clear();
+        if self.results.capacity() * std::mem::size_of::<RawResult>() > KEEP_BYTES {
+            self.results = Vec::new();
+        }
+        self.arena.release();
+        self.ret = [0; 2];
+    }
+}
+
+thread_local! {
+    static OUTPUT: RefCell<BatchOutput> = const { RefCell::new(BatchOutput::new()) };
+}
+
+/// The core function behind the `on-apply` export: `(batch.ptr, batch.len) -> retptr`.
+///
+/// Hand-written rather than generated so that the batch is read in place (no `Vec<Entry>`),
+/// and the outputs are written into reused buffers (no allocation per output, nothing to free
+/// per output in post-return).
+///
+/// # Safety
+///
+/// Called only by the component's `on-apply` export, with a list lowered by the canonical ABI
+/// (every payload allocated by `cabi_realloc` and owned by the callee).
+pub unsafe fn on_apply<M: StateMachine>(slot: &Slot<M>, entries: *mut u8, len: usize) -> *mut u8 {
+    let entries = entries.cast::<RawEntry>();
+    OUTPUT.with(|output| {
+        let mut output = output.borrow_mut();
+        let output = &mut *output;
+        output.release();
+        // Reserved before the first entry so that no entry pays for growing the result list.
+        output.results.reserve(len);
+        let metered = host::begin_batch();
+        slot.with(|machine| {
+            for i in 0..len {
+                // SAFETY: the canonical ABI lowered `len` records at `entries`.
+                let entry = unsafe { &*entries.add(i) };
+                // From here until the next call the host meters and blames this entry.
+                if metered {
+                    host::begin_entry(entry.index);
+                }
+                let payload: &[u8] = if entry.payload_len == 0 {
+                    &[]
+                } else {
+                    // SAFETY: the host allocated and filled `payload_len` bytes for us.
+                    unsafe { std::slice::from_raw_parts(entry.payload, entry.payload_len) }
+                };
+                let mut ctx = Context::new(entry.index, entry.term, entry.timestamp_ms);
+                output.scratch.clear();
+                if output.scratch.capacity() > KEEP_BYTES {
+                    output.scratch = Vec::new();
+                }
+                let result = M::decode_command(payload)
+                    .and_then(|command| machine.apply(&mut ctx, command))
+                    .and_then(|out| M::encode_output(&out, &mut output.scratch));
+                // Free the payload now: an entry's memory headroom should not depend on how
+                // many entries follow it in the same batch.
+                if entry.payload_len != 0 {
+                    // SAFETY: allocated by `cabi_realloc` with this size and alignment 1.
+                    unsafe {
+                        dealloc(
+                            entry.payload,
+                            Layout::from_size_align_unchecked(entry.payload_len, 1),
+                        )
+                    };
+                }
+                output.push(result);
+            }
+        });
+        if len != 0 {
+            // SAFETY: the list itself was allocated by `cabi_realloc` (32 bytes per entry,
+            // alignment 8) and is ours to free.
+            unsafe {
+                dealloc(
+                    entries.cast(),
+                    Layout::from_size_align_unchecked(len * 32, 8),
+                )
+            };
+        }
+        host::end_batch();
+        output.ret = [output.results.as_ptr() as usize, output.results.len()];
+        output.ret.as_mut_ptr().cast()
+    })
+}
+
+/// The post-return of `on-apply`: the host has copied the results out.
+pub fn post_on_apply() {
+    OUTPUT.with(|output| output.borrow_mut().release());
 }
 
 pub fn query<M: StateMachine>(slot: &Slot<M>, request: &[u8]) -> Result<Vec<u8>, String> {

@@ -432,9 +432,7 @@ async fn submit_batch(
                     format!("unexpected outcome {other:?}"),
                 ),
             ),
-            Ok(Applied {
-                output: Err(f), ..
-            }) => write_batch_error(&mut out, &ApiError::from(f)),
+            Ok(Applied { output: Err(f), .. }) => write_batch_error(&mut out, &ApiError::from(f)),
             Err(e) => write_batch_error(&mut out, &ApiError::from(e)),
         }
     }
