@@ -120,6 +120,7 @@ mod context;
 pub mod runtime;
 
 pub use context::{Context, EntryRng};
+pub use runtime::OutputBuffer;
 
 /// The raw bindings to `wit/machine.wit`. Authors normally never touch them.
 #[doc(hidden)]
@@ -165,9 +166,9 @@ pub trait StateMachine: Default + 'static {
         serde_json::from_slice(payload).map_err(|e| format!("invalid command: {e}"))
     }
 
-    /// Encodes an output by appending it to `out` (empty on entry; the SDK reuses its buffer
-    /// from entry to entry). Default: JSON.
-    fn encode_output(output: &Self::Output, out: &mut Vec<u8>) -> Result<(), String> {
+    /// Encodes an output by writing it to `out` (the SDK gathers a batch's outputs in shared
+    /// buffers; `out` only appends). Default: JSON.
+    fn encode_output(output: &Self::Output, out: &mut OutputBuffer<'_>) -> Result<(), String> {
         serde_json::to_writer(out, output).map_err(|e| format!("cannot encode output: {e}"))
     }
 

@@ -49,71 +49,25 @@ const _: () = {
     assert!(std::mem::size_of::<RawResult>() == 12 && std::mem::align_of::<RawResult>() == 4);
 };
 
-/// Outputs are copied into chunks of this size, which never move once allocated (the result
-/// list points into them). An output larger than half a chunk gets its own allocation.
+/// Outputs are encoded straight into chunks of about this size; a chunk is closed once it
+/// holds this much, so it grows past it (and reallocates) only for the output that fills it.
 const CHUNK: usize = 16 << 10;
 /// Chunks kept for the next batch; the rest are freed after each batch.
 const CHUNKS_KEPT: usize = 2;
 /// Per-batch buffers larger than this are freed after the batch rather than kept.
 const KEEP_BYTES: usize = 64 << 10;
 
-/// Where outputs live until the host has copied them: chunks that never move once allocated
-/// (the result list points into them), and outputs too large to share a chunk.
-struct OutputArena {
-    chunks: Vec<Vec<u8>>,
-    /// Chunk being filled.
-    current: usize,
-    large: Vec<Vec<u8>>,
-}
-
-impl OutputArena {
-    /// Keeps `bytes` until `release` and returns its address.
-    fn store(&mut self, bytes: Vec<u8>) -> *const u8 {
-        if bytes.len() > CHUNK / 2 {
-            self.large.push(bytes);
-            return self.large.last().map_or(std::ptr::null(), |v| v.as_ptr());
-        }
-        self.store_copy(&bytes)
-    }
-
-    fn store_copy(&mut self, bytes: &[u8]) -> *const u8 {
-        if bytes.len() > CHUNK / 2 {
-            return self.store(bytes.to_vec());
-        }
-        if self.chunks.is_empty() {
-            self.chunks.push(Vec::with_capacity(CHUNK));
-        }
-        if CHUNK - self.chunks[self.current].len() < bytes.len() {
-            self.current += 1;
-            if self.current == self.chunks.len() {
-                self.chunks.push(Vec::with_capacity(CHUNK));
-            }
-        }
-        let chunk = &mut self.chunks[self.current];
-        let start = chunk.len();
-        // Within capacity: the chunk does not reallocate, earlier pointers stay valid.
-        chunk.extend_from_slice(bytes);
-        chunk[start..].as_ptr()
-    }
-
-    fn release(&mut self) {
-        self.large.clear();
-        self.chunks.truncate(CHUNKS_KEPT);
-        for chunk in &mut self.chunks {
-            chunk.clear();
-        }
-        self.current = 0;
-    }
-}
-
 /// What one `on-apply` call returns, kept alive until the host has copied it out (the
 /// canonical ABI's post-return), and reused by the next call. Allocating one buffer per output
 /// and freeing each in post-return cost more than applying a small command.
 struct BatchOutput {
+    /// During the batch, `ptr` holds the output's offset in its chunk; pointers are resolved
+    /// once the batch is done (a chunk may still reallocate while it is being filled).
     results: Vec<RawResult>,
-    arena: OutputArena,
-    /// Each output is encoded here first, then copied to the arena.
-    scratch: Vec<u8>,
+    /// Output bytes, written in order; `chunks[c]` holds the outputs of results
+    /// `firsts[c]..firsts[c + 1]`.
+    chunks: Vec<Vec<u8>>,
+    firsts: Vec<usize>,
     /// The return area: pointer and length of `results`.
     ret: [usize; 2],
 }
@@ -122,30 +76,60 @@ impl BatchOutput {
     const fn new() -> Self {
         BatchOutput {
             results: Vec::new(),
-            arena: OutputArena {
-                chunks: Vec::new(),
-                current: 0,
-                large: Vec::new(),
-            },
-            scratch: Vec::new(),
+            chunks: Vec::new(),
+            firsts: Vec::new(),
             ret: [0; 2],
         }
     }
 
-    /// Records the outcome of the entry whose output (if `Ok`) is in `scratch`.
-    fn push(&mut self, result: Result<(), String>) {
-        let (case, ptr, len) = match result {
-            Ok(()) if self.scratch.len() > CHUNK / 2 => {
-                let len = self.scratch.len();
-                (0, self.arena.store(std::mem::take(&mut self.scratch)), len)
+    /// The buffer the next output is appended to.
+    fn chunk(&mut self) -> &mut Vec<u8> {
+        let current = self.firsts.len();
+        if current == 0 || self.chunks[current - 1].len() >= CHUNK {
+            if current == self.chunks.len() {
+                self.chunks.push(Vec::with_capacity(CHUNK));
             }
-            Ok(()) => (0, self.arena.store_copy(&self.scratch), self.scratch.len()),
+            self.firsts.push(self.results.len());
+        }
+        let current = self.firsts.len() - 1;
+        &mut self.chunks[current]
+    }
+
+    /// Encodes one entry's outcome: `apply` appends the output to the buffer it is given.
+    fn push(&mut self, apply: impl FnOnce(&mut OutputBuffer<'_>) -> Result<(), String>) {
+        let chunk = self.chunk();
+        let start = chunk.len();
+        let case = match apply(&mut OutputBuffer { buf: chunk }) {
+            Ok(()) => 0,
             Err(message) => {
-                let len = message.len();
-                (1, self.arena.store(message.into_bytes()), len)
+                chunk.truncate(start);
+                chunk.extend_from_slice(message.as_bytes());
+                1
             }
         };
-        self.results.push(RawResult { case, ptr, len });
+        let len = chunk.len() - start;
+        self.results.push(RawResult {
+            case,
+            ptr: start as *const u8,
+            len,
+        });
+    }
+
+    /// Turns offsets into addresses: the chunks no longer move.
+    fn resolve(&mut self) {
+        let ends = self
+            .firsts
+            .iter()
+            .skip(1)
+            .copied()
+            .chain([self.results.len()]);
+        for ((chunk, &first), end) in self.chunks.iter().zip(&self.firsts).zip(ends) {
+            let base = chunk.as_ptr();
+            for result in &mut self.results[first..end] {
+                // SAFETY: `ptr` is an offset within `chunk` (at most its length).
+                result.ptr = unsafe { base.add(result.ptr as usize) };
+            }
+        }
     }
 
     /// After the host has copied the results: forget them, and give back memory beyond what a
@@ -155,8 +139,46 @@ impl BatchOutput {
         if self.results.capacity() * std::mem::size_of::<RawResult>() > KEEP_BYTES {
             self.results = Vec::new();
         }
-        self.arena.release();
+        self.chunks.truncate(CHUNKS_KEPT);
+        self.chunks.retain(|chunk| chunk.capacity() <= 2 * CHUNK);
+        for chunk in &mut self.chunks {
+            chunk.clear();
+        }
+        self.firsts.clear();
         self.ret = [0; 2];
+    }
+}
+
+/// Where [`StateMachine::encode_output`] writes an output: it can only append (the buffer may
+/// already hold the outputs of earlier entries of the batch).
+pub struct OutputBuffer<'a> {
+    buf: &'a mut Vec<u8>,
+}
+
+impl OutputBuffer<'_> {
+    /// Appends `bytes` to the output.
+    #[inline]
+    pub fn extend_from_slice(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+}
+
+impl std::io::Write for OutputBuffer<'_> {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    #[inline]
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.buf.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    #[inline]
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -198,13 +220,11 @@ pub unsafe fn on_apply<M: StateMachine>(slot: &Slot<M>, entries: *mut u8, len: u
                     unsafe { std::slice::from_raw_parts(entry.payload, entry.payload_len) }
                 };
                 let mut ctx = Context::new(entry.index, entry.term, entry.timestamp_ms);
-                output.scratch.clear();
-                if output.scratch.capacity() > KEEP_BYTES {
-                    output.scratch = Vec::new();
-                }
-                let result = M::decode_command(payload)
-                    .and_then(|command| machine.apply(&mut ctx, command))
-                    .and_then(|out| M::encode_output(&out, &mut output.scratch));
+                output.push(|out| {
+                    M::decode_command(payload)
+                        .and_then(|command| machine.apply(&mut ctx, command))
+                        .and_then(|output| M::encode_output(&output, out))
+                });
                 // Free the payload now: an entry's memory headroom should not depend on how
                 // many entries follow it in the same batch.
                 if entry.payload_len != 0 {
@@ -216,7 +236,6 @@ pub unsafe fn on_apply<M: StateMachine>(slot: &Slot<M>, entries: *mut u8, len: u
                         )
                     };
                 }
-                output.push(result);
             }
         });
         if len != 0 {
@@ -230,6 +249,7 @@ pub unsafe fn on_apply<M: StateMachine>(slot: &Slot<M>, entries: *mut u8, len: u
             };
         }
         host::end_batch();
+        output.resolve();
         output.ret = [output.results.as_ptr() as usize, output.results.len()];
         output.ret.as_mut_ptr().cast()
     })

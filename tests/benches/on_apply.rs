@@ -34,7 +34,9 @@ fn main() {
         .unwrap_or(RUNS)
         .max(1);
     for batch_size in sizes {
-        let mut machine = fx.machine(guests::COUNTER);
+        // `ON_APPLY_GUEST=path.wasm` measures another build of the guest (A/B comparisons).
+        let guest = std::env::var("ON_APPLY_GUEST").unwrap_or_else(|_| guests::COUNTER.into());
+        let mut machine = fx.machine(&guest);
         let batch: Vec<Entry> = (1..=batch_size as u64)
             .map(|i| entry(i, r#"{"add":1}"#))
             .collect();
