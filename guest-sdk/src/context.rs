@@ -6,7 +6,8 @@ pub struct Context {
     index: u64,
     term: u64,
     timestamp_ms: u64,
-    rng: EntryRng,
+    /// Seeded on first use: most entries never draw.
+    rng: Option<EntryRng>,
 }
 
 impl Context {
@@ -15,7 +16,7 @@ impl Context {
             index,
             term,
             timestamp_ms,
-            rng: EntryRng::for_entry(index, term),
+            rng: None,
         }
     }
 
@@ -37,7 +38,9 @@ impl Context {
     /// A pseudo-random stream seeded from the entry's index and term: the same on every replica,
     /// different for every entry. Not cryptographically secure.
     pub fn rng(&mut self) -> &mut EntryRng {
-        &mut self.rng
+        let (index, term) = (self.index, self.term);
+        self.rng
+            .get_or_insert_with(|| EntryRng::for_entry(index, term))
     }
 }
 

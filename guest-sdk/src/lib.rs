@@ -120,6 +120,7 @@ mod context;
 pub mod runtime;
 
 pub use context::{Context, EntryRng};
+pub use runtime::OutputBuffer;
 
 /// The raw bindings to `wit/machine.wit`. Authors normally never touch them.
 #[doc(hidden)]
@@ -130,6 +131,9 @@ pub mod bindings {
         pub_export_macro: true,
         default_bindings_module: "::lockstep_guest::bindings",
         runtime_path: "::lockstep_guest::wit_bindgen::rt",
+        // Exported by hand (`runtime::on_apply`): the batch is read in place and the outputs
+        // written into reused buffers. The component type still declares it.
+        skip: ["on-apply"],
     });
 }
 
@@ -162,9 +166,10 @@ pub trait StateMachine: Default + 'static {
         serde_json::from_slice(payload).map_err(|e| format!("invalid command: {e}"))
     }
 
-    /// Encodes an output. Default: JSON.
-    fn encode_output(output: &Self::Output) -> Result<Vec<u8>, String> {
-        serde_json::to_vec(output).map_err(|e| format!("cannot encode output: {e}"))
+    /// Encodes an output by writing it to `out` (the SDK gathers a batch's outputs in shared
+    /// buffers; `out` only appends). Default: JSON.
+    fn encode_output(output: &Self::Output, out: &mut OutputBuffer<'_>) -> Result<(), String> {
+        serde_json::to_writer(out, output).map_err(|e| format!("cannot encode output: {e}"))
     }
 
     /// Decodes a query request. Default: JSON, with an empty body read as `null`.
@@ -226,14 +231,6 @@ macro_rules! __export_with {
             struct LockstepExport;
 
             impl $crate::bindings::Guest for LockstepExport {
-                fn on_apply(
-                    batch: ::std::vec::Vec<$crate::bindings::Entry>,
-                ) -> ::std::vec::Vec<
-                    ::std::result::Result<::std::vec::Vec<u8>, ::std::string::String>,
-                > {
-                    STATE.with(|slot| $crate::runtime::on_apply::<$machine>(slot, batch))
-                }
-
                 fn query(
                     request: ::std::vec::Vec<u8>,
                 ) -> ::std::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
@@ -252,6 +249,23 @@ macro_rules! __export_with {
             }
 
             $crate::bindings::export!(LockstepExport);
+
+            // `on-apply` is exported by hand (see `runtime::on_apply`), with the core
+            // signature the canonical ABI gives it: `(batch.ptr, batch.len) -> retptr`.
+            #[cfg(target_arch = "wasm32")]
+            #[unsafe(export_name = "on-apply")]
+            unsafe extern "C" fn __lockstep_on_apply(entries: *mut u8, len: usize) -> *mut u8 {
+                // SAFETY: called by the component's `on-apply` with a canonically lowered list.
+                STATE.with(|slot| unsafe {
+                    $crate::runtime::on_apply::<$machine>(slot, entries, len)
+                })
+            }
+
+            #[cfg(target_arch = "wasm32")]
+            #[unsafe(export_name = "cabi_post_on-apply")]
+            extern "C" fn __lockstep_post_on_apply(_ret: *mut u8) {
+                $crate::runtime::post_on_apply();
+            }
         };
     };
 }

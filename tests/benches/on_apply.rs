@@ -22,8 +22,21 @@ fn main() {
         "| batch | median entries/s (wall) | median µs per call (wall) | median entries/s (CPU time) | min..max entries/s (wall) |"
     );
     println!("|---:|---:|---:|---:|---:|");
-    for batch_size in [1usize, 16, 256] {
-        let mut machine = fx.machine(guests::COUNTER);
+    // `ON_APPLY_BATCHES=256` runs only that batch size (for profiling).
+    let sizes: Vec<usize> = std::env::var("ON_APPLY_BATCHES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 16, 256]);
+    // `ON_APPLY_RUNS=200` runs longer (so that compiling the guest is a small share of a profile).
+    let runs: usize = std::env::var("ON_APPLY_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(RUNS)
+        .max(1);
+    for batch_size in sizes {
+        // `ON_APPLY_GUEST=path.wasm` measures another build of the guest (A/B comparisons).
+        let guest = std::env::var("ON_APPLY_GUEST").unwrap_or_else(|_| guests::COUNTER.into());
+        let mut machine = fx.machine(&guest);
         let batch: Vec<Entry> = (1..=batch_size as u64)
             .map(|i| entry(i, r#"{"add":1}"#))
             .collect();
@@ -32,7 +45,7 @@ fn main() {
         for _ in 0..calls / 4 {
             run(&mut machine, &batch);
         }
-        let (mut wall, mut cpu): (Vec<f64>, Vec<f64>) = (0..RUNS)
+        let (mut wall, mut cpu): (Vec<f64>, Vec<f64>) = (0..runs)
             .map(|_| {
                 let (start, cpu_start) = (Instant::now(), thread_cpu_ns());
                 for _ in 0..calls {
@@ -45,14 +58,14 @@ fn main() {
             .unzip();
         wall.sort_by(f64::total_cmp);
         cpu.sort_by(f64::total_cmp);
-        let median = wall[RUNS / 2];
+        let median = wall[runs / 2];
         println!(
             "| {batch_size} | {:.2} M | {:.2} | {:.2} M | {:.2} M .. {:.2} M |",
             median / 1e6,
             batch_size as f64 / median * 1e6,
-            cpu[RUNS / 2] / 1e6,
+            cpu[runs / 2] / 1e6,
             wall[0] / 1e6,
-            wall[RUNS - 1] / 1e6,
+            wall[runs - 1] / 1e6,
         );
     }
 }

@@ -29,9 +29,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use wasmtime::component::{ComponentType, Func, Instance, Lower, TypedFunc};
+use wasmtime::component::{Func, Instance, TypedFunc};
 use wasmtime::{Store, Trap};
 
+use super::abi::{BatchParam, Outputs, OutputsResult};
 use super::host::{BATCH_FUEL_PER_ENTRY, EntryMark, HostState};
 use super::registry::LoadedModule;
 use super::{GuestError, Limits, MachineError, ModuleRegistry};
@@ -42,20 +43,6 @@ use crate::state_machine::Entry;
 const REBASE_MIN_BYTES: usize = 1 << 20;
 /// What an entry weighs in the replay log beyond its payload.
 const LOG_ENTRY_OVERHEAD: usize = 64;
-
-/// The `entry` record of the WIT, lowered straight from the host's `Entry` without copying the
-/// payload into an owned buffer first.
-#[derive(ComponentType, Lower)]
-#[component(record)]
-struct EntryParam<'a> {
-    index: u64,
-    term: u64,
-    #[component(name = "timestamp-ms")]
-    timestamp_ms: u64,
-    payload: &'a [u8],
-}
-
-type ApplyResults = (Vec<Result<Vec<u8>, String>>,);
 
 /// The world's four exports of one instance, type-checked once.
 pub(crate) struct Exports {
@@ -84,7 +71,7 @@ impl Exports {
         let wrong =
             |name: &str, e: wasmtime::Error| format!("export `{name}` has the wrong type: {e:#}");
         on_apply
-            .typed::<(&[EntryParam<'static>],), ApplyResults>(&*store)
+            .typed::<(BatchParam<'static>,), (OutputsResult,)>(&*store)
             .map_err(|e| wrong("on-apply", e))?;
         query
             .typed::<(&[u8],), (Result<Vec<u8>, String>,)>(&*store)
@@ -146,11 +133,7 @@ impl Live {
     /// Applies `chunk` in one call: `metered`, with fuel and failures per entry; otherwise with
     /// one entry's budget for the whole call (see `begin-batch` in the WIT), any failure then
     /// meaning "apply it again, metered".
-    fn on_apply(
-        &mut self,
-        chunk: &[Entry],
-        metered: bool,
-    ) -> Result<Vec<Result<Vec<u8>, String>>, Failure> {
+    fn on_apply(&mut self, chunk: &[Entry], metered: bool) -> Result<Outputs, Failure> {
         let state = self.store.data_mut();
         state.meter.batch.clear();
         state.meter.batch.extend(chunk.iter().map(|e| EntryMark {
@@ -175,24 +158,15 @@ impl Live {
             self.limits.fuel_per_entry
         };
         let _ = self.store.set_fuel(preamble);
-        let params: Vec<EntryParam<'_>> = chunk
-            .iter()
-            .map(|e| EntryParam {
-                index: e.index,
-                term: e.term,
-                timestamp_ms: e.timestamp_ms,
-                payload: &e.payload,
-            })
-            .collect();
         // SAFETY: `Exports::typecheck` checked this export against exactly these types.
         let func = unsafe {
-            TypedFunc::<(&[EntryParam<'_>],), ApplyResults>::new_unchecked(self.exports.on_apply)
+            TypedFunc::<(BatchParam<'_>,), (OutputsResult,)>::new_unchecked(self.exports.on_apply)
         };
-        let outcome = func.call(&mut self.store, (&params,));
+        let outcome = func.call(&mut self.store, (BatchParam(chunk),));
         let state = self.store.data();
         let touched = state.inputs.touched.load(Ordering::Relaxed);
         match outcome {
-            Ok((outputs,)) => {
+            Ok((OutputsResult(outputs),)) => {
                 let meter = &state.meter;
                 let problem = if outputs.len() != chunk.len() {
                     format!(
@@ -455,8 +429,8 @@ impl Machine {
     fn apply_chunk(&mut self, chunk: &[Entry], results: &mut Vec<Result<Vec<u8>, GuestError>>) {
         if !self.always_meter && self.broken.is_none() {
             match self.live.on_apply(chunk, false) {
-                Ok(outputs) => {
-                    results.extend(outputs.into_iter().map(|r| r.map_err(GuestError::Guest)));
+                Ok(mut outputs) => {
+                    results.append(&mut outputs);
                     self.log(chunk);
                     return;
                 }
@@ -481,8 +455,8 @@ impl Machine {
                 return;
             }
             match self.live.on_apply(chunk, true) {
-                Ok(outputs) => {
-                    results.extend(outputs.into_iter().map(|r| r.map_err(GuestError::Guest)));
+                Ok(mut outputs) => {
+                    results.append(&mut outputs);
                     self.log(chunk);
                     return;
                 }

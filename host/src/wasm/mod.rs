@@ -11,6 +11,7 @@
 //! The promise: an entry's result and the resulting state do not depend on how entries were
 //! grouped into batches. See [`Machine`] for how traps are isolated without giving that up.
 
+mod abi;
 mod engine;
 mod errors;
 mod host;
