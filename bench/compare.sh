@@ -111,24 +111,14 @@ for c in $CONNS; do
   [ "$lerr$eerr$cerr" = "000" ] || echo "  (errors: lockstep $lerr, etcd $eerr, ceiling $cerr)"
 done
 
-# --- the batch endpoint ----------------------------------------------------------------------------
+# --- restart with a long log (before the batch run, so the log holds about RESTART_ENTRIES) --
 BATCH_BODY="[$(printf '{"add":1},%.0s' $(seq 1 "$BATCH"))"
 BATCH_BODY="${BATCH_BODY%,}]"
-read -r br bp50 bp99 berr <<<"$(run "$LS/v1/machines/counter/tasks:batch" "$BATCH_BODY" 64)"
-echo
-echo "batch endpoint: $BATCH tasks/request, 64 connections: $((br * BATCH)) tasks/s (p50 ${bp50} ms, p99 ${bp99} ms, errors $berr)"
-
-# --- memory ----------------------------------------------------------------------------------------
-for i in 1 2 3; do
-  echo "lockstep node $i peak RSS: $(awk '/VmHWM/ {printf "%.0f MiB", $2 / 1024}' "/proc/${LS_PID[$i]}/status")"
-done
-
-# --- restart with a long log ----------------------------------------------------------------------
 LS=$(leader_url)
 commit() { curl -sf "$1/v1/cluster" | sed -n 's/.*"commit_index":\([0-9]*\).*/\1/p'; }
 applied() { curl -sf "$1/v1/cluster" 2>/dev/null | sed -n 's/.*"applied_index":\([0-9]*\).*/\1/p'; }
 while [ "$(commit "$LS")" -lt "$RESTART_ENTRIES" ]; do
-  BODY="$BATCH_BODY" wrk -t2 -c64 -d5s -s bench/wrk.lua "$LS/v1/machines/counter/tasks:batch" >/dev/null 2>&1
+  BODY="$BATCH_BODY" wrk -t2 -c16 -d1s -s bench/wrk.lua "$LS/v1/machines/counter/tasks:batch" >/dev/null 2>&1
 done
 TARGET=$(commit "$LS")
 VICTIM=""
@@ -141,3 +131,14 @@ until [ "$(applied "http://127.0.0.1:730$VICTIM" || echo 0)" -ge "$TARGET" ] 2>/
 t1=$(date +%s.%N)
 printf 'restart of node %s with %s entries in its log: serving its applied state again after %.2f s\n' \
   "$VICTIM" "$TARGET" "$(echo "$t1 - $t0" | bc -l)"
+
+# --- the batch endpoint ----------------------------------------------------------------------------
+read -r br bp50 bp99 berr <<<"$(run "$LS/v1/machines/counter/tasks:batch" "$BATCH_BODY" 64)"
+echo
+echo "batch endpoint: $BATCH tasks/request, 64 connections: $((br * BATCH)) tasks/s (p50 ${bp50} ms, p99 ${bp99} ms, errors $berr)"
+
+# --- memory ----------------------------------------------------------------------------------------
+for i in 1 2 3; do
+  echo "lockstep node $i peak RSS: $(awk '/VmHWM/ {printf "%.0f MiB", $2 / 1024}' "/proc/${LS_PID[$i]}/status")"
+done
+
