@@ -336,22 +336,47 @@ async fn delete(
     ))
 }
 
+/// Where a task submission stands once its request has been read.
+enum Admitted {
+    /// This node does not lead: nothing will be proposed here.
+    Redirect(Response<Body>),
+    Task {
+        term: Option<u64>,
+        uri: hyper::Uri,
+        body: Bytes,
+    },
+}
+
+/// What `submit` and `submit_batch` share: the name, the leader check, the expected term, the
+/// body (read before any refusal, so the connection stays usable) and the machine's existence.
+async fn admit(
+    state: &ApiState,
+    name: &str,
+    req: Request<Incoming>,
+    limit: usize,
+) -> Result<Admitted, ApiError> {
+    check_name(name)?;
+    if let Some(r) = leader_or_redirect(state, req.uri()) {
+        return Ok(Admitted::Redirect(r));
+    }
+    let term = expected_term(&req)?;
+    let uri = req.uri().clone();
+    let body = read_body(req, limit).await?;
+    if !machine_known(state, name) {
+        return Err(ApiError::not_found(format!("no machine named {name:?}")));
+    }
+    Ok(Admitted::Task { term, uri, body })
+}
+
 async fn submit(
     state: &ApiState,
     name: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    check_name(name)?;
-    if let Some(r) = leader_or_redirect(state, req.uri()) {
-        return Ok(r);
-    }
-    let term = expected_term(&req)?;
-    let uri = req.uri().clone();
-    // Read the body before refusing, so the connection stays usable for the next request.
-    let payload = read_body(req, MAX_TASK_BYTES).await?;
-    if !machine_known(state, name) {
-        return Err(ApiError::not_found(format!("no machine named {name:?}")));
-    }
+    let (term, uri, payload) = match admit(state, name, req, MAX_TASK_BYTES).await? {
+        Admitted::Redirect(r) => return Ok(r),
+        Admitted::Task { term, uri, body } => (term, uri, body),
+    };
     let entry = Command::encode_task(name, &payload);
     let applied = match state.node.propose(entry, term).await {
         Ok(a) => a,
@@ -392,16 +417,10 @@ async fn submit_batch(
     name: &str,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    check_name(name)?;
-    if let Some(r) = leader_or_redirect(state, req.uri()) {
-        return Ok(r);
-    }
-    let term = expected_term(&req)?;
-    let uri = req.uri().clone();
-    let body = read_body(req, MAX_BATCH_BYTES).await?;
-    if !machine_known(state, name) {
-        return Err(ApiError::not_found(format!("no machine named {name:?}")));
-    }
+    let (term, uri, body) = match admit(state, name, req, MAX_BATCH_BYTES).await? {
+        Admitted::Redirect(r) => return Ok(r),
+        Admitted::Task { term, uri, body } => (term, uri, body),
+    };
     let tasks: Vec<&serde_json::value::RawValue> = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("expected a JSON array of tasks: {e}")))?;
     if tasks.len() > MAX_BATCH_TASKS {
