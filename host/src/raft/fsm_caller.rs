@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 
-use super::message::{EntryKind, LogEntry};
+use super::message::LogEntry;
 use super::metrics::Metrics;
 use super::{Applied, Completion, ProposeError, ReadError, ReadJob};
 use crate::state_machine::{Entry, StateMachine};
@@ -58,17 +58,7 @@ impl<SM: StateMachine> FsmCaller<SM> {
                         if let Some(e) = entries.last() {
                             last = e.index;
                         }
-                        batch.extend(
-                            entries
-                                .into_iter()
-                                .filter(|e| e.kind == EntryKind::Normal)
-                                .map(|e| Entry {
-                                    index: e.index,
-                                    term: e.term,
-                                    timestamp_ms: e.timestamp_ms,
-                                    payload: e.payload,
-                                }),
-                        );
+                        batch.extend(entries.into_iter().filter_map(LogEntry::into_user_entry));
                         done.extend(d);
                     }
                     FsmTask::Read(index, job) => {

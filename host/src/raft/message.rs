@@ -26,6 +26,16 @@ pub struct LogEntry {
 }
 
 impl LogEntry {
+    /// What the state machine sees of this entry, if anything: no-ops stay in the pipeline.
+    pub fn into_user_entry(self) -> Option<crate::state_machine::Entry> {
+        (self.kind == EntryKind::Normal).then(|| crate::state_machine::Entry {
+            index: self.index,
+            term: self.term,
+            timestamp_ms: self.timestamp_ms,
+            payload: self.payload,
+        })
+    }
+
     /// Bytes this entry adds to a batch (payload plus a fixed header estimate).
     pub fn size(&self) -> usize {
         self.payload.len() + 24

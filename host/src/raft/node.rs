@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::core::{CoreRole, DurableState, ProposeRefused, RaftCore};
 use super::fsm_caller::{FsmCaller, FsmTask};
 use super::log_manager::{DiskQueue, DiskTask};
-use super::message::{EntryKind, Message};
+use super::message::{LogEntry, Message};
 use super::metrics::{Metrics, MetricsSnapshot};
 use super::{NodeId, RaftConfig};
 use crate::state_machine::{Entry, StateMachine};
@@ -176,13 +176,7 @@ impl<SM: StateMachine> Node<SM> {
             applied = last.index;
             let batch: Vec<Entry> = chunk
                 .into_iter()
-                .filter(|e| e.kind == EntryKind::Normal)
-                .map(|e| Entry {
-                    index: e.index,
-                    term: e.term,
-                    timestamp_ms: e.timestamp_ms,
-                    payload: e.payload,
-                })
+                .filter_map(LogEntry::into_user_entry)
                 .collect();
             if !batch.is_empty() {
                 sm.apply(&batch);
