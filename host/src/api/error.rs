@@ -7,6 +7,7 @@ use hyper::{Response, StatusCode, header};
 
 use crate::machines::Failure;
 use crate::raft::{ProposeError, ReadError};
+use crate::wasm::ModuleError;
 
 pub type Body = Full<Bytes>;
 
@@ -87,6 +88,18 @@ impl From<Failure> for ApiError {
             }
             Failure::BadEntry(_) => Self::bad_request(f.to_string()),
         }
+    }
+}
+
+/// A module refused at deploy: its own fault is a 400, the node's storage a 500.
+impl From<ModuleError> for ApiError {
+    fn from(e: ModuleError) -> Self {
+        let status = match e.code() {
+            "invalid_module" => StatusCode::BAD_REQUEST,
+            "not_found" => StatusCode::NOT_FOUND,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, e.code(), e.to_string())
     }
 }
 

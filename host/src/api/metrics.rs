@@ -11,7 +11,6 @@ use super::ApiState;
 use crate::machines::GuestErrorCounts;
 use crate::raft::{HistogramSnapshot, MetricsSnapshot};
 
-#[derive(Default)]
 pub struct Metrics {
     /// Responses by status class: 1xx..5xx.
     responses: [AtomicU64; 5],

@@ -263,7 +263,7 @@ async fn deploy(
     tokio::task::spawn_blocking(move || registry.add(&bytes))
         .await
         .map_err(|e| ApiError::internal(format!("validating the module: {e}")))?
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_module", e.to_string()))?;
+        .map_err(ApiError::from)?;
     let entry = Command::Deploy {
         machine: name.to_owned(),
         module,

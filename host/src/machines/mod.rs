@@ -66,11 +66,11 @@ pub struct GuestErrorCounts {
 
 impl GuestErrorCounts {
     fn count(&self, e: &GuestError) {
-        let c = match e.code() {
-            "guest_error" => &self.guest_error,
-            "out_of_fuel" => &self.out_of_fuel,
-            "memory_limit" => &self.memory_limit,
-            _ => &self.guest_trap,
+        let c = match e {
+            GuestError::Guest(_) => &self.guest_error,
+            GuestError::Trap(_) => &self.guest_trap,
+            GuestError::OutOfFuel { .. } => &self.out_of_fuel,
+            GuestError::MemoryLimit { .. } => &self.memory_limit,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
