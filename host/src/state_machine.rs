@@ -21,6 +21,7 @@ pub trait StateMachine: Send + 'static {
     /// What applying one entry gives back to the caller that proposed it.
     type Output: Send + 'static;
 
-    /// Applies committed entries in log order and returns exactly one output per entry.
-    fn apply(&mut self, batch: &[Entry]) -> Vec<Self::Output>;
+    /// Applies committed entries in log order and returns exactly one output per entry. The
+    /// entries are the machine's to keep (a machine that logs them for replay moves them).
+    fn apply(&mut self, batch: Vec<Entry>) -> Vec<Self::Output>;
 }

@@ -17,7 +17,7 @@ struct Journal {
 
 impl StateMachine for Journal {
     type Output = u64;
-    fn apply(&mut self, batch: &[Entry]) -> Vec<u64> {
+    fn apply(&mut self, batch: Vec<Entry>) -> Vec<u64> {
         batch
             .iter()
             .map(|e| {

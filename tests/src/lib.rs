@@ -77,7 +77,7 @@ pub fn test_limits() -> Limits {
 }
 
 /// A result as text, for readable assertions.
-pub fn show(result: &Result<Vec<u8>, GuestError>) -> String {
+pub fn show(result: &Result<Bytes, GuestError>) -> String {
     match result {
         Ok(bytes) => String::from_utf8_lossy(bytes).into_owned(),
         Err(e) => format!("{}: {e}", e.code()),
@@ -105,12 +105,12 @@ pub fn apply_in(
     machine: &mut Machine,
     log: &[Entry],
     sizes: &[usize],
-) -> Vec<Result<Vec<u8>, GuestError>> {
+) -> Vec<Result<Bytes, GuestError>> {
     let mut results = Vec::with_capacity(log.len());
     let mut start = 0;
     for &size in sizes {
         let batch = &log[start..start + size];
-        let out = machine.apply(batch);
+        let out = machine.apply(batch.to_vec());
         assert_eq!(out.len(), batch.len(), "one result per entry");
         results.extend(out);
         start += size;

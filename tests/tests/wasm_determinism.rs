@@ -11,26 +11,34 @@
 //! So this log allocates either far below the cap (4 and 16 MiB of 64) or far above it (512),
 //! which is where the promise holds, and that is what is asserted.
 
+use bytes::Bytes;
 use lockstep::state_machine::Entry;
-use lockstep::wasm::GuestError;
+use lockstep::wasm::{GuestError, Limits};
 use lockstep_tests::{Fixture, apply_in, entry, guests, random_sizes, test_limits};
 
-type Results = Vec<Result<Vec<u8>, GuestError>>;
+type Results = Vec<Result<Bytes, GuestError>>;
 
-fn groupings(len: usize) -> Vec<(&'static str, Vec<usize>)> {
+/// Batch sizes, and how many bytes of a batch the machine lowers per `on-apply` call.
+fn groupings(len: usize) -> Vec<(&'static str, Vec<usize>, usize)> {
+    let whole = test_limits().max_batch_bytes;
     vec![
-        ("batches of 1", vec![1; len]),
-        ("random sizes", random_sizes(len, 64, 7)),
-        ("random sizes up to 300", random_sizes(len, 300, 11)),
-        ("one batch", vec![len]),
+        ("batches of 1", vec![1; len], whole),
+        ("random sizes", random_sizes(len, 64, 7), whole),
+        ("random sizes up to 300", random_sizes(len, 300, 11), whole),
+        ("one batch", vec![len], whole),
+        // Each batch split into many calls: the multi-call path, not the one-call fast path.
+        ("one batch, 256 bytes per call", vec![len], 256),
     ]
 }
 
 fn check_invariance(guest: &str, log: &[Entry]) -> Results {
-    let fx = Fixture::new(test_limits());
-    let digest = fx.deploy(guest);
     let mut reference: Option<(Results, Vec<u8>)> = None;
-    for (name, sizes) in groupings(log.len()) {
+    for (name, sizes, max_batch_bytes) in groupings(log.len()) {
+        let fx = Fixture::new(Limits {
+            max_batch_bytes,
+            ..test_limits()
+        });
+        let digest = fx.deploy(guest);
         let mut machine = lockstep::wasm::Machine::new(&fx.registry, &digest).unwrap();
         let results = apply_in(&mut machine, log, &sizes);
         let snapshot = machine.snapshot().unwrap();

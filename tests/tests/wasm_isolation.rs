@@ -10,7 +10,7 @@ fn a_trap_fails_only_its_entry_and_is_rolled_back() {
     let mut log: Vec<String> = (1..=10).map(|n| format!(r#"{{"add": {n}}}"#)).collect();
     let k = 4;
     log[k] = r#"{"trap": true}"#.to_string();
-    let results = m.apply(&entries(log.clone()));
+    let results = m.apply(entries(log.clone()));
     assert_eq!(results.len(), 10);
     let mut value = 0;
     for (i, r) in results.iter().enumerate() {
@@ -34,7 +34,7 @@ fn a_trap_fails_only_its_entry_and_is_rolled_back() {
     let mut without = fx.machine(guests::CHAOS);
     let mut log_without = entries(log);
     log_without.remove(k);
-    without.apply(&log_without);
+    without.apply(log_without);
     assert_eq!(m.snapshot().unwrap(), without.snapshot().unwrap());
 }
 
@@ -46,7 +46,7 @@ fn a_spin_runs_out_of_fuel_and_the_next_entry_succeeds() {
     };
     let fx = Fixture::new(limits);
     let mut m = fx.machine(guests::CHAOS);
-    let out = m.apply(&entries([
+    let out = m.apply(entries([
         r#"{"add": 1}"#,
         r#"{"spin": true}"#,
         r#"{"add": 1}"#,
@@ -65,14 +65,14 @@ fn fuel_is_per_entry_not_per_batch() {
         fuel_per_entry: 1_000_000 / 64,
         ..Limits::default()
     });
-    let out = starved.machine(guests::CHAOS).apply(&entries([work]));
+    let out = starved.machine(guests::CHAOS).apply(entries([work]));
     assert_eq!(out[0].as_ref().unwrap_err().code(), "out_of_fuel");
     // ...yet 64 of them fit in one batch: each entry gets the whole budget afresh.
     let fx = Fixture::new(Limits {
         fuel_per_entry: 1_000_000,
         ..Limits::default()
     });
-    let out = fx.machine(guests::CHAOS).apply(&entries(vec![work; 64]));
+    let out = fx.machine(guests::CHAOS).apply(entries(vec![work; 64]));
     assert!(
         out.iter().all(|r| r.is_ok()),
         "{:?}",
@@ -94,7 +94,7 @@ fn an_oversized_allocation_hits_the_memory_limit() {
     let fx = Fixture::new(test_limits());
     let mut m = fx.machine(guests::CHAOS);
     let before = resident_bytes();
-    let out = m.apply(&entries([
+    let out = m.apply(entries([
         r#"{"add": 1}"#,
         r#"{"alloc_mb": 512}"#,
         r#"{"alloc_mb": 512}"#,
@@ -123,7 +123,7 @@ fn the_memory_cap_is_configurable() {
         ..test_limits()
     });
     let mut m = fx.machine(guests::CHAOS);
-    let out = m.apply(&entries([r#"{"alloc_mb": 32}"#, r#"{"alloc_mb": 4}"#]));
+    let out = m.apply(entries([r#"{"alloc_mb": 32}"#, r#"{"alloc_mb": 4}"#]));
     assert_eq!(out[0], Err(GuestError::MemoryLimit { limit: 16 << 20 }));
     assert!(out[1].is_ok());
 }
@@ -132,7 +132,7 @@ fn the_memory_cap_is_configurable() {
 fn deep_recursion_fails_with_a_stack_error() {
     let fx = Fixture::new(test_limits());
     let mut m = fx.machine(guests::CHAOS);
-    let out = m.apply(&entries([
+    let out = m.apply(entries([
         r#"{"recurse": 100}"#,
         r#"{"recurse": 10000000}"#,
         r#"{"add": 1}"#,
@@ -161,12 +161,9 @@ fn clock_and_random_are_derived_from_the_entry() {
     // Two independent nodes: separate engines, registries and instances.
     let (a, b) = (Fixture::new(test_limits()), Fixture::new(test_limits()));
     let (mut ma, mut mb) = (a.machine(guests::CHAOS), b.machine(guests::CHAOS));
-    let ra = ma.apply(&log);
+    let ra = ma.apply(log.clone());
     std::thread::sleep(std::time::Duration::from_millis(20));
-    let rb: Vec<_> = log
-        .iter()
-        .flat_map(|e| mb.apply(std::slice::from_ref(e)))
-        .collect();
+    let rb: Vec<_> = log.iter().flat_map(|e| mb.apply(vec![e.clone()])).collect();
     assert_eq!(ra, rb);
     for (e, r) in log.iter().zip(&ra) {
         let out: serde_json::Value = serde_json::from_slice(r.as_ref().unwrap()).unwrap();
@@ -186,7 +183,7 @@ fn clock_and_random_are_derived_from_the_entry() {
 fn a_failing_query_does_not_disturb_the_state() {
     let fx = Fixture::new(test_limits());
     let mut m: Machine = fx.machine(guests::KV);
-    m.apply(&entries([r#"{"put": {"key": "k", "value": "v"}}"#]));
+    m.apply(entries([r#"{"put": {"key": "k", "value": "v"}}"#]));
     assert_eq!(m.query(b"not json").unwrap_err().code(), "guest_error");
     assert_eq!(
         m.query(br#"{"get": {"key": "k"}}"#).unwrap(),
@@ -199,7 +196,7 @@ fn sleeping_traps_instead_of_blocking_the_host() {
     let fx = Fixture::new(test_limits());
     let mut m = fx.machine(guests::CHAOS);
     let start = std::time::Instant::now();
-    let out = m.apply(&entries([r#"{"sleep_ms": 60000}"#, r#"{"add": 1}"#]));
+    let out = m.apply(entries([r#"{"sleep_ms": 60000}"#, r#"{"add": 1}"#]));
     assert!(start.elapsed() < std::time::Duration::from_secs(10));
     let err = out[0].as_ref().unwrap_err();
     assert_eq!(err.code(), "guest_trap");

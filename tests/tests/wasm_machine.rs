@@ -1,10 +1,11 @@
 //! The example machines through the host runtime: semantics, snapshots, upgrades.
 
+use bytes::Bytes;
 use lockstep::wasm::{GuestError, Limits, Machine};
 use lockstep_tests::{Fixture, entries, guests, show};
 use serde_json::{Value, json};
 
-fn json_of(result: &Result<Vec<u8>, GuestError>) -> Value {
+fn json_of(result: &Result<Bytes, GuestError>) -> Value {
     let bytes = result
         .as_ref()
         .unwrap_or_else(|e| panic!("entry failed: {e}"));
@@ -15,7 +16,7 @@ fn json_of(result: &Result<Vec<u8>, GuestError>) -> Value {
 fn counter_adds_and_answers_queries() {
     let fx = Fixture::new(Limits::default());
     let mut m = fx.machine(guests::COUNTER);
-    let out = m.apply(&entries([r#"{"add": 5}"#, r#"{"add": -2}"#, "nonsense"]));
+    let out = m.apply(entries([r#"{"add": 5}"#, r#"{"add": -2}"#, "nonsense"]));
     assert_eq!(json_of(&out[0]), json!({"value": 5}));
     assert_eq!(json_of(&out[1]), json!({"value": 3}));
     let err = out[2].as_ref().unwrap_err();
@@ -33,7 +34,7 @@ fn counter_adds_and_answers_queries() {
 fn kv_commands_and_queries() {
     let fx = Fixture::new(Limits::default());
     let mut m = fx.machine(guests::KV);
-    let out = m.apply(&entries([
+    let out = m.apply(entries([
         r#"{"put": {"key": "b", "value": "1"}}"#,
         r#"{"put": {"key": "b", "value": "2"}}"#,
         r#"{"put": {"key": "a/x", "value": "3"}}"#,
@@ -79,7 +80,7 @@ fn kv_commands_and_queries() {
 fn snapshot_restores_into_a_new_machine() {
     let fx = Fixture::new(Limits::default());
     let mut a = fx.machine(guests::KV);
-    a.apply(&entries([r#"{"put": {"key": "k", "value": "v"}}"#]));
+    a.apply(entries([r#"{"put": {"key": "k", "value": "v"}}"#]));
     let snap = a.snapshot().unwrap();
     let mut b = fx.machine(guests::KV);
     b.restore(&snap).unwrap();
@@ -101,11 +102,11 @@ fn upgrade_moves_state_and_a_failed_upgrade_keeps_the_old_module() {
     let chaos = fx.deploy(guests::CHAOS);
     let kv = fx.deploy(guests::KV);
     let mut m = Machine::new(&fx.registry, &counter).unwrap();
-    m.apply(&entries([r#"{"add": 40}"#]));
+    m.apply(entries([r#"{"add": 40}"#]));
     // chaos reads counter's snapshot (same shape): the value carries over.
     m.upgrade(&fx.registry, &chaos).unwrap();
     assert_eq!(m.digest(), chaos);
-    let out = m.apply(&lockstep_tests::entries([r#"{"add": 2}"#]));
+    let out = m.apply(lockstep_tests::entries([r#"{"add": 2}"#]));
     assert_eq!(show(&out[0]), r#"{"value":42}"#);
     // kv cannot read it: the upgrade fails, chaos keeps running with its state.
     let err = m.upgrade(&fx.registry, &kv).unwrap_err();

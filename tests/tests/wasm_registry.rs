@@ -121,7 +121,7 @@ fn modules_are_stored_once_and_the_artifact_is_reused() {
     let mut m = Machine::new(&second, &info.digest).unwrap();
     assert_eq!(second.artifact_hits(), 1);
     assert_eq!(second.compilations(), 0);
-    assert!(m.apply(&lockstep_tests::entries([r#"{"add": 1}"#]))[0].is_ok());
+    assert!(m.apply(lockstep_tests::entries([r#"{"add": 1}"#]))[0].is_ok());
     // Loaded once, then served from memory.
     Machine::new(&second, &info.digest).unwrap();
     assert_eq!((second.artifact_hits(), second.compilations()), (1, 0));
@@ -182,7 +182,7 @@ fn one_registry_serves_several_threads() {
                 let digest = fx.registry.add(&bytes).unwrap().digest;
                 let mut m = Machine::new(&fx.registry, &digest).unwrap();
                 let put = format!(r#"{{"put": {{"key": "t", "value": "{t}"}}}}"#);
-                assert!(m.apply(&lockstep_tests::entries([put]))[0].is_ok());
+                assert!(m.apply(lockstep_tests::entries([put]))[0].is_ok());
                 digest
             })
         })

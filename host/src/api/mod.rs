@@ -385,7 +385,7 @@ async fn submit(
     };
     match applied.output? {
         Effect::Output(bytes) => {
-            let mut r = Response::new(Full::new(Bytes::from(bytes)));
+            let mut r = Response::new(Full::new(bytes));
             let h = r.headers_mut();
             h.insert("lockstep-index", applied.index.into());
             h.insert("lockstep-term", applied.term.into());

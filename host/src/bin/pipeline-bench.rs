@@ -25,7 +25,7 @@ struct Counter {
 
 impl StateMachine for Counter {
     type Output = u64;
-    fn apply(&mut self, batch: &[Entry]) -> Vec<u64> {
+    fn apply(&mut self, batch: Vec<Entry>) -> Vec<u64> {
         batch
             .iter()
             .map(|e| {

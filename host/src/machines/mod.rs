@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use bytes::{Buf, Bytes};
 use sha2::{Digest, Sha256};
 
 use crate::state_machine::{Entry, StateMachine};
@@ -20,7 +21,7 @@ pub use command::{Command, CommandError, validate_name};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// The task's output from the guest.
-    Output(Vec<u8>),
+    Output(Bytes),
     Deployed {
         digest: String,
         version: u64,
@@ -220,7 +221,7 @@ impl MachineSet {
             );
             return;
         };
-        for r in d.machine.apply(run) {
+        for r in d.machine.apply(std::mem::take(run)) {
             out.push(match r {
                 Ok(bytes) => Ok(Effect::Output(bytes)),
                 Err(e) => {
@@ -229,7 +230,6 @@ impl MachineSet {
                 }
             });
         }
-        run.clear();
     }
 }
 
@@ -256,39 +256,37 @@ fn refused_machine(e: MachineError) -> Failure {
 impl StateMachine for MachineSet {
     type Output = Outcome;
 
-    fn apply(&mut self, batch: &[Entry]) -> Vec<Outcome> {
+    fn apply(&mut self, batch: Vec<Entry>) -> Vec<Outcome> {
         let mut out = Vec::with_capacity(batch.len());
-        let mut run: Vec<Entry> = Vec::new();
+        let last_index = batch.last().map(|e| e.index);
+        let mut run: Vec<Entry> = Vec::with_capacity(batch.len());
         let mut run_machine = String::new();
-        for entry in batch {
+        for mut entry in batch {
+            if let Some((machine, header)) = Command::task_header(&entry.payload) {
+                if machine != run_machine {
+                    self.flush_run(&run_machine, &mut run, &mut out);
+                    machine.clone_into(&mut run_machine);
+                }
+                // The task's payload is the rest of the entry: moved, not copied.
+                entry.payload.advance(header);
+                run.push(entry);
+                continue;
+            }
+            self.flush_run(&run_machine, &mut run, &mut out);
             match Command::decode(&entry.payload) {
+                Ok(Command::Deploy { machine, module }) => out.push(self.deploy(machine, &module)),
+                Ok(Command::Delete { machine }) => out.push(self.delete(&machine)),
+                // `task_header` takes every task; this is the general path all the same.
                 Ok(Command::Task { machine, payload }) => {
-                    if machine != run_machine {
-                        self.flush_run(&run_machine, &mut run, &mut out);
-                        run_machine = machine;
-                    }
-                    run.push(Entry {
-                        payload,
-                        ..entry.clone()
-                    });
+                    run.push(Entry { payload, ..entry });
+                    self.flush_run(&machine, &mut run, &mut out);
                 }
-                Ok(Command::Deploy { machine, module }) => {
-                    self.flush_run(&run_machine, &mut run, &mut out);
-                    out.push(self.deploy(machine, &module));
-                }
-                Ok(Command::Delete { machine }) => {
-                    self.flush_run(&run_machine, &mut run, &mut out);
-                    out.push(self.delete(&machine));
-                }
-                Err(e) => {
-                    self.flush_run(&run_machine, &mut run, &mut out);
-                    out.push(Err(Failure::BadEntry(e)));
-                }
+                Err(e) => out.push(Err(Failure::BadEntry(e))),
             }
         }
         self.flush_run(&run_machine, &mut run, &mut out);
-        if let Some(last) = batch.last() {
-            self.applied_index = last.index;
+        if let Some(last) = last_index {
+            self.applied_index = last;
         }
         out
     }

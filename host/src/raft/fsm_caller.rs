@@ -96,29 +96,31 @@ impl<SM: StateMachine> FsmCaller<SM> {
         last: u64,
     ) {
         if !batch.is_empty() {
-            let outputs = self.sm.apply(batch);
-            self.metrics.apply_batch_size.record(batch.len() as u64);
+            // The machine takes the entries; what the completions need of them is kept aside.
+            let ids: Vec<(u64, u64)> = batch.iter().map(|e| (e.index, e.term)).collect();
+            let outputs = self.sm.apply(std::mem::take(batch));
+            self.metrics.apply_batch_size.record(ids.len() as u64);
             self.metrics
                 .entries_applied
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            if outputs.len() != batch.len() {
+                .fetch_add(ids.len() as u64, Ordering::Relaxed);
+            if outputs.len() != ids.len() {
                 tracing::error!(
-                    entries = batch.len(),
+                    entries = ids.len(),
                     outputs = outputs.len(),
                     "state machine broke its contract"
                 );
             }
             let mut waiting = done.drain(..).peekable();
-            for (entry, output) in batch.iter().zip(outputs) {
-                while waiting.peek().is_some_and(|(i, _)| *i < entry.index) {
+            for ((index, term), output) in ids.into_iter().zip(outputs) {
+                while waiting.peek().is_some_and(|(i, _)| *i < index) {
                     waiting.next();
                 }
-                if waiting.peek().is_some_and(|(i, _)| *i == entry.index)
+                if waiting.peek().is_some_and(|(i, _)| *i == index)
                     && let Some((_, tx)) = waiting.next()
                 {
                     let _ = tx.send(Ok(Applied {
-                        index: entry.index,
-                        term: entry.term,
+                        index,
+                        term,
                         output,
                     }));
                 }
@@ -127,7 +129,6 @@ impl<SM: StateMachine> FsmCaller<SM> {
             for (_, tx) in waiting {
                 let _ = tx.send(Err(ProposeError::OutcomeUnknown));
             }
-            batch.clear();
         }
         if last > self.applied.load(Ordering::Relaxed) {
             self.applied.store(last, Ordering::Release);

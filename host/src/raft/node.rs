@@ -179,7 +179,7 @@ impl<SM: StateMachine> Node<SM> {
                 .filter_map(LogEntry::into_user_entry)
                 .collect();
             if !batch.is_empty() {
-                sm.apply(&batch);
+                sm.apply(batch);
             }
         }
         let tail = log.read(applied + 1, rec.last_index + 1, usize::MAX)?;

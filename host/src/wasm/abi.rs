@@ -9,6 +9,7 @@
 
 use std::mem::MaybeUninit;
 
+use bytes::{Bytes, BytesMut};
 use wasmtime::ValRaw;
 use wasmtime::component::__internal::{
     CanonicalAbiInfo, InstanceType, InterfaceType, LiftContext, LowerContext, wasmtime_environ,
@@ -26,8 +27,9 @@ const RESULT_SIZE: usize = 12;
 const RESULT_ALIGN: usize = 4;
 
 /// What `on-apply` returns, lifted: one result per entry, a guest `err` already a
-/// [`GuestError::Guest`].
-pub(crate) type Outputs = Vec<Result<Vec<u8>, GuestError>>;
+/// [`GuestError::Guest`]. The outputs of one call share one buffer: a slice each costs a
+/// reference count, where a `Vec` each cost an allocation and a free per entry.
+pub(crate) type Outputs = Vec<Result<Bytes, GuestError>>;
 
 /// The `batch: list<entry>` argument of `on-apply`.
 pub(crate) struct BatchParam<'a>(pub &'a [Entry]);
@@ -85,7 +87,7 @@ unsafe impl Lower for BatchParam<'_> {
 }
 
 /// Lowers the entries as the canonical ABI does, `realloc` calls in the same order (the list,
-/// then each payload), but with one look-up of memory per entry.
+/// then each payload), then writes everything with one look-up of memory.
 fn lower_batch<T>(
     cx: &mut LowerContext<'_, T>,
     entries: &[Entry],
@@ -95,22 +97,24 @@ fn lower_batch<T>(
         .checked_mul(ENTRY_SIZE)
         .ok_or_else(|| wasmtime::format_err!("size overflow copying a list"))?;
     // `realloc` checks alignment and that the block lies within memory; memory never shrinks,
-    // so the block stays in bounds while later `realloc` calls grow it.
+    // so every block stays in bounds while later `realloc` calls grow it.
     let list = cx.realloc(0, 0, ENTRY_ALIGN, size)?;
-    for (i, entry) in entries.iter().enumerate() {
-        let payload_len = entry.payload.len();
-        let payload = cx.realloc(0, 0, 1, payload_len)?;
-        let memory = cx.as_slice_mut();
-        memory[payload..][..payload_len].copy_from_slice(&entry.payload);
-        let record: &mut [u8; ENTRY_SIZE] = (&mut memory[list + i * ENTRY_SIZE..][..ENTRY_SIZE])
-            .try_into()
-            .expect("ENTRY_SIZE bytes");
+    let payloads = entries
+        .iter()
+        .map(|entry| cx.realloc(0, 0, 1, entry.payload.len()))
+        .collect::<wasmtime::Result<Vec<usize>>>()?;
+    let memory = cx.as_slice_mut();
+    let records = memory[list..][..size].as_chunks_mut::<ENTRY_SIZE>().0;
+    for ((entry, record), &payload) in entries.iter().zip(records).zip(&payloads) {
         record[0..8].copy_from_slice(&entry.index.to_le_bytes());
         record[8..16].copy_from_slice(&entry.term.to_le_bytes());
         record[16..24].copy_from_slice(&entry.timestamp_ms.to_le_bytes());
         // `realloc` took both as `u32`: they fit.
         record[24..28].copy_from_slice(&(payload as u32).to_le_bytes());
-        record[28..32].copy_from_slice(&(payload_len as u32).to_le_bytes());
+        record[28..32].copy_from_slice(&(entry.payload.len() as u32).to_le_bytes());
+    }
+    for (entry, &payload) in entries.iter().zip(&payloads) {
+        memory[payload..][..entry.payload.len()].copy_from_slice(&entry.payload);
     }
     Ok((list, entries.len()))
 }
@@ -168,22 +172,45 @@ fn lift_outputs(cx: &mut LiftContext<'_>, ptr: usize, len: usize) -> wasmtime::R
     if !ptr.is_multiple_of(RESULT_ALIGN) {
         wasmtime::bail!("list pointer is not aligned");
     }
-    let mut outputs = Vec::with_capacity(len);
-    for record in memory[ptr..][..len * RESULT_SIZE].chunks_exact(RESULT_SIZE) {
-        let data = u32::from_le_bytes(record[4..8].try_into()?) as usize;
-        let data_len = u32::from_le_bytes(record[8..12].try_into()?) as usize;
-        let bytes = match data.checked_add(data_len) {
-            Some(end) if end <= memory.len() => &memory[data..end],
-            _ if record[0] == 0 => wasmtime::bail!("list pointer/length out of bounds of memory"),
+    let records = memory[ptr..][..len * RESULT_SIZE]
+        .as_chunks::<RESULT_SIZE>()
+        .0;
+    // First pass: every check and all the fuel, and the size of the shared buffer.
+    let mut ok_bytes = 0usize;
+    for record in records {
+        let (case, data, data_len) = parse_result(record);
+        match data.checked_add(data_len) {
+            Some(end) if end <= memory.len() => {}
+            _ if case == 0 => wasmtime::bail!("list pointer/length out of bounds of memory"),
             _ => wasmtime::bail!("string pointer/length out of bounds of memory"),
-        };
+        }
         // Charged as wasmtime charges a `list<u8>` or a UTF-8 `string`: one unit per byte.
         cx.consume_fuel(data_len)?;
-        outputs.push(match record[0] {
-            0 => Ok(bytes.to_vec()),
-            1 => Err(GuestError::Guest(std::str::from_utf8(bytes)?.to_owned())),
+        match case {
+            0 => ok_bytes += data_len,
+            1 => {}
             _ => wasmtime::bail!("invalid expected discriminant"),
+        }
+    }
+    let mut data = BytesMut::with_capacity(ok_bytes);
+    let mut outputs = Vec::with_capacity(len);
+    for record in records {
+        let (case, start, data_len) = parse_result(record);
+        let bytes = &memory[start..start + data_len];
+        outputs.push(if case == 0 {
+            data.extend_from_slice(bytes);
+            Ok(data.split().freeze())
+        } else {
+            Err(GuestError::Guest(std::str::from_utf8(bytes)?.to_owned()))
         });
     }
     Ok(outputs)
+}
+
+/// A `result<list<u8>, string>` record: case, data pointer, data length.
+fn parse_result(record: &[u8; RESULT_SIZE]) -> (u8, usize, usize) {
+    let word = |at: usize| {
+        u32::from_le_bytes([record[at], record[at + 1], record[at + 2], record[at + 3]])
+    };
+    (record[0], word(4) as usize, word(8) as usize)
 }
