@@ -45,6 +45,7 @@ impl DevArgs {
             cluster_id: Some(format!("lockstep-dev-{}", self.nodes)),
             fuel_per_task: None,
             memory_mib: None,
+            scheduling: Default::default(),
         }
     }
 }

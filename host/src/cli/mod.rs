@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod dev;
+pub mod scheduling;
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read};
@@ -97,6 +98,9 @@ pub struct ServeArgs {
     /// Memory cap of each machine instance, in MiB.
     #[arg(long)]
     pub memory_mib: Option<usize>,
+    /// How the OS schedules the node's threads (Linux; see `cli/scheduling.rs`).
+    #[arg(long, value_enum, default_value_t)]
+    pub scheduling: scheduling::Scheduling,
 }
 
 fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, String> {
@@ -150,6 +154,17 @@ pub fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    // Before any other thread exists, so that every thread of a node inherits it.
+    let policy = match &cli.command {
+        Cmd::Serve(args) => Some(args.scheduling),
+        Cmd::Dev(_) => Some(scheduling::Scheduling::default()),
+        _ => None,
+    };
+    if let Some(policy) = policy
+        && let Err(e) = scheduling::apply(policy)
+    {
+        tracing::warn!(error = %e, ?policy, "could not set the scheduling policy");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
