@@ -6,8 +6,9 @@
 //! that CPU, often a thread that was about to hand off work itself. `SCHED_BATCH` keeps the
 //! time-sharing and the nice levels but drops wake-up preemption: a woken thread waits for the
 //! running one to block or use up its slice. Measured on a 3-node cluster sharing 2 cores
-//! (BENCHMARKS.md): the leader's HTTP workers were preempted ~20k times a second, and the
-//! cluster served 25-40 % more tasks with lower p99.
+//! (BENCHMARKS.md): the leader's HTTP workers were preempted ~20k times a second, and with
+//! this policy the cluster served about a quarter more tasks (median of five alternated runs),
+//! with a lower p99.
 
 /// The policy `lockstep serve` runs its threads under.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
