@@ -116,3 +116,15 @@ fn upgrade_moves_state_and_a_failed_upgrade_keeps_the_old_module() {
     // An unknown digest is refused too.
     assert!(m.upgrade(&fx.registry, &"0".repeat(64)).is_err());
 }
+
+#[test]
+fn an_empty_batch_applies_nothing() {
+    let fx = Fixture::new(Limits::default());
+    let counter = fx.deploy(guests::COUNTER);
+    let mut m = Machine::new(&fx.registry, &counter).unwrap();
+    m.apply(entries([r#"{"add": 3}"#]));
+    let before = m.snapshot().unwrap();
+    assert!(m.apply(Vec::new()).is_empty());
+    assert_eq!(m.recoveries(), 0);
+    assert_eq!(m.snapshot().unwrap(), before);
+}

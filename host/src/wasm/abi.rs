@@ -188,7 +188,11 @@ fn lift_outputs(cx: &mut LiftContext<'_>, ptr: usize, len: usize) -> wasmtime::R
         cx.consume_fuel(data_len)?;
         match case {
             0 => ok_bytes += data_len,
-            1 => {}
+            // Checked here, so that errors come in the order wasmtime's record-by-record lift
+            // gives them.
+            1 => {
+                std::str::from_utf8(&memory[data..data + data_len])?;
+            }
             _ => wasmtime::bail!("invalid expected discriminant"),
         }
     }

@@ -11,9 +11,9 @@
 //! any entry (lowering a large batch into a nearly full memory, say) is retried by halves down
 //! to single entries, so an entry fails only if it fails on its own.
 //!
-//! The common, failure-free path costs one cheap `Bytes` clone per entry for the log; the base
-//! is refreshed once the log weighs about twice the snapshot (at least 1 MiB), so recovery
-//! replays a bounded amount.
+//! The common, failure-free path moves the batch's entries into the log (other paths clone
+//! them, a cheap `Bytes` clone per entry); the base is refreshed once the log weighs about
+//! twice the snapshot (at least 1 MiB), so recovery replays a bounded amount.
 //!
 //! # The unmetered fast path
 //!
@@ -357,6 +357,9 @@ impl Machine {
     /// Applies committed entries in log order. Exactly one result per entry, in order; a failed
     /// entry leaves the state as it was before it.
     pub fn apply(&mut self, batch: Vec<Entry>) -> Vec<Result<Bytes, GuestError>> {
+        if batch.is_empty() {
+            return Vec::new();
+        }
         let single_call = chunk_end(&batch, 0, self.limits.max_batch_bytes) == batch.len();
         if single_call && !self.always_meter && self.broken.is_none() {
             // The common case: the whole batch in one unmetered call, logged for replay by
