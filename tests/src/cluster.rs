@@ -78,7 +78,12 @@ impl TestCluster {
 
     fn spawn(&mut self, i: usize) {
         let n = &mut self.nodes[i];
-        let log = std::fs::File::create(n.data_dir.with_extension("log")).expect("log file");
+        // Appended, so that a restarted node's log keeps what it wrote before it was killed.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(n.data_dir.with_extension("log"))
+            .expect("log file");
         let child = Command::new(lockstep_bin())
             .args(["serve", "--id", &n.id.to_string()])
             .arg("--data-dir")
@@ -123,15 +128,17 @@ impl TestCluster {
         (r.status == 200).then(|| r.json())
     }
 
+    /// Index of a node that reports itself leader right now.
+    pub fn leader(&self) -> Option<usize> {
+        (0..self.nodes.len()).find(|&i| {
+            self.cluster_status(i)
+                .is_some_and(|s| s["role"] == "leader")
+        })
+    }
+
     /// Index of the node that reports itself leader, waiting up to `timeout`.
     pub fn wait_for_leader(&self, timeout: Duration) -> usize {
-        wait_until(timeout, || {
-            (0..self.nodes.len()).find(|&i| {
-                self.cluster_status(i)
-                    .is_some_and(|s| s["role"] == "leader")
-            })
-        })
-        .expect("no leader elected in time")
+        wait_until(timeout, || self.leader()).expect("no leader elected in time")
     }
 
     /// Deploys a component through the leader and returns the reply.
@@ -158,7 +165,8 @@ impl TestCluster {
             .filter(|&i| self.nodes[i].child.is_some())
             .collect();
         wait_until(timeout, || {
-            let leader = self.wait_for_leader(Duration::from_secs(10));
+            // No leader yet is "not converged yet": the caller's timeout decides.
+            let leader = self.leader()?;
             let commit = self.cluster_status(leader)?["commit_index"].as_u64()?;
             for &i in &running {
                 if self.cluster_status(i)?["applied_index"].as_u64()? < commit {

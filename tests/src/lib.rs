@@ -86,18 +86,29 @@ pub fn show(result: &Result<Bytes, GuestError>) -> String {
 
 /// Splits `0..len` into consecutive batch sizes drawn from `1..=max` by a seeded generator.
 pub fn random_sizes(len: usize, max: usize, seed: u64) -> Vec<usize> {
-    let mut state = seed;
+    let mut rng = Lcg(seed);
     let mut sizes = Vec::new();
     let mut left = len;
     while left > 0 {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let size = ((state >> 33) as usize % max + 1).min(left);
+        let size = (rng.below(max as u64) as usize + 1).min(left);
         sizes.push(size);
         left -= size;
     }
     sizes
+}
+
+/// A small seeded generator (a 64-bit LCG), so that test inputs are the same on every run.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// The next value, below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
 }
 
 /// Applies `log` in batches of the given sizes and returns every result, in order.

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lockstep_tests::cluster::{TestCluster, wait_until};
+use lockstep_tests::guests;
 use lockstep_tests::http::Client;
 
 /// Each test runs a 3-node cluster (three fsyncing processes): on 2 cores they run one at a
@@ -17,20 +18,11 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn guest(name: &str) -> Vec<u8> {
-    use lockstep_tests::guests;
-    guests::read(match name {
-        "counter" => guests::COUNTER,
-        "kv" => guests::KV,
-        _ => guests::CHAOS,
-    })
-}
-
 #[test]
 fn three_nodes_apply_1000_tasks_from_16_clients_and_agree() {
     let _serial = serial();
     let c = TestCluster::start(3);
-    let r = c.deploy("counter", &guest("counter"));
+    let r = c.deploy("counter", &guests::read(guests::COUNTER));
     assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(r.json()["version"], 1);
 
@@ -150,6 +142,18 @@ impl Writers {
     }
 }
 
+/// Every acknowledged write is in the leader's state, and the replicas then converge.
+fn assert_no_acked_write_lost(c: &TestCluster, acked: &[String]) {
+    let present = all_keys(c);
+    let lost: Vec<_> = acked.iter().filter(|k| !present.contains(*k)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes lost: {lost:?}",
+        lost.len()
+    );
+    c.wait_converged("kv", Duration::from_secs(30));
+}
+
 fn all_keys(c: &TestCluster) -> BTreeSet<String> {
     let leader = c.wait_for_leader(Duration::from_secs(20));
     let r = c
@@ -176,7 +180,7 @@ fn wait_for_acks(w: &Writers, n: usize) {
 fn leader_kill_9_under_load_loses_no_acknowledged_write() {
     let _serial = serial();
     let mut c = TestCluster::start(3);
-    assert_eq!(c.deploy("kv", &guest("kv")).status, 201);
+    assert_eq!(c.deploy("kv", &guests::read(guests::KV)).status, 201);
     let w = Writers::start(&c, 8);
     wait_for_acks(&w, 200);
 
@@ -206,21 +210,14 @@ fn leader_kill_9_under_load_loses_no_acknowledged_write() {
     c.restart(old);
     wait_for_acks(&w, w.acked_count() + 100);
     let acked = w.stop();
-    let present = all_keys(&c);
-    let lost: Vec<_> = acked.iter().filter(|k| !present.contains(*k)).collect();
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged writes lost: {lost:?}",
-        lost.len()
-    );
-    c.wait_converged("kv", Duration::from_secs(30));
+    assert_no_acked_write_lost(&c, &acked);
 }
 
 #[test]
 fn whole_cluster_kill_9_under_load_keeps_every_acknowledged_write() {
     let _serial = serial();
     let mut c = TestCluster::start(3);
-    assert_eq!(c.deploy("kv", &guest("kv")).status, 201);
+    assert_eq!(c.deploy("kv", &guests::read(guests::KV)).status, 201);
     let w = Writers::start(&c, 8);
     wait_for_acks(&w, 300);
     for i in 0..3 {
@@ -230,21 +227,17 @@ fn whole_cluster_kill_9_under_load_keeps_every_acknowledged_write() {
     for i in 0..3 {
         c.restart(i);
     }
-    let present = all_keys(&c);
-    let lost: Vec<_> = acked.iter().filter(|k| !present.contains(*k)).collect();
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged writes lost: {lost:?}",
-        lost.len()
-    );
-    c.wait_converged("kv", Duration::from_secs(30));
+    assert_no_acked_write_lost(&c, &acked);
 }
 
 #[test]
 fn follower_redirects_to_the_leader() {
     let _serial = serial();
     let c = TestCluster::start(3);
-    assert_eq!(c.deploy("counter", &guest("counter")).status, 201);
+    assert_eq!(
+        c.deploy("counter", &guests::read(guests::COUNTER)).status,
+        201
+    );
     let leader = c.wait_for_leader(Duration::from_secs(10));
     let follower = (leader + 1) % 3;
     let r = c
@@ -278,7 +271,7 @@ fn bad_input_gets_clear_errors_and_the_cluster_stays_healthy() {
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(r.error_code().as_deref(), Some("invalid_module"));
 
-    assert_eq!(c.deploy("chaos", &guest("chaos")).status, 201);
+    assert_eq!(c.deploy("chaos", &guests::read(guests::CHAOS)).status, 201);
     // A 2 MiB task: the node answers 413 from the headers alone, before any body is sent.
     let mut raw = TcpStream::connect(c.nodes[leader].http).unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

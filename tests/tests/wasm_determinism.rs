@@ -14,7 +14,7 @@
 use bytes::Bytes;
 use lockstep::state_machine::Entry;
 use lockstep::wasm::{GuestError, Limits};
-use lockstep_tests::{Fixture, apply_in, entry, guests, random_sizes, test_limits};
+use lockstep_tests::{Fixture, Lcg, apply_in, entry, guests, random_sizes, test_limits};
 
 type Results = Vec<Result<Bytes, GuestError>>;
 
@@ -38,8 +38,7 @@ fn check_invariance(guest: &str, log: &[Entry]) -> Results {
             max_batch_bytes,
             ..test_limits()
         });
-        let digest = fx.deploy(guest);
-        let mut machine = lockstep::wasm::Machine::new(&fx.registry, &digest).unwrap();
+        let mut machine = fx.machine(guest);
         let results = apply_in(&mut machine, log, &sizes);
         let snapshot = machine.snapshot().unwrap();
         match &reference {
@@ -55,39 +54,27 @@ fn check_invariance(guest: &str, log: &[Entry]) -> Results {
     reference.expect("at least one grouping").0
 }
 
-/// A small seeded generator, so the log is the same on every run.
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (self.0 >> 33) % n
-    }
+/// 1,000 entries whose payloads `payload` draws from a generator seeded with `seed`: the same
+/// log on every run.
+fn seeded_log(seed: u64, mut payload: impl FnMut(&mut Lcg) -> String) -> Vec<Entry> {
+    let mut rng = Lcg(seed);
+    (1..=1000).map(|i| entry(i, payload(&mut rng))).collect()
 }
 
 #[test]
 fn chaos_results_and_state_do_not_depend_on_batching() {
-    let mut rng = Lcg(42);
-    let log: Vec<Entry> = (1..=1000)
-        .map(|i| {
-            let payload = match rng.below(100) {
-                0..=1 => r#"{"trap": true}"#.to_string(),
-                2 => r#"{"spin": true}"#.to_string(),
-                3 => r#"{"alloc_mb": 512}"#.to_string(),
-                4..=5 => format!(r#"{{"alloc_mb": {}}}"#, [4, 16][rng.below(2) as usize]),
-                6 => r#"{"recurse": 10000000}"#.to_string(),
-                7 => r#"{"recurse": 50}"#.to_string(),
-                8..=9 => r#"{"clock": true}"#.to_string(),
-                10..=11 => r#"{"random": true}"#.to_string(),
-                12 => "not a command".to_string(),
-                _ => format!(r#"{{"add": {}}}"#, rng.below(1000) as i64 - 500),
-            };
-            entry(i, payload)
-        })
-        .collect();
+    let log = seeded_log(42, |rng| match rng.below(100) {
+        0..=1 => r#"{"trap": true}"#.to_string(),
+        2 => r#"{"spin": true}"#.to_string(),
+        3 => r#"{"alloc_mb": 512}"#.to_string(),
+        4..=5 => format!(r#"{{"alloc_mb": {}}}"#, [4, 16][rng.below(2) as usize]),
+        6 => r#"{"recurse": 10000000}"#.to_string(),
+        7 => r#"{"recurse": 50}"#.to_string(),
+        8..=9 => r#"{"clock": true}"#.to_string(),
+        10..=11 => r#"{"random": true}"#.to_string(),
+        12 => "not a command".to_string(),
+        _ => format!(r#"{{"add": {}}}"#, rng.below(1000) as i64 - 500),
+    });
     let results = check_invariance(guests::CHAOS, &log);
 
     // The log really exercised every outcome.
@@ -110,21 +97,17 @@ fn chaos_results_and_state_do_not_depend_on_batching() {
 
 #[test]
 fn kv_results_and_state_do_not_depend_on_batching() {
-    let mut rng = Lcg(7);
-    let log: Vec<Entry> = (1..=1000)
-        .map(|i| {
-            let key = format!("k{:02}", rng.below(40));
-            let value = format!("v{}", rng.below(5));
-            let payload = match rng.below(10) {
-                0..=4 => format!(r#"{{"put": {{"key": "{key}", "value": "{value}"}}}}"#),
-                5..=6 => format!(r#"{{"delete": {{"key": "{key}"}}}}"#),
-                7 => format!(r#"{{"cas": {{"key": "{key}", "from": null, "to": "{value}"}}}}"#),
-                8 => format!(r#"{{"cas": {{"key": "{key}", "from": "v1", "to": "{value}"}}}}"#),
-                _ => r#"{"frobnicate": {}}"#.to_string(),
-            };
-            entry(i, payload)
-        })
-        .collect();
+    let log = seeded_log(7, |rng| {
+        let key = format!("k{:02}", rng.below(40));
+        let value = format!("v{}", rng.below(5));
+        match rng.below(10) {
+            0..=4 => format!(r#"{{"put": {{"key": "{key}", "value": "{value}"}}}}"#),
+            5..=6 => format!(r#"{{"delete": {{"key": "{key}"}}}}"#),
+            7 => format!(r#"{{"cas": {{"key": "{key}", "from": null, "to": "{value}"}}}}"#),
+            8 => format!(r#"{{"cas": {{"key": "{key}", "from": "v1", "to": "{value}"}}}}"#),
+            _ => r#"{"frobnicate": {}}"#.to_string(),
+        }
+    });
     let results = check_invariance(guests::KV, &log);
     assert!(results.iter().filter(|r| r.is_err()).count() >= 50);
 }
@@ -134,20 +117,14 @@ fn kv_results_and_state_do_not_depend_on_batching() {
 /// batching.
 #[test]
 fn the_unmetered_fast_path_gives_the_same_results() {
-    let mut rng = Lcg(99);
-    let log: Vec<Entry> = (1..=1000)
-        .map(|i| {
-            let payload = match rng.below(100) {
-                0..=2 => r#"{"trap": true}"#.to_string(),
-                3 => r#"{"alloc_mb": 512}"#.to_string(),
-                4 => r#"{"alloc_mb": 4}"#.to_string(),
-                5 => r#"{"recurse": 10000000}"#.to_string(),
-                6 => "[]".to_string(),
-                _ => format!(r#"{{"add": {}}}"#, rng.below(100)),
-            };
-            entry(i, payload)
-        })
-        .collect();
+    let log = seeded_log(99, |rng| match rng.below(100) {
+        0..=2 => r#"{"trap": true}"#.to_string(),
+        3 => r#"{"alloc_mb": 512}"#.to_string(),
+        4 => r#"{"alloc_mb": 4}"#.to_string(),
+        5 => r#"{"recurse": 10000000}"#.to_string(),
+        6 => "[]".to_string(),
+        _ => format!(r#"{{"add": {}}}"#, rng.below(100)),
+    });
     let results = check_invariance(guests::CHAOS, &log);
     assert!(results.iter().filter(|r| r.is_err()).count() >= 40);
 }

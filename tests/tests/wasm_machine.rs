@@ -106,7 +106,7 @@ fn upgrade_moves_state_and_a_failed_upgrade_keeps_the_old_module() {
     // chaos reads counter's snapshot (same shape): the value carries over.
     m.upgrade(&fx.registry, &chaos).unwrap();
     assert_eq!(m.digest(), chaos);
-    let out = m.apply(lockstep_tests::entries([r#"{"add": 2}"#]));
+    let out = m.apply(entries([r#"{"add": 2}"#]));
     assert_eq!(show(&out[0]), r#"{"value":42}"#);
     // kv cannot read it: the upgrade fails, chaos keeps running with its state.
     let err = m.upgrade(&fx.registry, &kv).unwrap_err();
@@ -120,8 +120,7 @@ fn upgrade_moves_state_and_a_failed_upgrade_keeps_the_old_module() {
 #[test]
 fn an_empty_batch_applies_nothing() {
     let fx = Fixture::new(Limits::default());
-    let counter = fx.deploy(guests::COUNTER);
-    let mut m = Machine::new(&fx.registry, &counter).unwrap();
+    let mut m = fx.machine(guests::COUNTER);
     m.apply(entries([r#"{"add": 3}"#]));
     let before = m.snapshot().unwrap();
     assert!(m.apply(Vec::new()).is_empty());

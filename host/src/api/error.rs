@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Response, StatusCode, header};
 
-use crate::machines::Failure;
+use crate::machines::{Effect, Failure};
 use crate::raft::{ProposeError, ReadError};
 use crate::wasm::ModuleError;
 
@@ -55,13 +55,33 @@ impl ApiError {
         )
     }
 
-    /// The JSON body of this error, as the batch endpoint embeds it per task.
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::json!({"error": {"code": self.code, "message": self.message}})
+    /// An outcome the route cannot have produced (a task answered with a deploy, say).
+    pub fn unexpected(outcome: &Effect) -> Self {
+        Self::internal(format!("unexpected outcome {outcome:?}"))
+    }
+
+    /// Appends `{"code": ..., "message": ...}`: the object under `error` in a response body,
+    /// and in each failed task's entry of a batch.
+    pub fn write_fields(&self, out: &mut Vec<u8>) {
+        #[derive(serde::Serialize)]
+        struct Fields<'a> {
+            code: &'a str,
+            message: &'a str,
+        }
+        let fields = Fields {
+            code: self.code,
+            message: &self.message,
+        };
+        // Serializing two strings into a Vec cannot fail.
+        let _ = serde_json::to_writer(out, &fields);
     }
 
     pub fn into_response(self) -> Response<Body> {
-        let mut resp = Response::new(Full::new(Bytes::from(self.json().to_string())));
+        let mut body = Vec::with_capacity(48 + self.message.len());
+        body.extend_from_slice(b"{\"error\":");
+        self.write_fields(&mut body);
+        body.push(b'}');
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();
         h.insert(

@@ -287,7 +287,7 @@ async fn deploy(
             },
             &json!({"name": name, "digest": digest, "version": version, "index": applied.index}),
         )),
-        other => Err(ApiError::internal(format!("unexpected outcome {other:?}"))),
+        other => Err(ApiError::unexpected(&other)),
     }
 }
 
@@ -391,7 +391,7 @@ async fn submit(
             h.insert("lockstep-term", applied.term.into());
             Ok(r)
         }
-        other => Err(ApiError::internal(format!("unexpected outcome {other:?}"))),
+        other => Err(ApiError::unexpected(&other)),
     }
 }
 
@@ -475,14 +475,7 @@ async fn submit_batch(
             }
             Ok(Applied {
                 output: Ok(other), ..
-            }) => write_batch_error(
-                &mut out,
-                &ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    format!("unexpected outcome {other:?}"),
-                ),
-            ),
+            }) => write_batch_error(&mut out, &ApiError::unexpected(&other)),
             Ok(Applied { output: Err(f), .. }) => write_batch_error(&mut out, &ApiError::from(f)),
             Err(e) => write_batch_error(&mut out, &ApiError::from(e)),
         }
@@ -507,10 +500,7 @@ fn write_json_or_string(out: &mut Vec<u8>, bytes: &[u8]) {
 
 fn write_batch_error(out: &mut Vec<u8>, e: &ApiError) {
     let _ = write!(out, "{{\"status\":{},\"error\":", e.status.as_u16());
-    let _ = serde_json::to_writer(
-        &mut *out,
-        &serde_json::json!({"code": e.code, "message": e.message}),
-    );
+    e.write_fields(out);
     out.push(b'}');
 }
 

@@ -194,7 +194,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             expected_term,
         } => {
             let headers: Vec<(&str, String)> = expected_term
-                .map(|t| ("lockstep-expected-term", t.to_string()))
+                .map(|t| (crate::api::EXPECTED_TERM, t.to_string()))
                 .into_iter()
                 .collect();
             let r = client::request(

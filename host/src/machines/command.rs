@@ -52,14 +52,6 @@ pub fn validate_name(name: &str) -> Result<(), CommandError> {
 }
 
 impl Command {
-    pub fn machine(&self) -> &str {
-        match self {
-            Command::Task { machine, .. }
-            | Command::Deploy { machine, .. }
-            | Command::Delete { machine } => machine,
-        }
-    }
-
     /// Encodes a task without building a `Command` first: the hot path of every submission.
     pub fn encode_task(machine: &str, payload: &[u8]) -> Bytes {
         encode(TASK, machine, payload)

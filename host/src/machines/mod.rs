@@ -121,11 +121,6 @@ impl MachineSet {
         self.errors.clone()
     }
 
-    /// Index of the last entry this set applied.
-    pub fn applied_index(&self) -> u64 {
-        self.applied_index
-    }
-
     /// Runs a read-only query on `machine`'s applied state.
     pub fn query(&mut self, machine: &str, request: &[u8]) -> Result<Vec<u8>, Failure> {
         let d = self

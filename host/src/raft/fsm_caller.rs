@@ -96,38 +96,52 @@ impl<SM: StateMachine> FsmCaller<SM> {
         last: u64,
     ) {
         if !batch.is_empty() {
-            // The machine takes the entries; what the completions need of them is kept aside.
-            let ids: Vec<(u64, u64)> = batch.iter().map(|e| (e.index, e.term)).collect();
+            // Pair each waiting caller with its entry's position before the machine takes the
+            // entries (a follower has no callers: nothing to keep).
+            let mut waiting = done.drain(..).peekable();
+            let mut callers = Vec::with_capacity(waiting.len());
+            for (pos, entry) in batch.iter().enumerate() {
+                while waiting.peek().is_some_and(|(i, _)| *i < entry.index) {
+                    waiting.next();
+                }
+                if waiting.peek().is_some_and(|(i, _)| *i == entry.index)
+                    && let Some((_, tx)) = waiting.next()
+                {
+                    callers.push((pos, entry.index, entry.term, tx));
+                }
+            }
+            // Callers whose index is not in the batch cannot be told an output.
+            for (_, tx) in waiting {
+                let _ = tx.send(Err(ProposeError::OutcomeUnknown));
+            }
+            let entries = batch.len();
             let outputs = self.sm.apply(std::mem::take(batch));
-            self.metrics.apply_batch_size.record(ids.len() as u64);
+            self.metrics.apply_batch_size.record(entries as u64);
             self.metrics
                 .entries_applied
-                .fetch_add(ids.len() as u64, Ordering::Relaxed);
-            if outputs.len() != ids.len() {
+                .fetch_add(entries as u64, Ordering::Relaxed);
+            if outputs.len() != entries {
                 tracing::error!(
-                    entries = ids.len(),
+                    entries,
                     outputs = outputs.len(),
                     "state machine broke its contract"
                 );
             }
-            let mut waiting = done.drain(..).peekable();
-            for ((index, term), output) in ids.into_iter().zip(outputs) {
-                while waiting.peek().is_some_and(|(i, _)| *i < index) {
-                    waiting.next();
+            let mut outputs = outputs.into_iter().enumerate();
+            for (pos, index, term, tx) in callers {
+                match outputs.find(|(p, _)| *p == pos) {
+                    Some((_, output)) => {
+                        let _ = tx.send(Ok(Applied {
+                            index,
+                            term,
+                            output,
+                        }));
+                    }
+                    // A short output list: an honest answer, not silence.
+                    None => {
+                        let _ = tx.send(Err(ProposeError::OutcomeUnknown));
+                    }
                 }
-                if waiting.peek().is_some_and(|(i, _)| *i == index)
-                    && let Some((_, tx)) = waiting.next()
-                {
-                    let _ = tx.send(Ok(Applied {
-                        index,
-                        term,
-                        output,
-                    }));
-                }
-            }
-            // Completions left over (a short output list) get an honest answer, not silence.
-            for (_, tx) in waiting {
-                let _ = tx.send(Err(ProposeError::OutcomeUnknown));
             }
         }
         if last > self.applied.load(Ordering::Relaxed) {

@@ -26,13 +26,22 @@ pub enum FrameError {
     TooLarge { len: u32, limit: u32 },
     #[error("bad hello: {0}")]
     BadHello(&'static str),
+    #[error("undecodable message: {0}")]
+    BadMessage(String),
 }
 
 /// Appends one frame (length prefix + body) to `out`.
 pub fn put_frame(out: &mut Vec<u8>, body: &[u8]) {
-    let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(body);
+    put_frame_with(out, |out| out.extend_from_slice(body));
+}
+
+/// Appends one frame whose body `write` appends to `out` in place (no intermediate buffer).
+pub fn put_frame_with(out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    write(out);
+    let len = u32::try_from(out.len() - at - 4).unwrap_or(u32::MAX);
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
 /// Reads one frame body into `buf` (reused between calls), refusing lengths above `limit`.
@@ -82,16 +91,13 @@ impl Hello {
     }
 
     pub fn decode(mut b: &[u8]) -> Result<Self, FrameError> {
-        let magic = take(&mut b, 4).ok_or(FrameError::BadHello("short"))?;
-        if magic != MAGIC {
+        if *take::<4>(&mut b)? != MAGIC {
             return Err(FrameError::BadHello("not a lockstep peer"));
         }
-        let version = take(&mut b, 1).ok_or(FrameError::BadHello("short"))?;
-        if version[0] != PROTOCOL_VERSION {
+        if take::<1>(&mut b)?[0] != PROTOCOL_VERSION {
             return Err(FrameError::BadHello("unsupported protocol version"));
         }
-        let id = take(&mut b, 8).ok_or(FrameError::BadHello("short"))?;
-        let node_id = u64::from_be_bytes(id.try_into().map_err(|_| FrameError::BadHello("short"))?);
+        let node_id = u64::from_be_bytes(*take::<8>(&mut b)?);
         let cluster_id = take_str(&mut b)?;
         let http_addr = take_str(&mut b)?;
         if !b.is_empty() {
@@ -111,19 +117,17 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&s.as_bytes()[..len as usize]);
 }
 
-fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-    if b.len() < n {
-        return None;
-    }
-    let (head, tail) = b.split_at(n);
+fn take<'a, const N: usize>(b: &mut &'a [u8]) -> Result<&'a [u8; N], FrameError> {
+    let (head, tail) = b
+        .split_first_chunk::<N>()
+        .ok_or(FrameError::BadHello("short"))?;
     *b = tail;
-    Some(head)
+    Ok(head)
 }
 
 fn take_str(b: &mut &[u8]) -> Result<String, FrameError> {
-    let len = take(b, 2).ok_or(FrameError::BadHello("short"))?;
-    let len = u16::from_be_bytes([len[0], len[1]]) as usize;
-    let s = take(b, len).ok_or(FrameError::BadHello("short"))?;
+    let len = u16::from_be_bytes(*take::<2>(b)?) as usize;
+    let s = b.split_off(..len).ok_or(FrameError::BadHello("short"))?;
     String::from_utf8(s.to_vec()).map_err(|_| FrameError::BadHello("string is not utf-8"))
 }
 

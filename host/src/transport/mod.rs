@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use frame::{FrameError, Hello, MAX_HELLO_BYTES, put_frame, read_frame};
+use frame::{FrameError, Hello, MAX_HELLO_BYTES, put_frame, put_frame_with, read_frame};
 
 pub type NodeId = u64;
 
@@ -198,13 +198,8 @@ async fn serve_inbound<M: WireMessage>(
     debug!(from, "peer connected");
     loop {
         read_frame(&mut reader, config.max_frame_bytes, &mut buf).await?;
-        match M::decode(&buf) {
-            Ok(msg) => on_message(from, msg),
-            Err(e) => {
-                warn!(from, error = %e, "undecodable raft message");
-                return Err(FrameError::BadHello("undecodable message"));
-            }
-        }
+        let msg = M::decode(&buf).map_err(FrameError::BadMessage)?;
+        on_message(from, msg);
     }
 }
 
@@ -242,17 +237,16 @@ async fn dial_loop<M: WireMessage>(
             continue;
         }
         info!(%addr, "connected to peer");
-        let mut body = Vec::new();
         loop {
             let Some(first) = rx.recv().await else {
                 return;
             };
             out.clear();
-            encode_into(&mut out, &mut body, &first);
+            put_frame_with(&mut out, |out| first.encode(out));
             // Coalesce whatever else is already queued into the same write.
             while out.len() < 1024 * 1024 {
                 match rx.try_recv() {
-                    Ok(m) => encode_into(&mut out, &mut body, &m),
+                    Ok(m) => put_frame_with(&mut out, |out| m.encode(out)),
                     Err(_) => break,
                 }
             }
@@ -262,12 +256,6 @@ async fn dial_loop<M: WireMessage>(
             }
         }
     }
-}
-
-fn encode_into<M: WireMessage>(out: &mut Vec<u8>, body: &mut Vec<u8>, m: &M) {
-    body.clear();
-    m.encode(body);
-    put_frame(out, body);
 }
 
 #[cfg(test)]

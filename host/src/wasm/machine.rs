@@ -11,9 +11,9 @@
 //! any entry (lowering a large batch into a nearly full memory, say) is retried by halves down
 //! to single entries, so an entry fails only if it fails on its own.
 //!
-//! The common, failure-free path moves the batch's entries into the log (other paths clone
-//! them, a cheap `Bytes` clone per entry); the base is refreshed once the log weighs about
-//! twice the snapshot (at least 1 MiB), so recovery replays a bounded amount.
+//! The common, failure-free path moves the batch's entries into the log (the metered path
+//! clones them, a cheap `Bytes` clone per entry); the base is refreshed once the log weighs
+//! about twice the snapshot (at least 1 MiB), so recovery replays a bounded amount.
 //!
 //! # The unmetered fast path
 //!
@@ -43,6 +43,11 @@ use crate::state_machine::Entry;
 const REBASE_MIN_BYTES: usize = 1 << 20;
 /// What an entry weighs in the replay log beyond its payload.
 const LOG_ENTRY_OVERHEAD: usize = 64;
+
+/// What an entry adds to the replay log's weight.
+fn log_weight(entry: &Entry) -> usize {
+    entry.payload.len() + LOG_ENTRY_OVERHEAD
+}
 
 /// The world's four exports of one instance, type-checked once.
 pub(crate) struct Exports {
@@ -357,35 +362,21 @@ impl Machine {
     /// Applies committed entries in log order. Exactly one result per entry, in order; a failed
     /// entry leaves the state as it was before it.
     pub fn apply(&mut self, batch: Vec<Entry>) -> Vec<Result<Bytes, GuestError>> {
-        if batch.is_empty() {
-            return Vec::new();
-        }
-        let single_call = chunk_end(&batch, 0, self.limits.max_batch_bytes) == batch.len();
-        if single_call && !self.always_meter && self.broken.is_none() {
-            // The common case: the whole batch in one unmetered call, logged for replay by
-            // moving the entries rather than cloning them.
-            match self.live.on_apply(&batch, false) {
-                Ok(outputs) => {
-                    self.log_owned(batch);
-                    self.maybe_rebase();
-                    return outputs;
+        let mut results = Vec::with_capacity(batch.len());
+        // One call's worth at a time; what succeeds unmetered is moved into the replay log.
+        let mut rest = batch.into_iter();
+        while !rest.as_slice().is_empty() {
+            let end = chunk_end(rest.as_slice(), 0, self.limits.max_batch_bytes);
+            match self.try_unmetered(&rest.as_slice()[..end]) {
+                Some(mut outputs) => {
+                    results.append(&mut outputs);
+                    self.log(rest.by_ref().take(end));
                 }
-                Err(failure) => {
-                    self.always_meter |= failure.needs_metering;
-                    self.recover();
-                    let mut results = Vec::with_capacity(batch.len());
-                    self.apply_chunk_metered(&batch, &mut results);
-                    self.maybe_rebase();
-                    return results;
+                None => {
+                    self.apply_chunk_metered(&rest.as_slice()[..end], &mut results);
+                    rest.nth(end - 1);
                 }
             }
-        }
-        let mut results = Vec::with_capacity(batch.len());
-        let mut start = 0;
-        while start < batch.len() {
-            let end = chunk_end(&batch, start, self.limits.max_batch_bytes);
-            self.apply_chunk(&batch[start..end], &mut results);
-            start = end;
         }
         self.maybe_rebase();
         results
@@ -448,22 +439,21 @@ impl Machine {
         }
     }
 
-    /// Applies one call's worth of entries: unmetered first (fast), metered if that fails.
-    fn apply_chunk(&mut self, chunk: &[Entry], results: &mut Vec<Result<Bytes, GuestError>>) {
-        if !self.always_meter && self.broken.is_none() {
-            match self.live.on_apply(chunk, false) {
-                Ok(mut outputs) => {
-                    results.append(&mut outputs);
-                    self.log(chunk);
-                    return;
-                }
-                Err(failure) => {
-                    self.always_meter |= failure.needs_metering;
-                    self.recover();
-                }
+    /// Applies one call's worth of entries unmetered (the fast path), unless failures made
+    /// this machine meter everything. `None`: not applied (any failure has been recovered
+    /// from), apply it metered.
+    fn try_unmetered(&mut self, chunk: &[Entry]) -> Option<Outputs> {
+        if self.always_meter || self.broken.is_some() {
+            return None;
+        }
+        match self.live.on_apply(chunk, false) {
+            Ok(outputs) => Some(outputs),
+            Err(failure) => {
+                self.always_meter |= failure.needs_metering;
+                self.recover();
+                None
             }
         }
-        self.apply_chunk_metered(chunk, results);
     }
 
     /// Applies one call's worth of entries, isolating failures per entry (module docs).
@@ -480,7 +470,7 @@ impl Machine {
             match self.live.on_apply(chunk, true) {
                 Ok(mut outputs) => {
                     results.append(&mut outputs);
-                    self.log(chunk);
+                    self.log(chunk.iter().cloned());
                     return;
                 }
                 Err(failure) => {
@@ -506,18 +496,10 @@ impl Machine {
         }
     }
 
-    fn log(&mut self, applied: &[Entry]) {
-        for entry in applied {
-            self.replay_weight += entry.payload.len() + LOG_ENTRY_OVERHEAD;
-            self.replay.push(entry.clone());
-        }
-    }
-
-    fn log_owned(&mut self, applied: Vec<Entry>) {
-        for entry in &applied {
-            self.replay_weight += entry.payload.len() + LOG_ENTRY_OVERHEAD;
-        }
-        self.replay.extend(applied);
+    fn log(&mut self, applied: impl IntoIterator<Item = Entry>) {
+        let weight = &mut self.replay_weight;
+        self.replay
+            .extend(applied.into_iter().inspect(|e| *weight += log_weight(e)));
     }
 
     fn maybe_rebase(&mut self) {
@@ -562,7 +544,7 @@ impl Machine {
                         "an entry failed on replay after succeeding; dropping its effect"
                     );
                     let dropped = self.replay.remove(position);
-                    self.replay_weight -= dropped.payload.len() + LOG_ENTRY_OVERHEAD;
+                    self.replay_weight -= log_weight(&dropped);
                 }
                 Err(None) => return,
             }

@@ -143,7 +143,7 @@ impl ModuleRegistry {
     }
 
     /// Makes a stored module ready to instantiate (memory, else artifact, else compile), so
-    /// that the next `Machine::new` is fast. A node calls it for its modules at startup.
+    /// that the next `Machine::new` is fast.
     pub fn load(&self, digest: &str) -> Result<ModuleInfo, ModuleError> {
         self.loaded(digest)?;
         let size = fs::metadata(self.module_path(digest)).map_or(0, |m| m.len() as usize);
