@@ -2,12 +2,13 @@
 # Lockstep vs etcd vs the bare-HTTP ceiling, on this machine, in one run, with one load generator
 # (wrk). Everything listens on 127.0.0.1 and is stopped on exit.
 #
-#   bench/compare.sh                 # 10 s per point, 16/64/256 connections
-#   DUR=5 CONNS="256" bench/compare.sh
+#   bench/compare.sh                 # 10 s per point, 16/64/256 connections, 3 rounds each
+#   DUR=5 CONNS="256" ROUNDS=1 bench/compare.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DUR=${DUR:-10}
+ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-"16 64 256"}
 BATCH=${BATCH:-256}
 RESTART_ENTRIES=${RESTART_ENTRIES:-1000000}
@@ -101,17 +102,41 @@ run() { # url body conns -> "rps p50 p99 errors"
         printf "%.0f %.2f %.2f %d\n", v["requests"] / v["seconds"], v["p50"], v["p99"], v["errors"] }'
 }
 
-printf '\n%-8s | %-28s | %-28s | %-28s | %-9s | %-9s\n' conns "lockstep tasks/s p50 p99 ms" "etcd puts/s p50 p99 ms" \
+# Each point runs ROUNDS times, the three targets interleaved (so a slow minute on this shared
+# machine hits all three alike); the table shows each target's median round and the ratios of
+# the medians, and the per-round throughputs follow it.
+RESULTS="$WORK/results"
+for c in $CONNS; do
+  for r in $(seq 1 "$ROUNDS"); do
+    echo "lockstep $c $r $(run "$LS/v1/machines/counter/tasks" "$PAYLOAD" "$c")" >>"$RESULTS"
+    echo "etcd $c $r $(run "$ETCD/v3/kv/put" "$ETCD_BODY" "$c")" >>"$RESULTS"
+    echo "ceiling $c $r $(run http://127.0.0.1:7900/ "$PAYLOAD" "$c")" >>"$RESULTS"
+  done
+done
+median() { # target conns column -> the median round's value in that column (rounds sorted by rps)
+  awk -v t="$1" -v c="$2" '$1 == t && $2 == c' "$RESULTS" | sort -k4,4n \
+    | awk -v col="$3" '{ v[NR] = $col } END { print v[int((NR + 1) / 2)] }'
+}
+printf '\n%s round(s) per point, medians\n' "$ROUNDS"
+printf '%-8s | %-28s | %-28s | %-28s | %-9s | %-9s\n' conns "lockstep tasks/s p50 p99 ms" "etcd puts/s p50 p99 ms" \
   "ceiling req/s p50 p99 ms" "ls/etcd" "ls/ceil"
 for c in $CONNS; do
-  read -r lr lp50 lp99 lerr <<<"$(run "$LS/v1/machines/counter/tasks" "$PAYLOAD" "$c")"
-  read -r er ep50 ep99 eerr <<<"$(run "$ETCD/v3/kv/put" "$ETCD_BODY" "$c")"
-  read -r cr cp50 cp99 cerr <<<"$(run http://127.0.0.1:7900/ "$PAYLOAD" "$c")"
-  printf '%-8s | %9s %8s %8s | %9s %8s %8s | %9s %8s %8s | %8.2fx | %8.2f\n' "$c" \
-    "$lr" "$lp50" "$lp99" "$er" "$ep50" "$ep99" "$cr" "$cp50" "$cp99" \
-    "$(echo "$lr / $er" | bc -l)" "$(echo "$lr / $cr" | bc -l)"
-  [ "$lerr$eerr$cerr" = "000" ] || echo "  (errors: lockstep $lerr, etcd $eerr, ceiling $cerr)"
+  row=""
+  for t in lockstep etcd ceiling; do
+    row+=$(printf '| %9s %8s %8s ' "$(median $t "$c" 4)" "$(median $t "$c" 5)" "$(median $t "$c" 6)")
+  done
+  printf '%-8s %s| %8.2fx | %8.2f\n' "$c" "$row" \
+    "$(echo "$(median lockstep "$c" 4) / $(median etcd "$c" 4)" | bc -l)" \
+    "$(echo "$(median lockstep "$c" 4) / $(median ceiling "$c" 4)" | bc -l)"
 done
+echo
+for c in $CONNS; do
+  for t in lockstep etcd ceiling; do
+    printf '%-4s conns, %-8s per round: %s\n' "$c" "$t" "$(awk -v t=$t -v c="$c" '$1 == t && $2 == c { printf "%s ", $4 }' "$RESULTS")"
+  done
+done
+errors=$(awk '$7 != 0 { printf "%s at %s conns round %s: %s errors; ", $1, $2, $3, $7 }' "$RESULTS")
+[ -z "$errors" ] || echo "errors: $errors"
 
 # --- restart with a long log (before the batch run, so the log holds about RESTART_ENTRIES) --
 BATCH_BODY="[$(printf '{"add":1},%.0s' $(seq 1 "$BATCH"))"
