@@ -1,6 +1,9 @@
--- One wrk script for every target: method POST, body from $BODY, and a machine-readable line
--- with throughput and latency percentiles (ms) at the end.
-wrk.method = "POST"
+-- One wrk script for every target: method from $METHOD (POST unless set), body from $BODY, the
+-- path from wrk's URL argument, and a machine-readable line with throughput and latency
+-- percentiles (ms) at the end. For example:
+--   METHOD=GET wrk -t2 -c64 -d10s -s bench/wrk.lua http://127.0.0.1:7070/v1/cluster
+--   BODY='{"add":1}' wrk -t2 -c256 -d10s -s bench/wrk.lua http://127.0.0.1:7070/v1/machines/counter/tasks
+wrk.method = os.getenv("METHOD") or "POST"
 wrk.body = os.getenv("BODY") or ""
 wrk.headers["Content-Type"] = "application/json"
 
