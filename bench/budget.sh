@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Where the CPU goes, in µs per request: a 3-node Lockstep cluster and the bare-HTTP ceiling,
+# one after the other, under the same wrk load (POST, 16-byte body), each sampled system-wide
+# with perf. Rows are who spent the CPU (wrk, each node's runtime / disk queue / FSM thread, the
+# kernel's own threads, idle), columns what kind of work it was (user space, the TCP send path,
+# which on loopback includes the receiver's side, TCP receive, fsync, file writes, epoll, futex,
+# scheduling, anything else in the kernel). Needs perf (Debian: linux-perf) and root or
+# perf_event_paranoid <= 0.
+#
+#   bench/budget.sh                     # 256 connections, 12 s per target (perf samples 8 s)
+#   CONNS=64 bench/budget.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CONNS=${CONNS:-256}
+DUR=${DUR:-12}
+FREQ=${FREQ:-499}
+WORK=$(mktemp -d /tmp/lockstep-budget.XXXXXX)
+PIDS=()
+cleanup() {
+  exec 2>/dev/null   # no "Killed" notices for our own background jobs
+  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+command -v perf >/dev/null && command -v wrk >/dev/null || { echo "needs perf and wrk" >&2; exit 1; }
+TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+if [ -z "${LOCKSTEP_BIN_DIR:-}" ]; then
+  cargo build --release -q -p lockstep --bins
+  cargo build --release -q --target wasm32-wasip2 -p counter \
+    --config profile.release.lto=true --config profile.release.codegen-units=1 --config profile.release.debug=false
+fi
+BIN=${LOCKSTEP_BIN_DIR:-$TARGET_DIR/release}
+WASM=${LOCKSTEP_WASM:-$TARGET_DIR/wasm32-wasip2/release/counter.wasm}
+
+# Drives $1 with wrk for DUR s, samples the whole machine for DUR-4 s in the middle, and prints
+# "requests-per-second" (the perf data is left in $WORK/$2.data).
+profile() { # url name
+  BODY='{"add":1}       ' wrk -t2 -c"$CONNS" -d"${DUR}s" -s bench/wrk.lua "$1" >"$WORK/$2.wrk" &
+  local w=$!
+  sleep 2
+  perf record -a -g -F "$FREQ" -o "$WORK/$2.data" -- sleep $((DUR - 4)) >/dev/null 2>&1
+  wait "$w"
+  awk '/^RESULT/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+                   printf "%.0f\n", v["requests"] / v["seconds"] }' "$WORK/$2.wrk"
+}
+
+# perf script -> the table. $1: rps, $2: sampled seconds, $3: "pid=role,pid=role,..."
+table() {
+  perf script -i "$WORK/$4.data" -F comm,pid,tid,ip,sym 2>/dev/null | awk -v rps="$1" -v secs="$2" \
+    -v freq="$FREQ" -v roles="$3" '
+    BEGIN {
+      n = split(roles, rs, ",")
+      for (i = 1; i <= n; i++) { split(rs[i], kv, "="); role[kv[1]] = kv[2] }
+      nk = split("user tcp-send tcp-recv fsync file-write epoll futex sched kernel", kinds, " ")
+    }
+    function who(comm, pid) {
+      if (comm == "wrk") return "wrk"
+      if (comm == "swapper") return "idle"
+      if (pid in role) {
+        if (comm ~ /^log-manager/) return role[pid] " disk queue"
+        if (comm ~ /^fsm-caller/) return role[pid] " FSM"
+        return role[pid] " runtime"
+      }
+      return "kernel threads, others"
+    }
+    function kind(   i, f) {
+      if (nf == 0 || frames[1] !~ /^ffff/) return "user"
+      for (i = 1; i <= nf; i++) {
+        f = syms[i]
+        if (f == "tcp_sendmsg") return "tcp-send"
+        if (f == "tcp_recvmsg") return "tcp-recv"
+        if (f == "do_fsync") return "fsync"
+        if (f == "ksys_pwrite64" || f == "__x64_sys_pwrite64") return "file-write"
+        if (f == "do_epoll_wait") return "epoll"
+        if (f == "do_futex") return "futex"
+      }
+      for (i = 1; i <= nf; i++) if (syms[i] == "__schedule") return "sched"
+      return "kernel"
+    }
+    function flush() {
+      if (cur != "") { k = kind(); cost[cur, k]++; total[cur]++; all++ }
+      cur = ""; nf = 0
+    }
+    /^[^ \t]/ { flush(); split($2, p, "/"); cur = who($1, p[1]); next }
+    /^[ \t]+[0-9a-f]+ / { nf++; frames[nf] = $1; syms[nf] = $2; next }
+    /^$/ { flush() }
+    END {
+      flush()
+      per = 1e6 / freq / (rps * secs)   # µs of CPU per request, per sample
+      printf "%-26s %7s", "µs of CPU per request", "total"
+      for (k = 1; k <= nk; k++) printf " %10s", kinds[k]
+      printf "\n"
+      cmd = "sort -rn | cut -d\\| -f2"   # largest first
+      for (w in total) {
+        line = sprintf("%d|%-26s %7.2f", total[w], w, total[w] * per)
+        for (k = 1; k <= nk; k++) line = line sprintf(" %10.2f", cost[w, kinds[k]] * per)
+        print line | cmd
+      }
+      close(cmd)
+      printf "%-26s %7.2f\n", "all", all * per
+    }'
+}
+
+# --- Lockstep: 3 nodes, counter deployed -----------------------------------------------------
+PEERS=1=127.0.0.1:7411,2=127.0.0.1:7412,3=127.0.0.1:7413
+declare -A NODE_PID
+for i in 1 2 3; do
+  "$BIN/lockstep" serve --id "$i" --data-dir "$WORK/ls$i" --http "127.0.0.1:731$i" \
+    --raft "127.0.0.1:741$i" --peers "$PEERS" 2>>"$WORK/ls$i.log" >/dev/null &
+  NODE_PID[$i]=$!
+  PIDS+=($!)
+done
+LEADER=""
+for _ in $(seq 1 200); do
+  for i in 1 2 3; do
+    curl -sf "http://127.0.0.1:731$i/v1/cluster" 2>/dev/null | grep -q '"role":"leader"' && LEADER=$i
+  done
+  [ -n "$LEADER" ] && break
+  sleep 0.05
+done
+[ -n "$LEADER" ] || { echo "no leader elected" >&2; exit 1; }
+curl -sf -X PUT --data-binary "@$WASM" "http://127.0.0.1:731$LEADER/v1/machines/counter" >/dev/null
+ROLES=""
+for i in 1 2 3; do
+  r=followers; [ "$i" = "$LEADER" ] && r=leader
+  ROLES+="${NODE_PID[$i]}=$r,"
+done
+LS_RPS=$(profile "http://127.0.0.1:731$LEADER/v1/machines/counter/tasks" lockstep)
+for p in "${NODE_PID[@]}"; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+
+# --- the ceiling ---------------------------------------------------------------------------------
+"$BIN/http-ceiling" 127.0.0.1:7910 >/dev/null &
+CEIL_PID=$!
+PIDS+=($!)
+for _ in $(seq 1 100); do curl -sf http://127.0.0.1:7910/ >/dev/null 2>&1 && break; sleep 0.05; done
+CEIL_RPS=$(profile http://127.0.0.1:7910/ ceiling)
+
+echo "Lockstep, 3 nodes, $CONNS connections: $LS_RPS tasks/s"
+table "$LS_RPS" $((DUR - 4)) "$ROLES" lockstep
+echo
+echo "bare-HTTP ceiling, $CONNS connections: $CEIL_RPS requests/s"
+table "$CEIL_RPS" $((DUR - 4)) "$CEIL_PID=server" ceiling
