@@ -67,6 +67,29 @@ leader_url() {
 LS=$(leader_url)
 curl -sf -X PUT --data-binary "@$WASM" "$LS/v1/machines/counter" >/dev/null
 
+# --- restart with a long log: fill it to RESTART_ENTRIES through the batch endpoint, kill -9 a
+# follower, and time its restart until it serves its applied state again (before the load runs,
+# so the log holds the number of entries the target names) -----------------------------------
+BATCH_BODY="[$(printf '{"add":1},%.0s' $(seq 1 "$BATCH"))"
+BATCH_BODY="${BATCH_BODY%,}]"
+commit() { curl -sf "$1/v1/cluster" | sed -n 's/.*"commit_index":\([0-9]*\).*/\1/p'; }
+applied() { curl -sf "$1/v1/cluster" 2>/dev/null | sed -n 's/.*"applied_index":\([0-9]*\).*/\1/p'; }
+while [ "$(commit "$LS")" -lt "$RESTART_ENTRIES" ]; do
+  BODY="$BATCH_BODY" wrk -t2 -c16 -d1s -s bench/wrk.lua "$LS/v1/machines/counter/tasks:batch" >/dev/null 2>&1
+done
+TARGET=$(commit "$LS")
+VICTIM=""
+for i in 1 2 3; do [ "http://127.0.0.1:730$i" = "$LS" ] || { VICTIM=$i; break; }; done
+kill -9 "${LS_PID[$VICTIM]}"
+wait "${LS_PID[$VICTIM]}" 2>/dev/null || true
+t0=$(date +%s.%N)
+start_lockstep "$VICTIM"
+until [ "$(applied "http://127.0.0.1:730$VICTIM" || echo 0)" -ge "$TARGET" ] 2>/dev/null; do sleep 0.01; done
+t1=$(date +%s.%N)
+printf 'restart of node %s with %s entries in its log: serving its applied state again after %.2f s\n' \
+  "$VICTIM" "$TARGET" "$(echo "$t1 - $t0" | bc -l)"
+LS=$(leader_url)
+
 # --- etcd: 3 members, durable (etcd always fsyncs its WAL) ------------------------------------
 EC="e1=http://127.0.0.1:12381,e2=http://127.0.0.1:12382,e3=http://127.0.0.1:12383"
 for i in 1 2 3; do
@@ -138,28 +161,8 @@ done
 errors=$(awk '$7 != 0 { printf "%s at %s conns round %s: %s errors; ", $1, $2, $3, $7 }' "$RESULTS")
 [ -z "$errors" ] || echo "errors: $errors"
 
-# --- restart with a long log (before the batch run, so the log holds about RESTART_ENTRIES) --
-BATCH_BODY="[$(printf '{"add":1},%.0s' $(seq 1 "$BATCH"))"
-BATCH_BODY="${BATCH_BODY%,}]"
-LS=$(leader_url)
-commit() { curl -sf "$1/v1/cluster" | sed -n 's/.*"commit_index":\([0-9]*\).*/\1/p'; }
-applied() { curl -sf "$1/v1/cluster" 2>/dev/null | sed -n 's/.*"applied_index":\([0-9]*\).*/\1/p'; }
-while [ "$(commit "$LS")" -lt "$RESTART_ENTRIES" ]; do
-  BODY="$BATCH_BODY" wrk -t2 -c16 -d1s -s bench/wrk.lua "$LS/v1/machines/counter/tasks:batch" >/dev/null 2>&1
-done
-TARGET=$(commit "$LS")
-VICTIM=""
-for i in 1 2 3; do [ "http://127.0.0.1:730$i" = "$LS" ] || { VICTIM=$i; break; }; done
-kill -9 "${LS_PID[$VICTIM]}"
-wait "${LS_PID[$VICTIM]}" 2>/dev/null || true
-t0=$(date +%s.%N)
-start_lockstep "$VICTIM"
-until [ "$(applied "http://127.0.0.1:730$VICTIM" || echo 0)" -ge "$TARGET" ] 2>/dev/null; do sleep 0.01; done
-t1=$(date +%s.%N)
-printf 'restart of node %s with %s entries in its log: serving its applied state again after %.2f s\n' \
-  "$VICTIM" "$TARGET" "$(echo "$t1 - $t0" | bc -l)"
-
 # --- the batch endpoint ----------------------------------------------------------------------------
+LS=$(leader_url)
 read -r br bp50 bp99 berr <<<"$(run "$LS/v1/machines/counter/tasks:batch" "$BATCH_BODY" 64)"
 echo
 echo "batch endpoint: $BATCH tasks/request, 64 connections: $((br * BATCH)) tasks/s (p50 ${bp50} ms, p99 ${bp99} ms, errors $berr)"
