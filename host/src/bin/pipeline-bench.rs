@@ -37,6 +37,9 @@ impl StateMachine for Counter {
     }
 }
 
+const USAGE: &str = "usage: pipeline-bench [--secs 5] [--payload 32] [--submitters 1,64,256] \
+                     [--dir DIR] [--workers 2]";
+
 struct Args {
     secs: u64,
     payload: usize,
@@ -67,7 +70,11 @@ fn args() -> anyhow::Result<Args> {
             }
             "--dir" => a.dir = Some(val()?.into()),
             "--workers" => a.workers = val()?.parse()?,
-            other => anyhow::bail!("unknown flag {other}"),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => anyhow::bail!("unknown flag {other}\n{USAGE}"),
         }
     }
     Ok(a)
