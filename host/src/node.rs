@@ -25,6 +25,8 @@ pub struct NodeConfig {
     pub id: NodeId,
     pub data_dir: PathBuf,
     pub http_addr: SocketAddr,
+    /// Where clients are sent (HOST:PORT); the bound `http_addr` when not given.
+    pub advertise_http: Option<String>,
     pub raft_addr: SocketAddr,
     /// Raft address of every initial member, this node included.
     pub peers: BTreeMap<NodeId, String>,
@@ -109,7 +111,10 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         TransportConfig {
             cluster_id: cluster_id.clone(),
             node_id: cfg.id,
-            http_addr: http_addr.to_string(),
+            http_addr: cfg
+                .advertise_http
+                .clone()
+                .unwrap_or_else(|| http_addr.to_string()),
             peers: cfg.peers.clone(),
             max_frame_bytes: TransportConfig::DEFAULT_MAX_FRAME,
             queue_depth: 8192,

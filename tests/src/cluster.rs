@@ -43,12 +43,23 @@ pub struct TestNode {
 pub struct TestCluster {
     pub nodes: Vec<TestNode>,
     peers: String,
+    /// Each node runs with `--advertise-http HOST:its port` when set.
+    advertise_host: Option<&'static str>,
     _dir: tempfile::TempDir,
 }
 
 impl TestCluster {
     /// Starts `n` nodes and waits until one of them leads.
     pub fn start(n: u64) -> Self {
+        Self::start_inner(n, None)
+    }
+
+    /// Like `start`, each node advertising `host` with its own HTTP port (`--advertise-http`).
+    pub fn start_advertising(n: u64, host: &'static str) -> Self {
+        Self::start_inner(n, Some(host))
+    }
+
+    fn start_inner(n: u64, advertise_host: Option<&'static str>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let nodes: Vec<TestNode> = (1..=n)
             .map(|id| TestNode {
@@ -67,6 +78,7 @@ impl TestCluster {
         let mut c = TestCluster {
             nodes,
             peers,
+            advertise_host,
             _dir: dir,
         };
         for i in 0..c.nodes.len() {
@@ -84,12 +96,17 @@ impl TestCluster {
             .append(true)
             .open(n.data_dir.with_extension("log"))
             .expect("log file");
-        let child = Command::new(lockstep_bin())
-            .args(["serve", "--id", &n.id.to_string()])
+        let mut cmd = Command::new(lockstep_bin());
+        cmd.args(["serve", "--id", &n.id.to_string()])
             .arg("--data-dir")
             .arg(&n.data_dir)
             .args(["--http", &n.http.to_string(), "--raft", &n.raft.to_string()])
-            .args(["--peers", &self.peers])
+            .args(["--peers", &self.peers]);
+        if let Some(host) = self.advertise_host {
+            cmd.arg("--advertise-http")
+                .arg(format!("{host}:{}", n.http.port()));
+        }
+        let child = cmd
             .env("LOCKSTEP_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

@@ -259,6 +259,63 @@ fn follower_redirects_to_the_leader() {
 }
 
 #[test]
+fn redirects_and_listings_use_the_advertised_http_address() {
+    let _serial = serial();
+    // The nodes listen on 127.0.0.1 and tell clients "localhost": what a node behind a
+    // wildcard or NATed address does with --advertise-http.
+    let c = TestCluster::start_advertising(3, "localhost");
+    assert_eq!(
+        c.deploy("counter", &guests::read(guests::COUNTER)).status,
+        201
+    );
+    let leader = c.wait_for_leader(Duration::from_secs(10));
+    let follower = (leader + 1) % 3;
+    let advertised = format!("localhost:{}", c.nodes[leader].http.port());
+    let r = c
+        .client(follower)
+        .post("/v1/machines/counter/tasks", br#"{"add":5}"#)
+        .expect("post");
+    assert_eq!(r.status, 307, "{}", r.text());
+    assert_eq!(
+        r.header("location").expect("location"),
+        format!("http://{advertised}/v1/machines/counter/tasks")
+    );
+    let status = c.cluster_status(follower).expect("cluster status");
+    assert_eq!(status["leader"]["http"], advertised.as_str(), "{status}");
+}
+
+#[test]
+fn serve_refuses_a_wildcard_http_address_without_an_advertised_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let serve = |extra: &[&str]| {
+        std::process::Command::new(lockstep_tests::cluster::lockstep_bin())
+            .args(["serve", "--id", "1", "--data-dir"])
+            .arg(dir.path().join("node1"))
+            .args(["--raft", "127.0.0.1:1", "--peers", "1=127.0.0.1:1"])
+            .args(extra)
+            .output()
+            .expect("run lockstep serve")
+    };
+    // Refused before anything is bound or written.
+    let out = serve(&["--http", "0.0.0.0:0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--advertise-http HOST:PORT"), "{err}");
+    assert!(!dir.path().join("node1").exists());
+    for bad in [
+        "http://example.com:80",
+        "example.com",
+        "example.com:http",
+        ":80",
+    ] {
+        let out = serve(&["--http", "127.0.0.1:0", "--advertise-http", bad]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad} accepted");
+        assert!(err.contains("is not HOST:PORT"), "{bad}: {err}");
+    }
+}
+
+#[test]
 fn bad_input_gets_clear_errors_and_the_cluster_stays_healthy() {
     let _serial = serial();
     let c = TestCluster::start(3);

@@ -83,6 +83,10 @@ pub struct ServeArgs {
     /// HTTP API address.
     #[arg(long)]
     pub http: SocketAddr,
+    /// HOST:PORT that clients are sent to (redirects, `/v1/cluster`); defaults to --http, and
+    /// is required when --http listens on every interface (0.0.0.0 or [::]).
+    #[arg(long, value_parser = parse_advertise)]
+    pub advertise_http: Option<String>,
     /// Peer transport address (must match this node's entry in --peers).
     #[arg(long)]
     pub raft: SocketAddr,
@@ -123,8 +127,24 @@ fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, String> {
     Ok(peers)
 }
 
+/// HOST:PORT with a numeric port: what goes after `http://` in a redirect.
+fn parse_advertise(s: &str) -> Result<String, String> {
+    let bad = || format!("{s:?} is not HOST:PORT (no scheme, no path)");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || port.parse::<u16>().is_err() || s.contains('/') {
+        return Err(bad());
+    }
+    Ok(s.to_owned())
+}
+
 impl ServeArgs {
-    pub fn node_config(&self) -> NodeConfig {
+    pub fn node_config(&self) -> anyhow::Result<NodeConfig> {
+        anyhow::ensure!(
+            self.advertise_http.is_some() || !self.http.ip().is_unspecified(),
+            "--http {} listens on every interface, so it is no address to send clients to: \
+             say which one with --advertise-http HOST:PORT",
+            self.http
+        );
         let mut limits = Limits::default();
         if let Some(f) = self.fuel_per_task {
             limits.fuel_per_entry = f;
@@ -132,15 +152,16 @@ impl ServeArgs {
         if let Some(m) = self.memory_mib {
             limits.memory_bytes = m * 1024 * 1024;
         }
-        NodeConfig {
+        Ok(NodeConfig {
             id: self.id,
             data_dir: self.data_dir.clone(),
             http_addr: self.http,
+            advertise_http: self.advertise_http.clone(),
             raft_addr: self.raft,
             peers: self.peers.clone(),
             cluster_id: self.cluster_id.clone(),
             limits,
-        }
+        })
     }
 }
 
@@ -256,7 +277,7 @@ fn print_reply(r: &client::Reply) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let running = node::start(args.node_config()).await?;
+    let running = node::start(args.node_config()?).await?;
     println!(
         "lockstep node {} serving http://{}",
         args.id, running.http_addr
