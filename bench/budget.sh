@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Where the CPU goes, in µs per request: a 3-node Lockstep cluster and the bare-HTTP ceiling,
 # one after the other, under the same wrk load (POST, 16-byte body), each sampled system-wide
-# with perf. Rows are who spent the CPU (wrk, each node's runtime / disk queue / FSM thread, the
-# kernel's own threads, idle), columns what kind of work it was (user space, the TCP send path,
+# with perf's cpu-clock. Rows are who spent the CPU (wrk; the leader's and the followers'
+# (summed) runtimes, disk queues and FSM threads; the kernel's own threads; idle), columns what kind of work it was (user space, the TCP send path,
 # which on loopback includes the receiver's side, TCP receive, fsync, file writes, epoll, futex,
 # scheduling, anything else in the kernel). Needs perf (Debian: linux-perf) and root or
 # perf_event_paranoid <= 0.
@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 CONNS=${CONNS:-256}
 DUR=${DUR:-12}
 FREQ=${FREQ:-499}
+[ "$DUR" -gt 4 ] || { echo "DUR must be more than 4 (seconds)" >&2; exit 1; }
 WORK=$(mktemp -d /tmp/lockstep-budget.XXXXXX)
 PIDS=()
 cleanup() {
@@ -41,13 +42,21 @@ profile() { # url name
   BODY='{"add":1}       ' wrk -t2 -c"$CONNS" -d"${DUR}s" -s bench/wrk.lua "$1" >"$WORK/$2.wrk" &
   local w=$!
   sleep 2
-  perf record -a -g -F "$FREQ" -o "$WORK/$2.data" -- sleep $((DUR - 4)) >/dev/null 2>&1
+  # cpu-clock: every sample stands for 1/FREQ s of a CPU's time, busy or idle.
+  perf record -e cpu-clock -a -g -F "$FREQ" -o "$WORK/$2.data" -- sleep $((DUR - 4)) \
+    >/dev/null 2>"$WORK/$2.perf.err" || true
   wait "$w"
+  if [ ! -s "$WORK/$2.data" ]; then
+    echo "perf record failed (root or kernel.perf_event_paranoid <= 0 needed):" >&2
+    cat "$WORK/$2.perf.err" >&2
+    return 1
+  fi
   awk '/^RESULT/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
                    printf "%.0f\n", v["requests"] / v["seconds"] }' "$WORK/$2.wrk"
 }
 
-# perf script -> the table. $1: rps, $2: sampled seconds, $3: "pid=role,pid=role,..."
+# perf script -> the table. $1: rps, $2: sampled seconds, $3: "pid=role,pid=role,...",
+# $4: the name the data was recorded under.
 table() {
   perf script -i "$WORK/$4.data" -F comm,pid,tid,ip,sym 2>/dev/null | awk -v rps="$1" -v secs="$2" \
     -v freq="$FREQ" -v roles="$3" '
@@ -128,7 +137,7 @@ for i in 1 2 3; do
   r=followers; [ "$i" = "$LEADER" ] && r=leader
   ROLES+="${NODE_PID[$i]}=$r,"
 done
-LS_RPS=$(profile "http://127.0.0.1:731$LEADER/v1/machines/counter/tasks" lockstep)
+LS_RPS=$(profile "http://127.0.0.1:731$LEADER/v1/machines/counter/tasks" lockstep) || exit 1
 for p in "${NODE_PID[@]}"; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
 
 # --- the ceiling ---------------------------------------------------------------------------------
@@ -136,7 +145,7 @@ for p in "${NODE_PID[@]}"; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev
 CEIL_PID=$!
 PIDS+=($!)
 for _ in $(seq 1 100); do curl -sf http://127.0.0.1:7910/ >/dev/null 2>&1 && break; sleep 0.05; done
-CEIL_RPS=$(profile http://127.0.0.1:7910/ ceiling)
+CEIL_RPS=$(profile http://127.0.0.1:7910/ ceiling) || exit 1
 
 echo "Lockstep, 3 nodes, $CONNS connections: $LS_RPS tasks/s"
 table "$LS_RPS" $((DUR - 4)) "$ROLES" lockstep

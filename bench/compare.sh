@@ -126,8 +126,9 @@ run() { # url body conns -> "rps p50 p99 errors"
 }
 
 # Each point runs ROUNDS times, the three targets interleaved (so a slow minute on this shared
-# machine hits all three alike); the table shows each target's median round and the ratios of
-# the medians, and the per-round throughputs follow it.
+# machine hits all three alike); the table shows each target's median round by throughput (its
+# p50 and p99 are that round's; with an even ROUNDS, the lower of the two middle rounds) and the
+# ratios of those throughputs, and every round's throughput follows it.
 RESULTS="$WORK/results"
 for c in $CONNS; do
   for r in $(seq 1 "$ROUNDS"); do
@@ -140,7 +141,7 @@ median() { # target conns column -> the median round's value in that column (rou
   awk -v t="$1" -v c="$2" '$1 == t && $2 == c' "$RESULTS" | sort -k4,4n \
     | awk -v col="$3" '{ v[NR] = $col } END { print v[int((NR + 1) / 2)] }'
 }
-printf '\n%s round(s) per point, medians\n' "$ROUNDS"
+printf '\n%s round(s) per point; each target'"'"'s median round by throughput\n' "$ROUNDS"
 printf '%-8s | %-28s | %-28s | %-28s | %-9s | %-9s\n' conns "lockstep tasks/s p50 p99 ms" "etcd puts/s p50 p99 ms" \
   "ceiling req/s p50 p99 ms" "ls/etcd" "ls/ceil"
 for c in $CONNS; do

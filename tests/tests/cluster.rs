@@ -287,11 +287,16 @@ fn redirects_and_listings_use_the_advertised_http_address() {
 #[test]
 fn serve_refuses_a_wildcard_http_address_without_an_advertised_one() {
     let dir = tempfile::tempdir().expect("temp dir");
+    // Held, so that a node which got past its flags would fail to bind it and exit at once
+    // (the test fails instead of hanging).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let raft = taken.local_addr().expect("addr").to_string();
+    let peers = format!("1={raft}");
     let serve = |extra: &[&str]| {
         std::process::Command::new(lockstep_tests::cluster::lockstep_bin())
             .args(["serve", "--id", "1", "--data-dir"])
             .arg(dir.path().join("node1"))
-            .args(["--raft", "127.0.0.1:1", "--peers", "1=127.0.0.1:1"])
+            .args(["--raft", &raft, "--peers", &peers])
             .args(extra)
             .output()
             .expect("run lockstep serve")

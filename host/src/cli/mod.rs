@@ -127,11 +127,17 @@ fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, String> {
     Ok(peers)
 }
 
-/// HOST:PORT with a numeric port: what goes after `http://` in a redirect.
+/// HOST:PORT with a numeric port (IPv6 in brackets): exactly what goes after `http://` in a
+/// redirect's Location, so it must be a URI authority on its own, with no user info.
 fn parse_advertise(s: &str) -> Result<String, String> {
     let bad = || format!("{s:?} is not HOST:PORT (no scheme, no path)");
-    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
-    if host.is_empty() || port.parse::<u16>().is_err() || s.contains('/') {
+    let uri: hyper::Uri = format!("http://{s}/").parse().map_err(|_| bad())?;
+    let authority = uri.authority().ok_or_else(bad)?;
+    if authority.as_str() != s
+        || authority.host().is_empty()
+        || authority.port_u16().is_none()
+        || s.contains('@')
+    {
         return Err(bad());
     }
     Ok(s.to_owned())
@@ -320,4 +326,39 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_advertise;
+
+    #[test]
+    fn advertise_http_takes_a_host_and_port_only() {
+        for ok in [
+            "localhost:7070",
+            "10.0.0.5:80",
+            "[::1]:7070",
+            "node-1.example.com:443",
+        ] {
+            assert_eq!(parse_advertise(ok).as_deref(), Ok(ok));
+        }
+        for bad in [
+            "::1:7070",
+            "::1",
+            "fe80::1:7070",
+            "[::1]",
+            "localhost",
+            "localhost:http",
+            ":80",
+            "a:99999",
+            "http://a:80",
+            "a:80/x",
+            "a@b:80",
+            "a b:80",
+            "h\u{e9}llo:80",
+            "",
+        ] {
+            assert!(parse_advertise(bad).is_err(), "{bad:?} accepted");
+        }
+    }
 }
