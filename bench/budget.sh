@@ -2,10 +2,10 @@
 # Where the CPU goes, in µs per request: a 3-node Lockstep cluster and the bare-HTTP ceiling,
 # one after the other, under the same wrk load (POST, 16-byte body), each sampled system-wide
 # with perf's cpu-clock. Rows are who spent the CPU (wrk; the leader's and the followers'
-# (summed) runtimes, disk queues and FSM threads; the kernel's own threads; idle), columns what kind of work it was (user space, the TCP send path,
-# which on loopback includes the receiver's side, TCP receive, fsync, file writes, epoll, futex,
-# scheduling, anything else in the kernel). Needs perf (Debian: linux-perf) and root or
-# perf_event_paranoid <= 0.
+# (summed) runtimes, disk queues and FSM threads; the kernel's own threads; idle), columns what
+# kind of work it was (user space, the TCP send path, which on loopback includes the receiver's
+# side, TCP receive, fsync, file writes, epoll, futex, scheduling, anything else in the kernel).
+# Needs perf (Debian: linux-perf) and root or perf_event_paranoid <= 0.
 #
 #   bench/budget.sh                     # 256 connections, 12 s per target (perf samples 8 s)
 #   CONNS=64 bench/budget.sh
@@ -16,30 +16,15 @@ CONNS=${CONNS:-256}
 DUR=${DUR:-12}
 FREQ=${FREQ:-499}
 [ "$DUR" -gt 4 ] || { echo "DUR must be more than 4 (seconds)" >&2; exit 1; }
-WORK=$(mktemp -d /tmp/lockstep-budget.XXXXXX)
-PIDS=()
-cleanup() {
-  exec 2>/dev/null   # no "Killed" notices for our own background jobs
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+. bench/lib.sh
 
 command -v perf >/dev/null && command -v wrk >/dev/null || { echo "needs perf and wrk" >&2; exit 1; }
-TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-if [ -z "${LOCKSTEP_BIN_DIR:-}" ]; then
-  cargo build --release -q -p lockstep --bins
-  cargo build --release -q --target wasm32-wasip2 -p counter \
-    --config profile.release.lto=true --config profile.release.codegen-units=1 --config profile.release.debug=false
-fi
-BIN=${LOCKSTEP_BIN_DIR:-$TARGET_DIR/release}
-WASM=${LOCKSTEP_WASM:-$TARGET_DIR/wasm32-wasip2/release/counter.wasm}
+build
 
 # Drives $1 with wrk for DUR s, samples the whole machine for DUR-4 s in the middle, and prints
 # "requests-per-second" (the perf data is left in $WORK/$2.data).
 profile() { # url name
-  BODY='{"add":1}       ' wrk -t2 -c"$CONNS" -d"${DUR}s" -s bench/wrk.lua "$1" >"$WORK/$2.wrk" &
+  run "$1" '{"add":1}       ' "$CONNS" >"$WORK/$2.wrk" &
   local w=$!
   sleep 2
   # cpu-clock: every sample stands for 1/FREQ s of a CPU's time, busy or idle.
@@ -51,8 +36,7 @@ profile() { # url name
     cat "$WORK/$2.perf.err" >&2
     return 1
   fi
-  awk '/^RESULT/ { for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-                   printf "%.0f\n", v["requests"] / v["seconds"] }' "$WORK/$2.wrk"
+  cut -d' ' -f1 "$WORK/$2.wrk"
 }
 
 # perf script -> the table. $1: rps, $2: sampled seconds, $3: "pid=role,pid=role,...",
@@ -114,37 +98,20 @@ table() {
 }
 
 # --- Lockstep: 3 nodes, counter deployed -----------------------------------------------------
-PEERS=1=127.0.0.1:7411,2=127.0.0.1:7412,3=127.0.0.1:7413
-declare -A NODE_PID
-for i in 1 2 3; do
-  "$BIN/lockstep" serve --id "$i" --data-dir "$WORK/ls$i" --http "127.0.0.1:731$i" \
-    --raft "127.0.0.1:741$i" --peers "$PEERS" 2>>"$WORK/ls$i.log" >/dev/null &
-  NODE_PID[$i]=$!
-  PIDS+=($!)
-done
-LEADER=""
-for _ in $(seq 1 200); do
-  for i in 1 2 3; do
-    curl -sf "http://127.0.0.1:731$i/v1/cluster" 2>/dev/null | grep -q '"role":"leader"' && LEADER=$i
-  done
-  [ -n "$LEADER" ] && break
-  sleep 0.05
-done
-[ -n "$LEADER" ] || { echo "no leader elected" >&2; exit 1; }
-curl -sf -X PUT --data-binary "@$WASM" "http://127.0.0.1:731$LEADER/v1/machines/counter" >/dev/null
+start_cluster 731 741
 ROLES=""
 for i in 1 2 3; do
-  r=followers; [ "$i" = "$LEADER" ] && r=leader
-  ROLES+="${NODE_PID[$i]}=$r,"
+  r=followers; [ "$LS" = "http://127.0.0.1:$HTTP_PREFIX$i" ] && r=leader
+  ROLES+="${LS_PID[$i]}=$r,"
 done
-LS_RPS=$(profile "http://127.0.0.1:731$LEADER/v1/machines/counter/tasks" lockstep) || exit 1
-for p in "${NODE_PID[@]}"; do kill -9 "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+LS_RPS=$(profile "$LS/v1/machines/counter/tasks" lockstep) || exit 1
+for i in 1 2 3; do kill -9 "${LS_PID[$i]}" 2>/dev/null || true; wait "${LS_PID[$i]}" 2>/dev/null || true; done
 
 # --- the ceiling ---------------------------------------------------------------------------------
 "$BIN/http-ceiling" 127.0.0.1:7910 >/dev/null &
 CEIL_PID=$!
 PIDS+=($!)
-for _ in $(seq 1 100); do curl -sf http://127.0.0.1:7910/ >/dev/null 2>&1 && break; sleep 0.05; done
+wait_http http://127.0.0.1:7910/
 CEIL_RPS=$(profile http://127.0.0.1:7910/ ceiling) || exit 1
 
 echo "Lockstep, 3 nodes, $CONNS connections: $LS_RPS tasks/s"

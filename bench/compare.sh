@@ -12,60 +12,17 @@ ROUNDS=${ROUNDS:-3}
 CONNS=${CONNS:-"16 64 256"}
 BATCH=${BATCH:-256}
 RESTART_ENTRIES=${RESTART_ENTRIES:-1000000}
-WORK=$(mktemp -d /tmp/lockstep-compare.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+. bench/lib.sh
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need wrk || ! need etcd || ! need etcdctl || ! need curl || ! need bc; then
   echo "installing wrk, etcd-server, etcd-client, curl, bc (Debian packages)" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk etcd-server etcd-client curl bc >/dev/null
 fi
-rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
-TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-if [ -z "${LOCKSTEP_BIN_DIR:-}" ]; then
-  cargo build --release -q -p lockstep --bins
-fi
-BIN=${LOCKSTEP_BIN_DIR:-$TARGET_DIR/release}
-# Built as module authors are told to (README, "Writing a machine").
-cargo build --release -q --target wasm32-wasip2 -p counter \
-  --config profile.release.lto=true --config profile.release.codegen-units=1 --config profile.release.debug=false
-WASM=$TARGET_DIR/wasm32-wasip2/release/counter.wasm
-
-wait_http() { # url
-  for _ in $(seq 1 200); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 0.05; done
-  echo "timed out waiting for $1" >&2; return 1
-}
+build
 
 # --- Lockstep: 3 nodes -----------------------------------------------------------------------
-PEERS=1=127.0.0.1:7401,2=127.0.0.1:7402,3=127.0.0.1:7403
-start_lockstep() { # id
-  "$BIN/lockstep" serve --id "$1" --data-dir "$WORK/ls$1" --http "127.0.0.1:730$1" \
-    --raft "127.0.0.1:740$1" --peers "$PEERS" 2>>"$WORK/ls$1.log" >/dev/null &
-  LS_PID[$1]=$!
-  PIDS+=($!)
-}
-declare -a LS_PID
-for i in 1 2 3; do start_lockstep "$i"; done
-for i in 1 2 3; do wait_http "http://127.0.0.1:730$i/healthz"; done
-leader_url() {
-  for _ in $(seq 1 200); do
-    for i in 1 2 3; do
-      if curl -sf "http://127.0.0.1:730$i/v1/cluster" 2>/dev/null | grep -q '"role":"leader"'; then
-        echo "http://127.0.0.1:730$i"; return 0
-      fi
-    done
-    sleep 0.05
-  done
-  return 1
-}
-LS=$(leader_url)
-curl -sf -X PUT --data-binary "@$WASM" "$LS/v1/machines/counter" >/dev/null
+start_cluster 730 740
 
 # --- restart with a long log: fill it to RESTART_ENTRIES through the batch endpoint, kill -9 a
 # follower, and time its restart until it serves its applied state again (before the load runs,
@@ -79,12 +36,12 @@ while [ "$(commit "$LS")" -lt "$RESTART_ENTRIES" ]; do
 done
 TARGET=$(commit "$LS")
 VICTIM=""
-for i in 1 2 3; do [ "http://127.0.0.1:730$i" = "$LS" ] || { VICTIM=$i; break; }; done
+for i in 1 2 3; do [ "http://127.0.0.1:$HTTP_PREFIX$i" = "$LS" ] || { VICTIM=$i; break; }; done
 kill -9 "${LS_PID[$VICTIM]}"
 wait "${LS_PID[$VICTIM]}" 2>/dev/null || true
 t0=$(date +%s.%N)
 start_lockstep "$VICTIM"
-until [ "$(applied "http://127.0.0.1:730$VICTIM" || echo 0)" -ge "$TARGET" ] 2>/dev/null; do sleep 0.01; done
+until [ "$(applied "http://127.0.0.1:$HTTP_PREFIX$VICTIM" || echo 0)" -ge "$TARGET" ] 2>/dev/null; do sleep 0.01; done
 t1=$(date +%s.%N)
 printf 'restart of node %s with %s entries in its log: serving its applied state again after %.2f s\n' \
   "$VICTIM" "$TARGET" "$(echo "$t1 - $t0" | bc -l)"
@@ -118,12 +75,6 @@ wait_http http://127.0.0.1:7900/ || true
 # --- load ----------------------------------------------------------------------------------------
 PAYLOAD='{"add":1}       '                                   # 16 bytes
 ETCD_BODY='{"key":"a2V5","value":"MDEyMzQ1Njc4OWFiY2RlZg=="}' # value: 16 bytes
-run() { # url body conns -> "rps p50 p99 errors"
-  BODY="$2" wrk -t2 -c"$3" -d"${DUR}s" --timeout 10s -s bench/wrk.lua "$1" 2>/dev/null \
-    | awk '/^RESULT/ {
-        for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
-        printf "%.0f %.2f %.2f %d\n", v["requests"] / v["seconds"], v["p50"], v["p99"], v["errors"] }'
-}
 
 # Each point runs ROUNDS times, the three targets interleaved (so a slow minute on this shared
 # machine hits all three alike); the table shows each target's median round by throughput (its

@@ -25,7 +25,8 @@ pub struct NodeConfig {
     pub id: NodeId,
     pub data_dir: PathBuf,
     pub http_addr: SocketAddr,
-    /// Where clients are sent (HOST:PORT); the bound `http_addr` when not given.
+    /// Where clients are sent (HOST:PORT); the bound `http_addr` when not given, which a
+    /// wildcard `http_addr` cannot be.
     pub advertise_http: Option<String>,
     pub raft_addr: SocketAddr,
     /// Raft address of every initial member, this node included.
@@ -79,6 +80,12 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         cfg.peers.contains_key(&cfg.id),
         "--peers must include this node's own id {}",
         cfg.id
+    );
+    anyhow::ensure!(
+        cfg.advertise_http.is_some() || !cfg.http_addr.ip().is_unspecified(),
+        "--http {} listens on every interface, so it is no address to send clients to: \
+         say which one with --advertise-http HOST:PORT",
+        cfg.http_addr
     );
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;

@@ -63,7 +63,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     );
     if args.nodes == 1 {
         let serve = args.serve_args(1);
-        let running = node::start(serve.node_config()?).await?;
+        let running = node::start(serve.node_config()).await?;
         println!("lockstep dev: 1 node, data in {}", serve.data_dir.display());
         println!("  http://{}", running.http_addr);
         println!(
