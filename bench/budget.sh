@@ -9,10 +9,13 @@
 #
 #   bench/budget.sh                     # 256 connections, 12 s per target (perf samples 8 s)
 #   CONNS=64 bench/budget.sh
+#   NODES=1 bench/budget.sh             # a one-node cluster: the pipeline without replication
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CONNS=${CONNS:-256}
+NODES=${NODES:-3}
+case "$NODES" in 1 | 3 | 5) ;; *) echo "NODES must be 1, 3 or 5" >&2; exit 1 ;; esac
 DUR=${DUR:-12}
 FREQ=${FREQ:-499}
 [ "$DUR" -gt 4 ] || { echo "DUR must be more than 4 (seconds)" >&2; exit 1; }
@@ -97,15 +100,15 @@ table() {
     }'
 }
 
-# --- Lockstep: 3 nodes, counter deployed -----------------------------------------------------
-start_cluster 731 741
+# --- Lockstep: NODES nodes, counter deployed -------------------------------------------------
+start_cluster 731 741 "$NODES"
 ROLES=""
-for i in 1 2 3; do
+for i in $(seq 1 "$NODES"); do
   r=followers; [ "$LS" = "http://127.0.0.1:$HTTP_PREFIX$i" ] && r=leader
   ROLES+="${LS_PID[$i]}=$r,"
 done
 LS_RPS=$(profile "$LS/v1/machines/counter/tasks" lockstep) || exit 1
-for i in 1 2 3; do kill -9 "${LS_PID[$i]}" 2>/dev/null || true; wait "${LS_PID[$i]}" 2>/dev/null || true; done
+for i in $(seq 1 "$NODES"); do kill -9 "${LS_PID[$i]}" 2>/dev/null || true; wait "${LS_PID[$i]}" 2>/dev/null || true; done
 
 # --- the ceiling ---------------------------------------------------------------------------------
 "$BIN/http-ceiling" 127.0.0.1:7910 >/dev/null &
@@ -114,7 +117,7 @@ PIDS+=($!)
 wait_http http://127.0.0.1:7910/
 CEIL_RPS=$(profile http://127.0.0.1:7910/ ceiling) || exit 1
 
-echo "Lockstep, 3 nodes, $CONNS connections: $LS_RPS tasks/s"
+echo "Lockstep, $NODES node(s), $CONNS connections: $LS_RPS tasks/s"
 table "$LS_RPS" $((DUR - 4)) "$ROLES" lockstep
 echo
 echo "bare-HTTP ceiling, $CONNS connections: $CEIL_RPS requests/s"

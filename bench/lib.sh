@@ -34,7 +34,7 @@ wait_http() { # url
 }
 
 # Node i serves HTTP on 127.0.0.1:${HTTP_PREFIX}i and Raft on 127.0.0.1:${RAFT_PREFIX}i; its pid
-# is LS_PID[i].
+# is LS_PID[i]. NODES (set by start_cluster) is how many there are.
 declare -a LS_PID
 start_lockstep() { # id
   "$BIN/lockstep" serve --id "$1" --data-dir "$WORK/ls$1" --http "127.0.0.1:$HTTP_PREFIX$1" \
@@ -45,7 +45,7 @@ start_lockstep() { # id
 
 leader_url() {
   for _ in $(seq 1 200); do
-    for i in 1 2 3; do
+    for i in $(seq 1 "$NODES"); do
       if curl -sf "http://127.0.0.1:$HTTP_PREFIX$i/v1/cluster" 2>/dev/null | grep -q '"role":"leader"'; then
         echo "http://127.0.0.1:$HTTP_PREFIX$i"
         return 0
@@ -57,13 +57,16 @@ leader_url() {
   return 1
 }
 
-# Starts the three nodes, waits for a leader (LS: its URL) and deploys counter there.
-start_cluster() { # http-prefix raft-prefix, e.g. 730 740
+# Starts the nodes (3 unless a count is given), waits for a leader (LS: its URL) and deploys
+# counter there.
+start_cluster() { # http-prefix raft-prefix [nodes], e.g. 730 740
   HTTP_PREFIX=$1
   RAFT_PREFIX=$2
-  PEERS=1=127.0.0.1:${2}1,2=127.0.0.1:${2}2,3=127.0.0.1:${2}3
-  for i in 1 2 3; do start_lockstep "$i"; done
-  for i in 1 2 3; do wait_http "http://127.0.0.1:$HTTP_PREFIX$i/healthz"; done
+  NODES=${3:-3}
+  PEERS=$(for i in $(seq 1 "$NODES"); do printf '%s=127.0.0.1:%s%s,' "$i" "$2" "$i"; done)
+  PEERS=${PEERS%,}
+  for i in $(seq 1 "$NODES"); do start_lockstep "$i"; done
+  for i in $(seq 1 "$NODES"); do wait_http "http://127.0.0.1:$HTTP_PREFIX$i/healthz"; done
   LS=$(leader_url)
   curl -sf -X PUT --data-binary "@$WASM" "$LS/v1/machines/counter" >/dev/null
 }
