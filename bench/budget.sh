@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Where the CPU goes, in µs per request: a 3-node Lockstep cluster and the bare-HTTP ceiling,
-# one after the other, under the same wrk load (POST, 16-byte body), each sampled system-wide
-# with perf's cpu-clock. Rows are who spent the CPU (wrk; the leader's and the followers'
-# (summed) runtimes, disk queues and FSM threads; the kernel's own threads; idle), columns what
-# kind of work it was (user space, the TCP send path, which on loopback includes the receiver's
-# side, TCP receive, fsync, file writes, epoll, futex, scheduling, anything else in the kernel).
+# Where the CPU goes, in µs per request: a Lockstep cluster (NODES nodes, 3 by default) and the
+# bare-HTTP ceiling, one after the other, under the same wrk load (POST, 16-byte body), each
+# sampled system-wide with perf's cpu-clock. Rows are who spent the CPU (wrk; the leader's and
+# the followers' (summed) runtimes, disk queues and FSM threads; the kernel's own threads; idle),
+# columns what kind of work it was (user space, the TCP send path, which on loopback includes
+# the receiver's side, TCP receive, fsync, file writes, epoll, futex, scheduling, anything else
+# in the kernel).
 # Needs perf (Debian: linux-perf) and root or perf_event_paranoid <= 0.
 #
 #   bench/budget.sh                     # 256 connections, 12 s per target (perf samples 8 s)

@@ -1,5 +1,6 @@
 # What compare.sh and budget.sh share: a work directory cleaned up on exit, the release
-# binaries and the counter guest, a 3-node Lockstep cluster on 127.0.0.1, and wrk runs.
+# binaries and the counter guest, a Lockstep cluster on 127.0.0.1 (3 nodes unless told), and
+# wrk runs.
 # Sourced after `set -euo pipefail`, from the repository root.
 
 WORK=$(mktemp -d "/tmp/lockstep-$(basename "$0" .sh).XXXXXX")

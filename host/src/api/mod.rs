@@ -36,9 +36,11 @@ pub const MAX_BATCH_TASKS: usize = 10_000;
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Header carrying the term a caller expects the leader to be in.
 pub const EXPECTED_TERM: &str = "lockstep-expected-term";
-/// Headers of a task's response: the log position it was applied at. Built once: parsing and
-/// validating a name from a `&str` on every response showed in the leader's profile.
+// A task's response carries the log position it was applied at. The names are built once:
+// parsing and validating them from a `&str` on every response showed in the leader's profile.
+/// Header of a task's response: the index of its log entry.
 const INDEX_HEADER: header::HeaderName = header::HeaderName::from_static("lockstep-index");
+/// Header of a task's response: the term of its log entry.
 const TERM_HEADER: header::HeaderName = header::HeaderName::from_static("lockstep-term");
 
 /// Everything a request handler can reach.
