@@ -10,8 +10,11 @@ wrk.headers["Content-Type"] = "application/json"
 done = function(summary, latency, requests)
   local errors = summary.errors.connect + summary.errors.read + summary.errors.write
     + summary.errors.status + summary.errors.timeout
-  io.write(string.format("RESULT requests=%d seconds=%.3f p50=%.3f p90=%.3f p99=%.3f p999=%.3f errors=%d\n",
+  -- mean and max too: a p99 far above the rest is then either many slow requests or a few
+  -- very slow ones (one stall), which the percentiles alone do not tell.
+  io.write(string.format("RESULT requests=%d seconds=%.3f p50=%.3f p90=%.3f p99=%.3f p999=%.3f mean=%.3f max=%.3f errors=%d\n",
     summary.requests, summary.duration / 1e6,
     latency:percentile(50) / 1000, latency:percentile(90) / 1000,
-    latency:percentile(99) / 1000, latency:percentile(99.9) / 1000, errors))
+    latency:percentile(99) / 1000, latency:percentile(99.9) / 1000,
+    latency.mean / 1000, latency.max / 1000, errors))
 end
