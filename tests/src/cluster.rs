@@ -4,6 +4,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::http::{Client, Reply};
@@ -27,9 +28,41 @@ pub fn lockstep_bin() -> PathBuf {
     bin
 }
 
+/// A port for a child process to listen on, free when picked. The listener that checks it is
+/// dropped before the child binds, so the port must not be taken meanwhile:
+/// - it comes from below the kernel's ephemeral range (`ip_local_port_range`), where neither
+///   `bind(0)` nor outgoing connections (peer dials, test clients) ever land;
+/// - a per-process counter keeps parallel tests of one binary apart, and a start that depends
+///   on the pid keeps test binaries running side by side apart.
+///
+/// Where that range is too small to use, it falls back to an ephemeral port.
 fn free_addr() -> SocketAddr {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let high = ephemeral_floor().min(u32::from(u16::MAX));
+    if high > LOW + 1_000 {
+        let span = high - LOW;
+        let start = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let k = NEXT.fetch_add(1, Ordering::Relaxed);
+            let Ok(port) = u16::try_from(LOW + (start + k) % span) else {
+                continue;
+            };
+            if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+                return l.local_addr().expect("local addr");
+            }
+        }
+    }
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().expect("local addr")
+}
+
+/// The lowest port the kernel hands out on its own (Linux; 32768, its default, elsewhere).
+fn ephemeral_floor() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 pub struct TestNode {
@@ -228,5 +261,26 @@ pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
             return None;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picked_ports_are_distinct_and_outside_the_ephemeral_range() {
+        let floor = ephemeral_floor();
+        let ports: Vec<u16> = (0..200).map(|_| free_addr().port()).collect();
+        let mut unique = ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ports.len(), "a port was handed out twice");
+        if floor > 11_000 {
+            assert!(
+                ports.iter().all(|&p| u32::from(p) < floor),
+                "a port from the ephemeral range (from {floor})"
+            );
+        }
     }
 }
