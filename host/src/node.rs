@@ -34,6 +34,8 @@ pub struct NodeConfig {
     /// Defaults to a digest of `peers`, so two clusters on one host never cross-talk.
     pub cluster_id: Option<String>,
     pub limits: Limits,
+    /// HTTP connections served at once (see `api::serve`).
+    pub max_connections: usize,
 }
 
 impl NodeConfig {
@@ -152,7 +154,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         http_addr: Box::new(move |id| http_of.http_addr(id)),
         metrics: api::metrics::Metrics::new(guest_errors),
     });
-    let api = tokio::spawn(api::serve(http_listener, state));
+    let api = tokio::spawn(api::serve(http_listener, state, cfg.max_connections));
     info!(id = cfg.id, %http_addr, %raft_addr, "node started");
     Ok(RunningNode {
         http_addr,

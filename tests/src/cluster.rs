@@ -78,21 +78,28 @@ pub struct TestCluster {
     peers: String,
     /// Each node runs with `--advertise-http HOST:its port` when set.
     advertise_host: Option<&'static str>,
+    /// Given to every node's `lockstep serve` after the usual flags.
+    extra_args: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
 impl TestCluster {
     /// Starts `n` nodes and waits until one of them leads.
     pub fn start(n: u64) -> Self {
-        Self::start_inner(n, None)
+        Self::start_inner(n, None, &[])
     }
 
     /// Like `start`, each node advertising `host` with its own HTTP port (`--advertise-http`).
     pub fn start_advertising(n: u64, host: &'static str) -> Self {
-        Self::start_inner(n, Some(host))
+        Self::start_inner(n, Some(host), &[])
     }
 
-    fn start_inner(n: u64, advertise_host: Option<&'static str>) -> Self {
+    /// Like `start`, with `args` added to every node's command line.
+    pub fn start_with_args(n: u64, args: &[&str]) -> Self {
+        Self::start_inner(n, None, args)
+    }
+
+    fn start_inner(n: u64, advertise_host: Option<&'static str>, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let nodes: Vec<TestNode> = (1..=n)
             .map(|id| TestNode {
@@ -112,6 +119,7 @@ impl TestCluster {
             nodes,
             peers,
             advertise_host,
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
             _dir: dir,
         };
         for i in 0..c.nodes.len() {
@@ -140,6 +148,7 @@ impl TestCluster {
                 .arg(format!("{host}:{}", n.http.port()));
         }
         let child = cmd
+            .args(&self.extra_args)
             .env("LOCKSTEP_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)

@@ -415,3 +415,44 @@ fn bad_input_gets_clear_errors_and_the_cluster_stays_healthy() {
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+#[test]
+fn connections_beyond_the_cap_wait_until_one_closes() {
+    let _serial = serial();
+    let c = TestCluster::start_with_args(1, &["--max-connections", "2"]);
+    let (mut a, mut b) = (c.client(0), c.client(0));
+    assert_eq!(a.get("/healthz").expect("first connection").status, 200);
+    assert_eq!(b.get("/healthz").expect("second connection").status, 200);
+
+    // The kernel's backlog takes the third connection, but the node does not serve it while
+    // both slots are held.
+    let mut third = TcpStream::connect(c.nodes[0].http).expect("connect");
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: lockstep\r\n\r\n")
+        .expect("write");
+    third
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    let mut buf = [0u8; 256];
+    match third.read(&mut buf) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) => {}
+        other => panic!("served beyond --max-connections 2: {other:?}"),
+    }
+
+    // A slot frees when a connection closes, and the waiting client is served.
+    drop(a);
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let n = third.read(&mut buf).expect("served once a slot is free");
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    assert_eq!(b.get("/healthz").expect("second still served").status, 200);
+}

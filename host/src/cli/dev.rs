@@ -46,6 +46,7 @@ impl DevArgs {
             cluster_id: Some(format!("lockstep-dev-{}", self.nodes)),
             fuel_per_task: None,
             memory_mib: None,
+            max_connections: crate::api::DEFAULT_MAX_CONNECTIONS,
             scheduling: Default::default(),
         }
     }

@@ -102,6 +102,11 @@ pub struct ServeArgs {
     /// Memory cap of each machine instance, in MiB.
     #[arg(long)]
     pub memory_mib: Option<usize>,
+    /// Most HTTP connections served at once; more clients wait in the listen backlog until one
+    /// closes.
+    #[arg(long, default_value_t = crate::api::DEFAULT_MAX_CONNECTIONS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
     /// How the OS schedules the node's threads (Linux; see `cli/scheduling.rs`).
     #[arg(long, value_enum, default_value_t)]
     pub scheduling: scheduling::Scheduling,
@@ -161,6 +166,7 @@ impl ServeArgs {
             peers: self.peers.clone(),
             cluster_id: self.cluster_id.clone(),
             limits,
+            max_connections: self.max_connections as usize,
         }
     }
 }
@@ -324,7 +330,50 @@ pub async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_advertise;
+    use super::{Cli, Cmd, parse_advertise};
+    use clap::Parser;
+
+    fn serve(extra: &[&str]) -> Result<Cli, clap::Error> {
+        let base = [
+            "lockstep",
+            "serve",
+            "--id",
+            "1",
+            "--data-dir",
+            "d",
+            "--http",
+            "127.0.0.1:1",
+            "--raft",
+            "127.0.0.1:2",
+            "--peers",
+            "1=127.0.0.1:2",
+        ];
+        Cli::try_parse_from(base.iter().chain(extra))
+    }
+
+    #[test]
+    fn max_connections_defaults_and_refuses_zero() {
+        let Ok(Cli {
+            command: Cmd::Serve(args),
+        }) = serve(&[])
+        else {
+            panic!("serve without --max-connections");
+        };
+        assert_eq!(args.node_config().max_connections, 4096);
+        let Ok(Cli {
+            command: Cmd::Serve(args),
+        }) = serve(&["--max-connections", "7"])
+        else {
+            panic!("--max-connections 7");
+        };
+        assert_eq!(args.node_config().max_connections, 7);
+        for bad in ["0", "-1", "x"] {
+            assert!(
+                serve(&["--max-connections", bad]).is_err(),
+                "{bad} accepted"
+            );
+        }
+    }
 
     #[test]
     fn advertise_http_takes_a_host_and_port_only() {
