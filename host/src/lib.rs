@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod fd_limit;
 pub mod machines;
 pub mod node;
 pub mod raft;

@@ -47,6 +47,17 @@ impl ApiError {
         )
     }
 
+    pub fn body_timeout(after: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                after.as_secs()
+            ),
+        )
+    }
+
     pub fn no_leader() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -32,10 +32,16 @@ pub const MAX_MODULE_BYTES: usize = 16 * 1024 * 1024;
 pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// Most tasks in one batch request.
 pub const MAX_BATCH_TASKS: usize = 10_000;
-/// Time a client has to send a request's headers.
+/// Time a client has to send a request's headers (also the longest a keep-alive connection may
+/// sit idle between requests: hyper starts this clock as soon as it waits for the next head).
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-/// HTTP connections served at once unless `--max-connections` says otherwise. At 4,096 busy
-/// connections a leader peaked at 157 MiB (BENCHMARKS.md).
+/// Time a client has to send a request's body once its headers are in.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Longest that data this node sent may stay unacknowledged (also a zero window: a client that
+/// stops reading its responses) before the kernel drops the connection.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// HTTP connections served at once unless `--max-connections` says otherwise (and the process's
+/// file-descriptor limit allows).
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 4096;
 /// Header carrying the term a caller expects the leader to be in.
 pub const EXPECTED_TERM: &str = "lockstep-expected-term";
@@ -60,11 +66,15 @@ pub struct ApiState {
 }
 
 /// Serves HTTP/1.1 on `listener` until the task is dropped, at most `max_connections` at once.
-/// At the cap the node stops accepting: further clients wait in the kernel's listen backlog
-/// until a connection closes (Go's `LimitListener`, which etcd uses, does the same), so memory
-/// and file descriptors stay bounded however many clients arrive.
+/// At the cap the node stops accepting: further clients (health checks too) wait in the
+/// kernel's listen backlog until a connection closes, as behind Go's `LimitListener`, which etcd
+/// puts on its client listener. Memory then stays bounded however many clients arrive, and no
+/// client holds a slot for long without making progress: headers, body and unacknowledged
+/// responses each have a deadline.
 pub async fn serve(listener: TcpListener, state: Arc<ApiState>, max_connections: usize) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    let slots = Arc::new(tokio::sync::Semaphore::new(connection_budget(
+        max_connections,
+    )));
     loop {
         // Never closed, so this waits rather than fails.
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -78,7 +88,7 @@ pub async fn serve(listener: TcpListener, state: Arc<ApiState>, max_connections:
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
+        tune(&stream);
         let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
@@ -97,6 +107,41 @@ pub async fn serve(listener: TcpListener, state: Arc<ApiState>, max_connections:
             drop(slot);
         });
     }
+}
+
+/// Descriptors kept for everything but client connections: peers, the log, the runtime's own.
+const RESERVED_DESCRIPTORS: u64 = 256;
+
+/// `wanted` connections, fewer if the process's descriptor limit cannot hold them: at the limit
+/// `accept` would fail anyway, and so could peer dials and the log.
+fn connection_budget(wanted: usize) -> usize {
+    let wanted = wanted.max(1);
+    let Some(limit) = crate::fd_limit::soft() else {
+        return wanted;
+    };
+    let fit = fit_descriptors(wanted, limit);
+    if fit < wanted {
+        tracing::warn!(
+            wanted,
+            serving = fit,
+            descriptor_limit = limit,
+            "fewer HTTP connections than --max-connections: the descriptor limit is lower"
+        );
+    }
+    fit
+}
+
+/// At most `wanted`, leaving `RESERVED_DESCRIPTORS` of `limit` free (and never below 16).
+fn fit_descriptors(wanted: usize, limit: u64) -> usize {
+    let fit = limit.saturating_sub(RESERVED_DESCRIPTORS).max(16);
+    wanted.min(usize::try_from(fit).unwrap_or(usize::MAX))
+}
+
+/// Socket options of an accepted client connection.
+fn tune(stream: &tokio::net::TcpStream) {
+    let _ = stream.set_nodelay(true);
+    #[cfg(target_os = "linux")]
+    let _ = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(SEND_TIMEOUT));
 }
 
 async fn handle(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
@@ -161,7 +206,11 @@ fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
 }
 
 /// Reads the whole body, refusing more than `limit` bytes with 413.
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+async fn read_body<B>(req: Request<B>, limit: usize) -> Result<Bytes, ApiError>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     if let Some(len) = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -171,10 +220,12 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiErr
     {
         return Err(ApiError::too_large(limit));
     }
-    match Limited::new(req.into_body(), limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
-        Err(e) => Err(ApiError::bad_request(format!("reading the body: {e}"))),
+    let collect = Limited::new(req.into_body(), limit).collect();
+    match tokio::time::timeout(BODY_READ_TIMEOUT, collect).await {
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
+        Ok(Err(e)) => Err(ApiError::bad_request(format!("reading the body: {e}"))),
+        Err(_) => Err(ApiError::body_timeout(BODY_READ_TIMEOUT)),
     }
 }
 
@@ -559,4 +610,66 @@ fn query_param(uri: &hyper::Uri, key: &str) -> Option<String> {
         let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
         (k == key).then(|| v.to_owned())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    /// A body whose client sent the headers and then nothing.
+    struct Stalled;
+
+    impl hyper::body::Body for Stalled {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_never_arrives_times_out_with_408() {
+        let req = Request::new(Stalled);
+        let read = tokio::time::timeout(Duration::from_secs(600), read_body(req, 1024));
+        let err = read
+            .await
+            .expect("read_body gave up by itself")
+            .expect_err("a stalled body must not be read");
+        assert_eq!(err.status, StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(err.code, "timeout");
+    }
+
+    #[test]
+    fn the_descriptor_limit_bounds_the_connections() {
+        assert_eq!(fit_descriptors(4096, 1024), 768);
+        assert_eq!(fit_descriptors(100, 1024), 100);
+        assert_eq!(
+            fit_descriptors(4096, 100),
+            16,
+            "a tiny limit still serves some"
+        );
+        assert_eq!(fit_descriptors(4096, u64::MAX), 4096);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_connections_drop_clients_that_stop_reading() -> std::io::Result<()> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (_client, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        let (stream, _) = accepted?;
+        tune(&stream);
+        let sock = socket2::SockRef::from(&stream);
+        assert_eq!(sock.tcp_user_timeout()?, Some(SEND_TIMEOUT));
+        assert!(stream.nodelay()?);
+        Ok(())
+    }
 }

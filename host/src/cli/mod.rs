@@ -187,10 +187,13 @@ pub fn main() -> anyhow::Result<()> {
         Cmd::Dev(_) => Some(scheduling::Scheduling::default()),
         _ => None,
     };
-    if let Some(policy) = policy
-        && let Err(e) = scheduling::apply(policy)
-    {
-        tracing::warn!(error = %e, ?policy, "could not set the scheduling policy");
+    if let Some(policy) = policy {
+        if let Err(e) = scheduling::apply(policy) {
+            tracing::warn!(error = %e, ?policy, "could not set the scheduling policy");
+        }
+        if let Err(e) = crate::fd_limit::raise() {
+            tracing::warn!(error = %e, "could not raise the file-descriptor limit");
+        }
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
