@@ -14,18 +14,24 @@ pub fn raise() -> std::io::Result<Option<u64>> {
     #[cfg(unix)]
     {
         let (soft, hard) = get()?;
-        if soft < hard {
-            let raised = libc::rlimit {
-                rlim_cur: hard as libc::rlim_t,
-                rlim_max: hard as libc::rlim_t,
-            };
-            // SAFETY: `raised` is a valid rlimit; raising the soft limit up to the hard one
-            // needs no privilege.
-            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+        // macOS reports an unlimited hard limit but refuses a soft one above OPEN_MAX.
+        #[cfg(target_os = "macos")]
+        let target = hard.min(10_240);
+        #[cfg(not(target_os = "macos"))]
+        let target = hard;
+        if soft >= target {
+            return Ok(Some(soft));
         }
-        Ok(Some(hard))
+        let raised = libc::rlimit {
+            rlim_cur: target as libc::rlim_t,
+            rlim_max: hard as libc::rlim_t,
+        };
+        // SAFETY: `raised` is a valid rlimit; raising the soft limit up to the hard one needs no
+        // privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Some(target))
     }
     #[cfg(not(unix))]
     Ok(None)
@@ -53,13 +59,22 @@ fn get() -> std::io::Result<(u64, u64)> {
     ))
 }
 
-#[cfg(all(test, unix))]
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     #[test]
     fn raises_the_soft_limit_to_the_hard_one() {
+        let (_, hard) = super::get().expect("getrlimit");
+        // One below the hard limit first (lowering needs no privilege), so the raise has
+        // something to do even where soft and hard start equal.
+        let lowered = libc::rlimit {
+            rlim_cur: (hard - 1) as libc::rlim_t,
+            rlim_max: hard as libc::rlim_t,
+        };
+        // SAFETY: a valid rlimit, within the hard limit.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
+        assert_eq!(super::soft(), Some(hard - 1));
         let now = super::raise().expect("raise").expect("known on unix");
-        let (soft, hard) = super::get().expect("getrlimit");
-        assert_eq!((now, soft), (hard, hard));
+        assert_eq!(now, hard);
         assert_eq!(super::soft(), Some(hard));
     }
 }

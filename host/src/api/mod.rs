@@ -35,7 +35,7 @@ pub const MAX_BATCH_TASKS: usize = 10_000;
 /// Time a client has to send a request's headers (also the longest a keep-alive connection may
 /// sit idle between requests: hyper starts this clock as soon as it waits for the next head).
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-/// Time a client has to send a request's body once its headers are in.
+/// Longest a client may go without sending any of a request's body it owes.
 const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Longest that data this node sent may stay unacknowledged (also a zero window: a client that
 /// stops reading its responses) before the kernel drops the connection.
@@ -205,10 +205,12 @@ fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
     r
 }
 
-/// Reads the whole body, refusing more than `limit` bytes with 413.
+/// Reads the whole body, refusing more than `limit` bytes with 413, and a client that goes
+/// `BODY_READ_TIMEOUT` without sending any of it with 408 (a slow upload that keeps sending is
+/// fine).
 async fn read_body<B>(req: Request<B>, limit: usize) -> Result<Bytes, ApiError>
 where
-    B: hyper::body::Body,
+    B: hyper::body::Body<Data = Bytes> + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     if let Some(len) = req
@@ -220,13 +222,36 @@ where
     {
         return Err(ApiError::too_large(limit));
     }
-    let collect = Limited::new(req.into_body(), limit).collect();
-    match tokio::time::timeout(BODY_READ_TIMEOUT, collect).await {
-        Ok(Ok(c)) => Ok(c.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
-        Ok(Err(e)) => Err(ApiError::bad_request(format!("reading the body: {e}"))),
-        Err(_) => Err(ApiError::body_timeout(BODY_READ_TIMEOUT)),
+    let mut body = Limited::new(req.into_body(), limit);
+    // The usual body is one frame, returned as is; more are joined.
+    let mut first: Option<Bytes> = None;
+    let mut joined = bytes::BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(BODY_READ_TIMEOUT, body.frame()).await {
+            Err(_) => return Err(ApiError::body_timeout(BODY_READ_TIMEOUT)),
+            Ok(None) => break,
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(e))) if e.is::<http_body_util::LengthLimitError>() => {
+                return Err(ApiError::too_large(limit));
+            }
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::bad_request(format!("reading the body: {e}")));
+            }
+        };
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        match first.take() {
+            None if joined.is_empty() => first = Some(data),
+            earlier => {
+                if let Some(earlier) = earlier {
+                    joined.extend_from_slice(&earlier);
+                }
+                joined.extend_from_slice(&data);
+            }
+        }
     }
+    Ok(first.unwrap_or_else(|| joined.freeze()))
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
@@ -644,6 +669,61 @@ mod tests {
             .expect_err("a stalled body must not be read");
         assert_eq!(err.status, StatusCode::REQUEST_TIMEOUT);
         assert_eq!(err.code, "timeout");
+    }
+
+    /// A body sent in pieces, each `gap` after the previous one.
+    struct Trickle {
+        pieces: std::collections::VecDeque<&'static [u8]>,
+        gap: Duration,
+        wait: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+
+    impl hyper::body::Body for Trickle {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+            let gap = self.gap;
+            let wait = self
+                .wait
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(gap)));
+            if wait.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.wait = None;
+            Poll::Ready(
+                self.pieces
+                    .pop_front()
+                    .map(|p| Ok(hyper::body::Frame::data(Bytes::from_static(p)))),
+            )
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_body_that_keeps_coming_is_read_whole() {
+        // Five pieces 20 s apart: 100 s in all, never 30 s of silence.
+        let body = Trickle {
+            pieces: [&b"ab"[..], b"cd", b"ef", b"gh", b"ij"]
+                .into_iter()
+                .collect(),
+            gap: Duration::from_secs(20),
+            wait: None,
+        };
+        let got = read_body(Request::new(body), 1024).await;
+        assert_eq!(got.ok(), Some(Bytes::from_static(b"abcdefghij")));
+        // Then 40 s of silence before the first piece is too long.
+        let body = Trickle {
+            pieces: [&b"ab"[..]].into_iter().collect(),
+            gap: Duration::from_secs(40),
+            wait: None,
+        };
+        let err = read_body(Request::new(body), 1024)
+            .await
+            .expect_err("40 s of silence");
+        assert_eq!(err.status, StatusCode::REQUEST_TIMEOUT);
     }
 
     #[test]
