@@ -100,7 +100,7 @@ impl ApiError {
             header::HeaderValue::from_static("application/json"),
         );
         // Only where nothing was done: retrying an `outcome_unknown` could apply a task twice.
-        if matches!(self.code, "no_leader" | "shutting_down") {
+        if matches!(self.code, "no_leader" | "shutting_down" | "overloaded") {
             h.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
         resp
@@ -151,6 +151,11 @@ impl From<ProposeError> for ApiError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting_down",
                 "this node is shutting down; nothing was proposed",
+            ),
+            ProposeError::Overloaded => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "the leader's log is too far ahead of its disk or state machine; nothing was proposed",
             ),
         }
     }

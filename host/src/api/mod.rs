@@ -727,6 +727,21 @@ mod tests {
     }
 
     #[test]
+    fn an_overloaded_leader_says_retry_later() {
+        let r = ApiError::from(ProposeError::Overloaded).into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            r.headers().get(header::RETRY_AFTER).map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
+        let r = ApiError::from(ProposeError::OutcomeUnknown).into_response();
+        assert!(
+            r.headers().get(header::RETRY_AFTER).is_none(),
+            "retrying an outcome_unknown could apply a task twice"
+        );
+    }
+
+    #[test]
     fn the_descriptor_limit_bounds_the_connections() {
         assert_eq!(fit_descriptors(4096, 1024), 768);
         assert_eq!(fit_descriptors(100, 1024), 100);

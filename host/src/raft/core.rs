@@ -25,6 +25,9 @@ pub struct CoreConfig {
     pub max_batch_entries: usize,
     pub max_batch_bytes: usize,
     pub max_inflight: usize,
+    /// Payload bytes the in-memory tail (entries not yet both durable and applied) may hold
+    /// before the leader refuses new proposals with `Overloaded`: the pipeline's backpressure.
+    pub max_unapplied_bytes: usize,
     /// Test-only: break "a follower acknowledges only durable entries" (the negative control).
     #[doc(hidden)]
     pub unsafe_ack_before_durable: bool,
@@ -98,8 +101,16 @@ pub struct Ready {
 /// Why a proposal was refused (nothing was appended).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProposeRefused {
-    NotLeader { leader: Option<NodeId> },
-    TermMismatch { expected: u64, current: u64 },
+    NotLeader {
+        leader: Option<NodeId>,
+    },
+    TermMismatch {
+        expected: u64,
+        current: u64,
+    },
+    /// The in-memory tail holds `max_unapplied_bytes` already: the disk or the state machine is
+    /// behind the clients.
+    Overloaded,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,6 +163,8 @@ pub struct RaftCore {
     /// In-memory tail: entries `mem_first..=last_index`; older ones are read through `storage`.
     mem: VecDeque<LogEntry>,
     mem_first: u64,
+    /// Payload bytes in `mem`.
+    mem_bytes: usize,
     storage: Box<dyn LogRead>,
 
     election_deadline: u64,
@@ -186,6 +199,7 @@ impl RaftCore {
             applied,
         } = state;
         let last_index = tail.last().map(|e| e.index).unwrap_or(applied);
+        let mem_bytes = tail.iter().map(|e| e.payload.len()).sum();
         let mut core = RaftCore {
             rng: SmallRng::seed_from_u64(seed),
             now,
@@ -201,6 +215,7 @@ impl RaftCore {
             last_index,
             mem_first: applied + 1,
             mem: tail.into(),
+            mem_bytes,
             storage,
             election_deadline: 0,
             last_leader_contact: None,
@@ -360,7 +375,9 @@ impl RaftCore {
         let ts = timestamp_ms.max(self.last_timestamp());
         let first = self.last_index + 1;
         let mut entries = Vec::new();
+        let mut bytes = 0;
         for payload in payloads {
+            bytes += payload.len();
             let index = self.last_index + 1 + entries.len() as u64;
             entries.push(LogEntry {
                 index,
@@ -369,6 +386,10 @@ impl RaftCore {
                 kind: EntryKind::Normal,
                 payload,
             });
+        }
+        // An empty tail takes any batch, so one larger than the bound still goes through.
+        if !self.mem.is_empty() && self.mem_bytes + bytes > self.cfg.max_unapplied_bytes {
+            return Err(ProposeRefused::Overloaded);
         }
         self.append_local(entries);
         // Replicators are woken once per `take_ready`, so a burst of proposals shares appends.
@@ -796,6 +817,7 @@ impl RaftCore {
         if self.mem.is_empty() {
             self.mem_first = first.index;
         }
+        self.mem_bytes += entries.iter().map(|e| e.payload.len()).sum::<usize>();
         self.mem.extend(entries.iter().cloned());
         let w = self.write_mut(false);
         w.entries.extend(entries);
@@ -817,6 +839,7 @@ impl RaftCore {
             self.mem.clear();
             self.mem_first = from;
         }
+        self.mem_bytes = self.mem.iter().map(|e| e.payload.len()).sum();
         self.durable = self.durable.min(from - 1);
         // A write of its own: acknowledgements queued before must not be mixed into it.
         let w = self.write_mut(true);
@@ -826,8 +849,10 @@ impl RaftCore {
     /// Frees the in-memory tail up to min(durable, applied).
     fn trim(&mut self) {
         let upto = self.durable.min(self.applied);
-        while self.mem_first <= upto && !self.mem.is_empty() {
-            self.mem.pop_front();
+        while self.mem_first <= upto
+            && let Some(e) = self.mem.pop_front()
+        {
+            self.mem_bytes -= e.payload.len();
             self.mem_first += 1;
         }
     }
@@ -1160,6 +1185,7 @@ mod tests {
             max_batch_entries: 64,
             max_batch_bytes: 1 << 20,
             max_inflight: 4,
+            max_unapplied_bytes: usize::MAX,
             unsafe_ack_before_durable: false,
         }
     }
@@ -1541,6 +1567,43 @@ mod tests {
         }
         flush(&mut c);
         assert_eq!(c.commit_index(), first);
+    }
+
+    #[test]
+    fn the_leader_refuses_proposals_while_the_tail_is_full() {
+        let mut c = core(1, 1, &[], 0);
+        c.cfg.max_unapplied_bytes = 100;
+        elect(&mut c, 1);
+        let noop = c.last_index();
+        c.set_applied(noop);
+        let p = |n: usize| [Bytes::from(vec![7u8; n])];
+        // An empty tail takes a batch larger than the bound.
+        let (big, _) = c.propose(p(150), 0, None).expect("empty tail");
+        assert!(matches!(
+            c.propose(p(1), 0, None),
+            Err(ProposeRefused::Overloaded)
+        ));
+        flush(&mut c);
+        assert_eq!(
+            c.commit_index(),
+            big,
+            "a lone member commits what is durable"
+        );
+        assert!(
+            matches!(c.propose(p(1), 0, None), Err(ProposeRefused::Overloaded)),
+            "durable but not applied still counts"
+        );
+        c.set_applied(big);
+        let (a, _) = c.propose(p(60), 0, None).expect("the tail was trimmed");
+        assert!(matches!(
+            c.propose(p(41), 0, None),
+            Err(ProposeRefused::Overloaded)
+        ));
+        c.propose(p(40), 0, None).expect("exactly at the bound");
+        flush(&mut c);
+        c.set_applied(a);
+        c.propose(p(60), 0, None)
+            .expect("the applied entry no longer counts");
     }
 
     #[test]

@@ -37,6 +37,9 @@ pub struct RaftConfig {
     pub max_batch_bytes: usize,
     /// Appends in flight per follower.
     pub max_inflight_appends: usize,
+    /// Payload bytes of entries not yet durable and applied beyond which the leader refuses new
+    /// proposals (`ProposeError::Overloaded`).
+    pub max_unapplied_bytes: usize,
     /// Bounds of one group commit in the disk queue.
     pub max_write_entries: usize,
     pub max_write_bytes: usize,
@@ -52,6 +55,7 @@ impl RaftConfig {
             max_batch_entries: 1024,
             max_batch_bytes: 512 * 1024,
             max_inflight_appends: 16,
+            max_unapplied_bytes: 256 * 1024 * 1024,
             max_write_entries: 4096,
             max_write_bytes: 1024 * 1024,
         }
@@ -69,6 +73,7 @@ impl RaftConfig {
             max_batch_entries: self.max_batch_entries.max(1),
             max_batch_bytes: self.max_batch_bytes.max(1),
             max_inflight: self.max_inflight_appends.max(1),
+            max_unapplied_bytes: self.max_unapplied_bytes,
             unsafe_ack_before_durable: false,
         }
     }

@@ -57,6 +57,9 @@ pub enum ProposeError {
     /// Nothing was proposed: the node is shutting down.
     #[error("shutting down")]
     ShuttingDown,
+    /// Nothing was proposed: entries not yet durable and applied fill the leader's bound.
+    #[error("overloaded: the log is this far ahead of the disk or the state machine")]
+    Overloaded,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -560,6 +563,7 @@ impl<SM: StateMachine> CoreLoop<SM> {
                     ProposeRefused::TermMismatch { expected, current } => {
                         ProposeError::TermMismatch { expected, current }
                     }
+                    ProposeRefused::Overloaded => ProposeError::Overloaded,
                 };
                 for done in b.done {
                     let _ = done.send(Err(err.clone()));
@@ -583,7 +587,9 @@ impl<SM: StateMachine> CoreLoop<SM> {
             Err(refused) => {
                 let leader = match refused {
                     ProposeRefused::NotLeader { leader } => leader,
-                    ProposeRefused::TermMismatch { .. } => self.core.leader(),
+                    ProposeRefused::TermMismatch { .. } | ProposeRefused::Overloaded => {
+                        self.core.leader()
+                    }
                 };
                 for job in jobs {
                     job(Err(ReadError::NotLeader { leader }));

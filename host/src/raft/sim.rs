@@ -270,6 +270,7 @@ impl Sim {
             max_batch_entries: 8,
             max_batch_bytes: 512,
             max_inflight: 4,
+            max_unapplied_bytes: usize::MAX,
             unsafe_ack_before_durable: self.cfg.unsafe_ack_before_durable,
         }
     }
@@ -828,6 +829,7 @@ impl Sim {
                 Ok(())
             }
             Err(ProposeRefusal::TermMismatch { .. }) => Err("unexpected term mismatch".into()),
+            Err(ProposeRefusal::Overloaded) => Err("unexpected overload".into()),
         }
     }
 
