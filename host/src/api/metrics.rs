@@ -99,7 +99,7 @@ fn render_pipeline(out: &mut String, m: &MetricsSnapshot) {
         ),
         (
             "lockstep_proposals_refused_total",
-            "Submissions refused (not leader, term mismatch).",
+            "Submissions refused (not leader, term mismatch, overloaded).",
             m.proposals_refused,
         ),
         ("lockstep_reads_total", "Reads served.", m.reads),

@@ -98,7 +98,7 @@ impl Default for Metrics {
 pub struct MetricsSnapshot {
     /// Entries accepted into the log by this node as leader.
     pub proposals: u64,
-    /// Submissions refused (not leader, term mismatch).
+    /// Submissions refused (not leader, term mismatch, overloaded).
     pub proposals_refused: u64,
     pub reads: u64,
     pub commit_index: u64,
