@@ -155,7 +155,7 @@ impl From<ProposeError> for ApiError {
             ProposeError::Overloaded => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
-                "the leader's log is too far ahead of its disk or state machine; nothing was proposed",
+                "the leader's log is too far ahead of what is committed and applied; nothing was proposed",
             ),
         }
     }

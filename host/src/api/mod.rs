@@ -546,6 +546,14 @@ async fn submit_batch(
     {
         return Ok(redirect(state, *leader, &uri));
     }
+    // Refused as a whole: one 503 with Retry-After rather than a 200 full of them.
+    if !results.is_empty()
+        && results
+            .iter()
+            .all(|r| matches!(r, Err(ProposeError::Overloaded)))
+    {
+        return Err(ProposeError::Overloaded.into());
+    }
     // Written by hand rather than through serde_json::Value: building and dropping a Value
     // tree per task was the largest cost of this endpoint.
     let mut out = Vec::with_capacity(32 + results.len() * 64);

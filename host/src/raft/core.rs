@@ -25,8 +25,9 @@ pub struct CoreConfig {
     pub max_batch_entries: usize,
     pub max_batch_bytes: usize,
     pub max_inflight: usize,
-    /// Payload bytes the in-memory tail (entries not yet both durable and applied) may hold
-    /// before the leader refuses new proposals with `Overloaded`: the pipeline's backpressure.
+    /// Payload bytes the in-memory tail (entries not yet durable, committed and applied) may
+    /// hold before the leader refuses new proposals with `Overloaded`: the pipeline's
+    /// backpressure.
     pub max_unapplied_bytes: usize,
     /// Test-only: break "a follower acknowledges only durable entries" (the negative control).
     #[doc(hidden)]
@@ -329,6 +330,12 @@ impl RaftCore {
                 }
             }
         }
+    }
+
+    /// Whether the tail's byte count matches its entries (the simulator checks it every step).
+    #[doc(hidden)]
+    pub fn tail_bytes_counted(&self) -> bool {
+        self.mem_bytes == self.mem.iter().map(|e| e.payload.len()).sum::<usize>()
     }
 
     /// The state machine has applied everything up to `index`: the tail may be trimmed.

@@ -57,8 +57,8 @@ pub enum ProposeError {
     /// Nothing was proposed: the node is shutting down.
     #[error("shutting down")]
     ShuttingDown,
-    /// Nothing was proposed: entries not yet durable and applied fill the leader's bound.
-    #[error("overloaded: the log is this far ahead of the disk or the state machine")]
+    /// Nothing was proposed: entries not yet committed and applied fill the leader's bound.
+    #[error("overloaded: the log is too far ahead of what is committed and applied")]
     Overloaded,
 }
 
@@ -263,6 +263,7 @@ impl<SM: StateMachine> Node<SM> {
             next_read: 1,
             max_batch_entries: config.max_batch_entries.max(1),
             max_batch_bytes: config.max_batch_bytes.max(1),
+            refusing: false,
             threads: vec![disk_thread, fsm_thread],
         };
         tokio::spawn(core_loop.run(events_rx));
@@ -433,6 +434,9 @@ struct CoreLoop<SM: StateMachine> {
     next_read: u64,
     max_batch_entries: usize,
     max_batch_bytes: usize,
+    /// The core refused a batch as overloaded in this pass: later batches of the pass are
+    /// refused too, so a small one never overtakes a larger one it queued behind.
+    refusing: bool,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -469,6 +473,10 @@ impl<SM: StateMachine> CoreLoop<SM> {
             }
             let mut batch: Option<Batch<SM::Output>> = None;
             let mut reads: Vec<ReadJob<SM>> = Vec::new();
+            // What the FSM caller applied since the last pass frees the tail before proposing.
+            self.core
+                .set_applied(self.shared.applied.load(Ordering::Acquire));
+            self.refusing = false;
             for ev in events.drain(..) {
                 match ev {
                     Event::Propose {
@@ -543,7 +551,12 @@ impl<SM: StateMachine> CoreLoop<SM> {
     /// One leadership and term check, consecutive indexes, a completion per entry.
     fn submit(&mut self, b: Batch<SM::Output>) {
         let n = b.payloads.len() as u64;
-        match self.core.propose(b.payloads, wall_ms(), b.expected_term) {
+        let proposed = if self.refusing {
+            Err(ProposeRefused::Overloaded)
+        } else {
+            self.core.propose(b.payloads, wall_ms(), b.expected_term)
+        };
+        match proposed {
             Ok((first, term)) => {
                 self.shared
                     .metrics
@@ -563,7 +576,10 @@ impl<SM: StateMachine> CoreLoop<SM> {
                     ProposeRefused::TermMismatch { expected, current } => {
                         ProposeError::TermMismatch { expected, current }
                     }
-                    ProposeRefused::Overloaded => ProposeError::Overloaded,
+                    ProposeRefused::Overloaded => {
+                        self.refusing = true;
+                        ProposeError::Overloaded
+                    }
                 };
                 for done in b.done {
                     let _ = done.send(Err(err.clone()));

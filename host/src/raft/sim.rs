@@ -270,7 +270,8 @@ impl Sim {
             max_batch_entries: 8,
             max_batch_bytes: 512,
             max_inflight: 4,
-            max_unapplied_bytes: usize::MAX,
+            // A few entries' worth, so clients meet `Overloaded` and retry.
+            max_unapplied_bytes: 64,
             unsafe_ack_before_durable: self.cfg.unsafe_ack_before_durable,
         }
     }
@@ -552,6 +553,9 @@ impl Sim {
             if !core.has_ready() {
                 return Ok(());
             }
+            if !core.tail_bytes_counted() {
+                return Err(format!("node {}: the tail's byte count drifted", core.id()));
+            }
             let ready = core.take_ready();
             let (id, term, is_leader) = (core.id(), core.term(), core.is_leader());
             if ready.stepped_down {
@@ -829,7 +833,10 @@ impl Sim {
                 Ok(())
             }
             Err(ProposeRefusal::TermMismatch { .. }) => Err("unexpected term mismatch".into()),
-            Err(ProposeRefusal::Overloaded) => Err("unexpected overload".into()),
+            Err(ProposeRefusal::Overloaded) => {
+                retry(self, Some(target));
+                Ok(())
+            }
         }
     }
 
