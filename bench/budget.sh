@@ -109,7 +109,7 @@ for i in $(seq 1 "$NODES"); do
   ROLES+="${LS_PID[$i]}=$r,"
 done
 LS_RPS=$(profile "$LS/v1/machines/counter/tasks" lockstep) || exit 1
-for i in $(seq 1 "$NODES"); do kill -9 "${LS_PID[$i]}" 2>/dev/null || true; wait "${LS_PID[$i]}" 2>/dev/null || true; done
+for i in $(seq 1 "$NODES"); do stop_lockstep "$i"; done
 
 # --- the ceiling ---------------------------------------------------------------------------------
 "$BIN/http-ceiling" 127.0.0.1:7910 >/dev/null &

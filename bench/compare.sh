@@ -37,8 +37,7 @@ done
 TARGET=$(commit "$LS")
 VICTIM=""
 for i in 1 2 3; do [ "http://127.0.0.1:$HTTP_PREFIX$i" = "$LS" ] || { VICTIM=$i; break; }; done
-kill -9 "${LS_PID[$VICTIM]}"
-wait "${LS_PID[$VICTIM]}" 2>/dev/null || true
+stop_lockstep "$VICTIM"
 t0=$(date +%s.%N)
 start_lockstep "$VICTIM"
 until [ "$(applied "http://127.0.0.1:$HTTP_PREFIX$VICTIM" || echo 0)" -ge "$TARGET" ] 2>/dev/null; do sleep 0.01; done

@@ -44,6 +44,11 @@ start_lockstep() { # id
   PIDS+=($!)
 }
 
+stop_lockstep() { # id (kill -9, as a crash)
+  kill -9 "${LS_PID[$1]}" 2>/dev/null || true
+  wait "${LS_PID[$1]}" 2>/dev/null || true
+}
+
 leader_url() {
   for _ in $(seq 1 200); do
     for i in $(seq 1 "$NODES"); do

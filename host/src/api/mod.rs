@@ -223,9 +223,7 @@ where
         return Err(ApiError::too_large(limit));
     }
     let mut body = Limited::new(req.into_body(), limit);
-    // The usual body is one frame, returned as is; more are joined.
-    let mut first: Option<Bytes> = None;
-    let mut joined = bytes::BytesMut::new();
+    let mut parts: Vec<Bytes> = Vec::new();
     loop {
         let frame = match tokio::time::timeout(BODY_READ_TIMEOUT, body.frame()).await {
             Err(_) => return Err(ApiError::body_timeout(BODY_READ_TIMEOUT)),
@@ -238,20 +236,16 @@ where
                 return Err(ApiError::bad_request(format!("reading the body: {e}")));
             }
         };
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers
-        };
-        match first.take() {
-            None if joined.is_empty() => first = Some(data),
-            earlier => {
-                if let Some(earlier) = earlier {
-                    joined.extend_from_slice(&earlier);
-                }
-                joined.extend_from_slice(&data);
-            }
+        // Trailers carry no data.
+        if let Ok(data) = frame.into_data() {
+            parts.push(data);
         }
     }
-    Ok(first.unwrap_or_else(|| joined.freeze()))
+    // The usual body is one frame, returned as is; more are joined.
+    Ok(match parts.len() {
+        1 => parts.swap_remove(0),
+        _ => Bytes::from(parts.concat()),
+    })
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
@@ -539,20 +533,18 @@ async fn submit_batch(
         .map(|t| Command::encode_task(name, t.get().as_bytes()))
         .collect();
     let results = state.node.propose_many(entries, term).await;
-    if let Some(Err(ProposeError::NotLeader { leader })) = results.first()
-        && results
-            .iter()
-            .all(|r| matches!(r, Err(ProposeError::NotLeader { .. })))
+    // Refused as a whole, nothing proposed: a redirect, or one 503 with Retry-After, rather
+    // than a 200 full of them.
+    if let Some(Err(first @ (ProposeError::NotLeader { .. } | ProposeError::Overloaded))) =
+        results.first()
+        && results.iter().all(
+            |r| matches!(r, Err(e) if std::mem::discriminant(e) == std::mem::discriminant(first)),
+        )
     {
-        return Ok(redirect(state, *leader, &uri));
-    }
-    // Refused as a whole: one 503 with Retry-After rather than a 200 full of them.
-    if !results.is_empty()
-        && results
-            .iter()
-            .all(|r| matches!(r, Err(ProposeError::Overloaded)))
-    {
-        return Err(ProposeError::Overloaded.into());
+        return match first {
+            ProposeError::NotLeader { leader } => Ok(redirect(state, *leader, &uri)),
+            refused => Err(refused.clone().into()),
+        };
     }
     // Written by hand rather than through serde_json::Value: building and dropping a Value
     // tree per task was the largest cost of this endpoint.

@@ -473,7 +473,8 @@ impl<SM: StateMachine> CoreLoop<SM> {
             }
             let mut batch: Option<Batch<SM::Output>> = None;
             let mut reads: Vec<ReadJob<SM>> = Vec::new();
-            // What the FSM caller applied since the last pass frees the tail before proposing.
+            // What the FSM caller applied since the last pass frees the tail, before this pass
+            // proposes.
             self.core
                 .set_applied(self.shared.applied.load(Ordering::Acquire));
             self.refusing = false;
@@ -511,8 +512,6 @@ impl<SM: StateMachine> CoreLoop<SM> {
             if failed || shutdown.is_some() {
                 break;
             }
-            self.core
-                .set_applied(self.shared.applied.load(Ordering::Acquire));
             self.flush_ready();
             self.publish_status();
             // Let woken submitters run before draining again: the next batch is bigger and
