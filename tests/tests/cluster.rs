@@ -456,3 +456,51 @@ fn connections_beyond_the_cap_wait_until_one_closes() {
     );
     assert_eq!(b.get("/healthz").expect("second still served").status, 200);
 }
+
+#[test]
+fn the_batch_endpoint_answers_each_task_in_order() {
+    let _serial = serial();
+    let c = TestCluster::start(3);
+    assert_eq!(
+        c.deploy("counter", &guests::read(guests::COUNTER)).status,
+        201
+    );
+    let leader = c.wait_for_leader(Duration::from_secs(10));
+    let path = "/v1/machines/counter/tasks:batch";
+    let mut l = c.client(leader);
+
+    let r = l
+        .post(path, br#"[{"add":1},{"add":2},{"bogus":1},{"add":3}]"#)
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let results = r.json()["results"].as_array().cloned().expect("results");
+    let statuses: Vec<_> = results.iter().map(|t| t["status"].as_u64()).collect();
+    assert_eq!(statuses, [Some(200), Some(200), Some(422), Some(200)]);
+    let values: Vec<_> = results
+        .iter()
+        .map(|t| t["output"]["value"].as_i64())
+        .collect();
+    assert_eq!(
+        values,
+        [Some(1), Some(3), None, Some(6)],
+        "applied in order"
+    );
+    assert_eq!(results[2]["error"]["code"], "guest_error", "{}", r.text());
+    let indexes: Vec<u64> = results.iter().filter_map(|t| t["index"].as_u64()).collect();
+    assert!(indexes.windows(2).all(|w| w[0] < w[1]), "{indexes:?}");
+
+    // Refused as a whole before anything is proposed.
+    let follower = (leader + 1) % 3;
+    let r = c.client(follower).post(path, br#"[{"add":1}]"#).unwrap();
+    assert_eq!(r.status, 307, "{}", r.text());
+    let r = l.post(path, br#"{"add":1}"#).unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.error_code().as_deref(), Some("bad_request"));
+    let many = format!("[{}]", vec![r#"{"add":1}"#; 10_001].join(","));
+    let r = l.post(path, many.as_bytes()).unwrap();
+    assert_eq!(r.status, 413, "{}", r.text());
+
+    // None of the refused requests changed the state.
+    let q = l.post("/v1/machines/counter/query", b"").unwrap();
+    assert_eq!(q.json()["value"], 6, "{}", q.text());
+}
