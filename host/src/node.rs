@@ -36,6 +36,8 @@ pub struct NodeConfig {
     pub limits: Limits,
     /// HTTP connections served at once (see `api::serve`).
     pub max_connections: usize,
+    /// See `RaftConfig::max_unapplied_bytes`.
+    pub max_unapplied_bytes: usize,
 }
 
 impl NodeConfig {
@@ -136,8 +138,12 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         },
     );
     let members: Vec<NodeId> = cfg.peers.keys().copied().collect();
+    let raft_config = RaftConfig {
+        max_unapplied_bytes: cfg.max_unapplied_bytes,
+        ..RaftConfig::new(cfg.id, members)
+    };
     let node = Node::start(
-        RaftConfig::new(cfg.id, members),
+        raft_config,
         log,
         Arc::new(TcpTransport(transport.clone())),
         machines,

@@ -504,3 +504,60 @@ fn the_batch_endpoint_answers_each_task_in_order() {
     let q = l.post("/v1/machines/counter/query", b"").unwrap();
     assert_eq!(q.json()["value"], 6, "{}", q.text());
 }
+
+/// The value of an unlabelled metric on node `i`.
+fn metric(c: &TestCluster, i: usize, name: &str) -> Option<u64> {
+    let text = c.client(i).get("/metrics").ok()?.text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn a_leader_past_max_unapplied_mib_refuses_tasks_and_keeps_taking_ones_that_fit() {
+    let _serial = serial();
+    // A fuel budget no spin exhausts while the test runs: the spinning task stays unapplied.
+    let c = TestCluster::start_with_args(
+        1,
+        &[
+            "--max-unapplied-mib",
+            "1",
+            "--fuel-per-task",
+            "1000000000000",
+        ],
+    );
+    assert_eq!(c.deploy("chaos", &guests::read(guests::CHAOS)).status, 201);
+    let commit = || metric(&c, 0, "lockstep_commit_index");
+    let before = commit().expect("commit index");
+    let applied = metric(&c, 0, "lockstep_applied_index").expect("applied index");
+    let path = "/v1/machines/chaos/tasks";
+    // JSON allows trailing whitespace: padding makes a task weigh 700 KiB.
+    let padded = |task: &str| {
+        let mut body = task.as_bytes().to_vec();
+        body.resize(700 << 10, b' ');
+        body
+    };
+
+    // Never answered: the node is killed at the end of the test with the task still running.
+    let mut spinner = c.client(0);
+    let spin = padded(r#"{"spin": true}"#);
+    std::thread::spawn(move || spinner.post(path, &spin));
+    wait_until(Duration::from_secs(10), || commit().filter(|&i| i > before))
+        .expect("the spinning task is committed");
+
+    // 700 KiB are unapplied: another 700 KiB would pass 1 MiB.
+    let mut client = c.client(0);
+    let refused = client.post(path, &padded(r#"{"add": 1}"#)).expect("reply");
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert_eq!(refused.error_code().as_deref(), Some("overloaded"));
+    assert!(refused.header("retry-after").is_some(), "no Retry-After");
+    assert_eq!(metric(&c, 0, "lockstep_proposals_refused_total"), Some(1));
+
+    // A small task still fits: it is committed (and waits behind the spin to be applied).
+    let mut small = c.client(0);
+    std::thread::spawn(move || small.post(path, br#"{"add": 1}"#));
+    wait_until(Duration::from_secs(10), || {
+        commit().filter(|&i| i > before + 1)
+    })
+    .expect("the small task is committed");
+    assert_eq!(metric(&c, 0, "lockstep_applied_index"), Some(applied));
+}

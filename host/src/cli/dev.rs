@@ -47,6 +47,7 @@ impl DevArgs {
             fuel_per_task: None,
             memory_mib: None,
             max_connections: crate::api::DEFAULT_MAX_CONNECTIONS,
+            max_unapplied_mib: super::DEFAULT_MAX_UNAPPLIED_MIB,
             scheduling: Default::default(),
         }
     }

@@ -107,10 +107,19 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = crate::api::DEFAULT_MAX_CONNECTIONS,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// Payload MiB of entries not yet committed and applied beyond which the leader answers new
+    /// tasks `503 overloaded` (with Retry-After) instead of queueing them.
+    #[arg(long, default_value_t = DEFAULT_MAX_UNAPPLIED_MIB,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_UNAPPLIED_MIB)))]
+    pub max_unapplied_mib: u32,
     /// How the OS schedules the node's threads (Linux; see `cli/scheduling.rs`).
     #[arg(long, value_enum, default_value_t)]
     pub scheduling: scheduling::Scheduling,
 }
+
+const DEFAULT_MAX_UNAPPLIED_MIB: u32 = 256;
+/// Far above any machine's memory, and small enough that the byte count fits a 32-bit usize.
+const MAX_UNAPPLIED_MIB: u32 = 4095;
 
 fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, String> {
     let mut peers = BTreeMap::new();
@@ -167,6 +176,7 @@ impl ServeArgs {
             cluster_id: self.cluster_id.clone(),
             limits,
             max_connections: self.max_connections as usize,
+            max_unapplied_bytes: self.max_unapplied_mib as usize * 1024 * 1024,
         }
     }
 }
@@ -373,6 +383,30 @@ mod tests {
         for bad in ["0", "-1", "x"] {
             assert!(
                 serve(&["--max-connections", bad]).is_err(),
+                "{bad} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn max_unapplied_mib_defaults_and_refuses_zero_and_overflow() {
+        let Ok(Cli {
+            command: Cmd::Serve(args),
+        }) = serve(&[])
+        else {
+            panic!("serve without --max-unapplied-mib");
+        };
+        assert_eq!(args.node_config().max_unapplied_bytes, 256 << 20);
+        let Ok(Cli {
+            command: Cmd::Serve(args),
+        }) = serve(&["--max-unapplied-mib", "3"])
+        else {
+            panic!("--max-unapplied-mib 3");
+        };
+        assert_eq!(args.node_config().max_unapplied_bytes, 3 << 20);
+        for bad in ["0", "4096", "x"] {
+            assert!(
+                serve(&["--max-unapplied-mib", bad]).is_err(),
                 "{bad} accepted"
             );
         }
