@@ -64,6 +64,8 @@ pub trait LogRead: Send {
 /// and call [`RaftCore::persisted`] with `(last_index, last_term)`.
 #[derive(Debug, Default)]
 pub struct LogWrite {
+    /// Issue order (from 1): `persisted` names the last write of a durable group by it.
+    pub id: u64,
     pub truncate_from: Option<u64>,
     pub entries: Vec<LogEntry>,
     pub hard_state: Option<HardState>,
@@ -167,6 +169,11 @@ pub struct RaftCore {
     /// Payload bytes in `mem`.
     mem_bytes: usize,
     storage: Box<dyn LogRead>,
+    /// The highest timestamp in this node's log so far (kept when entries leave `mem`).
+    last_timestamp: u64,
+    /// Writes issued so far, and the id of the last one that truncated the log.
+    writes_issued: u64,
+    truncated_by: u64,
 
     election_deadline: u64,
     last_leader_contact: Option<u64>,
@@ -201,6 +208,14 @@ impl RaftCore {
         } = state;
         let last_index = tail.last().map(|e| e.index).unwrap_or(applied);
         let mem_bytes = tail.iter().map(|e| e.payload.len()).sum();
+        let last_timestamp = match tail.last() {
+            Some(e) => e.timestamp_ms,
+            None if last_index > 0 => storage
+                .entries(last_index, last_index + 1, 1)
+                .and_then(|v| v.last().map(|e| e.timestamp_ms))
+                .unwrap_or(0),
+            None => 0,
+        };
         let mut core = RaftCore {
             rng: SmallRng::seed_from_u64(seed),
             now,
@@ -218,6 +233,9 @@ impl RaftCore {
             mem: tail.into(),
             mem_bytes,
             storage,
+            last_timestamp,
+            writes_issued: 0,
+            truncated_by: 0,
             election_deadline: 0,
             last_leader_contact: None,
             votes: BTreeMap::new(),
@@ -344,10 +362,11 @@ impl RaftCore {
         self.trim();
     }
 
-    /// Storage made the log durable up to `(index, term)`. A notice about entries that were
-    /// truncated since (a different term at that index) is ignored.
-    pub fn persisted(&mut self, index: u64, term: u64) {
-        if index <= self.durable || self.term_at(index) != term {
+    /// Storage made the log durable up to `(index, term)`, with write `id` the last of the
+    /// group. A notice from before the latest truncation is ignored: the same (index, term) may
+    /// have been truncated and appended again since, and not be durable yet.
+    pub fn persisted(&mut self, id: u64, index: u64, term: u64) {
+        if id < self.truncated_by || index <= self.durable || self.term_at(index) != term {
             return;
         }
         self.durable = index;
@@ -379,7 +398,7 @@ impl RaftCore {
             });
         }
         // Timestamps never go backwards along the log, whatever the leader's clock does.
-        let ts = timestamp_ms.max(self.last_timestamp());
+        let ts = timestamp_ms.max(self.last_timestamp);
         let first = self.last_index + 1;
         let mut entries = Vec::new();
         let mut bytes = 0;
@@ -746,7 +765,9 @@ impl RaftCore {
                         inflight: VecDeque::new(),
                         probe_sent_at: None,
                         last_progress_at: self.now,
-                        active: true,
+                        // Earned by answering: a leader nobody hears steps down at the first
+                        // check-quorum.
+                        active: false,
                         seq_acked: 0,
                     },
                 );
@@ -757,7 +778,7 @@ impl RaftCore {
         let noop = LogEntry {
             index: self.last_index + 1,
             term: self.term,
-            timestamp_ms: self.wall_ms.max(self.last_timestamp()),
+            timestamp_ms: self.wall_ms.max(self.last_timestamp),
             kind: EntryKind::Noop,
             payload: Bytes::new(),
         };
@@ -780,14 +801,14 @@ impl RaftCore {
 
     // ----- the log -----
 
-    fn last_timestamp(&self) -> u64 {
-        self.mem.back().map(|e| e.timestamp_ms).unwrap_or(0)
-    }
-
     /// The pending storage write to add to (a new one if `fresh` or none is pending).
     fn write_mut(&mut self, fresh: bool) -> &mut LogWrite {
         if fresh || self.ready.writes.is_empty() {
-            self.ready.writes.push(LogWrite::default());
+            self.writes_issued += 1;
+            self.ready.writes.push(LogWrite {
+                id: self.writes_issued,
+                ..LogWrite::default()
+            });
         }
         let (last_index, last_term, commit) =
             (self.last_index, self.term_at(self.last_index), self.commit);
@@ -820,7 +841,10 @@ impl RaftCore {
                 self.term_runs.push((e.index, e.term));
             }
         }
-        self.last_index = entries.last().map(|e| e.index).unwrap_or(self.last_index);
+        if let Some(last) = entries.last() {
+            self.last_index = last.index;
+            self.last_timestamp = self.last_timestamp.max(last.timestamp_ms);
+        }
         if self.mem.is_empty() {
             self.mem_first = first.index;
         }
@@ -851,6 +875,7 @@ impl RaftCore {
         // A write of its own: acknowledgements queued before must not be mixed into it.
         let w = self.write_mut(true);
         w.truncate_from = Some(from);
+        self.truncated_by = w.id;
     }
 
     /// Frees the in-memory tail up to min(durable, applied).
@@ -923,7 +948,7 @@ impl RaftCore {
                 term: core.term,
                 success: false,
                 index: prev_index,
-                last_index: core.last_index,
+                last_index: core.match_hint(prev_index),
                 seq,
             };
             core.ready.messages.push((from, m));
@@ -978,6 +1003,22 @@ impl RaftCore {
             seq,
         };
         self.send_after_durable(from, resp, last_new);
+    }
+
+    /// The highest index at which this log may still match the log of a leader whose append
+    /// at `prev_index` it rejects: its last index when shorter, else the entry before the term
+    /// run holding `prev_index` (the leader has another term there, so that run is suspect
+    /// from its start), never below commit. The leader skips a whole run per round trip
+    /// instead of one index, so a long divergent suffix costs one probe, not one per entry.
+    fn match_hint(&self, prev_index: u64) -> u64 {
+        if prev_index > self.last_index {
+            return self.last_index;
+        }
+        let pos = self
+            .term_runs
+            .partition_point(|&(start, _)| start <= prev_index);
+        let run_start = pos.checked_sub(1).map(|p| self.term_runs[p].0).unwrap_or(1);
+        run_start.saturating_sub(1).max(self.commit)
     }
 
     // ----- leader side -----
@@ -1055,6 +1096,11 @@ impl RaftCore {
                     return;
                 }
                 ProgressState::Replicate => {
+                    // Unanswered time counts from the oldest append in flight, not from the
+                    // last answer before an idle spell.
+                    if p.inflight.is_empty() {
+                        p.last_progress_at = now;
+                    }
                     p.inflight.push_back(last);
                     p.next = last + 1;
                 }
@@ -1132,7 +1178,9 @@ impl RaftCore {
     fn ack_seq(&mut self, from: NodeId, seq: u64) {
         if let Some(p) = self.progress.get_mut(&from) {
             p.active = true;
-            if seq > p.seq_acked {
+            // A follower only echoes rounds it was sent: a higher seq would confirm rounds
+            // not yet started.
+            if seq > p.seq_acked && seq <= self.read_seq {
                 p.seq_acked = seq;
                 self.release_reads();
             }
@@ -1242,7 +1290,7 @@ mod tests {
             out.extend(r.messages);
             for w in r.writes {
                 out.extend(w.after);
-                c.persisted(w.last_index, w.last_term);
+                c.persisted(w.id, w.last_index, w.last_term);
             }
         }
         out
@@ -1570,7 +1618,7 @@ mod tests {
             "only the no-op (durable on the leader) commits"
         );
         for w in r.writes {
-            c.persisted(w.last_index, w.last_term);
+            c.persisted(w.id, w.last_index, w.last_term);
         }
         flush(&mut c);
         assert_eq!(c.commit_index(), first);
@@ -1669,5 +1717,218 @@ mod tests {
         );
         c.step(3, Message::HeartbeatResp { term: 1, seq });
         assert_eq!(c.take_ready().reads_ready, vec![(1, 1)]);
+    }
+
+    #[test]
+    fn a_long_divergent_suffix_costs_one_rejected_probe_not_one_per_entry() {
+        // The leader has 50 entries of term 3 after a common prefix; the follower 200 of term 2
+        // (an old leader's uncommitted proposals).
+        let mut leader_terms = vec![1, 1];
+        leader_terms.extend([3; 50]);
+        let mut follower_terms = vec![1, 1];
+        follower_terms.extend([2; 200]);
+        let mut l = core(1, 3, &leader_terms, 3);
+        let mut f = core(2, 3, &follower_terms, 3);
+        elect(&mut l, 3);
+        // The election's own appends were dropped (`elect` flushes them away): the probe is
+        // sent again a heartbeat later.
+        l.tick(1_000 + 25, 0);
+        let mut rejections = 0;
+        let mut to_follower: Vec<Message> = flush(&mut l)
+            .into_iter()
+            .filter(|(to, _)| *to == 2)
+            .map(|(_, m)| m)
+            .collect();
+        for _ in 0..100 {
+            let mut to_leader = Vec::new();
+            for m in to_follower.drain(..) {
+                f.step(1, m);
+                to_leader.extend(flush(&mut f).into_iter().map(|(_, m)| m));
+            }
+            if to_leader.is_empty() {
+                break;
+            }
+            for m in to_leader {
+                rejections += usize::from(matches!(m, Message::AppendResp { success: false, .. }));
+                l.step(2, m);
+                to_follower.extend(
+                    flush(&mut l)
+                        .into_iter()
+                        .filter(|(to, _)| *to == 2)
+                        .map(|(_, m)| m),
+                );
+            }
+        }
+        assert_eq!(f.last_index(), l.last_index(), "the follower caught up");
+        assert!(
+            (1..=l.last_index()).all(|i| f.term_at(i) == l.term_at(i)),
+            "the logs match"
+        );
+        assert!(rejections <= 2, "{rejections} rejected probes");
+    }
+
+    #[test]
+    fn timestamps_never_go_back_once_the_tail_is_trimmed() {
+        let mut c = core(1, 1, &[], 0);
+        elect(&mut c, 1);
+        let (i, _) = c
+            .propose([Bytes::from_static(b"a")], 5_000, None)
+            .expect("leader");
+        flush(&mut c);
+        c.set_applied(i);
+        // Everything is durable and applied: the in-memory tail is empty.
+        let (j, _) = c
+            .propose([Bytes::from_static(b"b")], 1_000, None)
+            .expect("leader");
+        let ts = c.entries(j, j).expect("in memory")[0].timestamp_ms;
+        assert_eq!(ts, 5_000, "the clock went back, the log must not");
+    }
+
+    #[test]
+    fn a_restarted_core_takes_the_last_timestamp_from_storage() {
+        struct Stored(Vec<LogEntry>);
+        impl LogRead for Stored {
+            fn entries(&self, lo: u64, hi: u64, _: usize) -> Option<Vec<LogEntry>> {
+                Some(
+                    self.0
+                        .iter()
+                        .filter(|e| (lo..hi).contains(&e.index))
+                        .cloned()
+                        .collect(),
+                )
+            }
+        }
+        let mut last = entry(3, 1);
+        last.timestamp_ms = 9_000;
+        let state = DurableState {
+            hard: HardState {
+                term: 1,
+                vote: 1,
+                commit: 3,
+            },
+            term_runs: vec![(1, 1)],
+            tail: Vec::new(),
+            applied: 3,
+        };
+        let stored = Stored(vec![entry(1, 1), entry(2, 1), last]);
+        let mut c = RaftCore::new(cfg(1, 1), 1, state, Box::new(stored), 0);
+        elect(&mut c, 1);
+        let (i, _) = c
+            .propose([Bytes::from_static(b"a")], 100, None)
+            .expect("leader");
+        assert_eq!(c.entries(i, i).expect("in memory")[0].timestamp_ms, 9_000);
+    }
+
+    #[test]
+    fn a_notice_from_before_a_truncation_does_not_make_reappended_entries_durable() {
+        let append = |term: u64, entry_term: u64| Message::Append {
+            term,
+            prev_index: 2,
+            prev_term: 1,
+            commit: 0,
+            seq: 0,
+            entries: vec![entry(3, entry_term), entry(4, entry_term)],
+        };
+        let mut f = core(2, 3, &[1, 1], 1);
+        f.step(1, append(2, 2));
+        let w1 = f.take_ready().writes.pop().expect("append write");
+        // A term-3 leader replaces 3..4; a term-4 leader sends the term-2 entries again.
+        f.step(3, append(3, 3));
+        f.step(1, append(4, 2));
+        let later = f.take_ready().writes;
+        assert!(later.iter().all(|w| w.id > w1.id));
+        assert_eq!(f.term_at(4), 2);
+        // W1's notice arrives now: its (4, term 2) matches the log again, but the entries it
+        // made durable were truncated, and their copies are still queued.
+        f.persisted(w1.id, w1.last_index, w1.last_term);
+        assert_eq!(f.durable_index(), 2, "durable from a stale notice");
+        let last = later.last().expect("writes");
+        f.persisted(last.id, last.last_index, last.last_term);
+        assert_eq!(f.durable_index(), 4);
+    }
+
+    #[test]
+    fn a_follower_cannot_confirm_read_rounds_not_yet_started() {
+        let mut c = core(1, 3, &[], 0);
+        elect(&mut c, 3);
+        c.step(
+            2,
+            Message::AppendResp {
+                term: 1,
+                success: true,
+                index: 1,
+                last_index: 1,
+                seq: 0,
+            },
+        );
+        flush(&mut c);
+        c.read_index(1).expect("leader");
+        flush(&mut c);
+        // A faulty peer echoes a round far ahead of any sent.
+        c.step(
+            2,
+            Message::HeartbeatResp {
+                term: 1,
+                seq: 1_000,
+            },
+        );
+        assert!(
+            c.take_ready().reads_ready.is_empty(),
+            "confirmed by an echo of a round that had not started"
+        );
+    }
+
+    #[test]
+    fn a_new_leader_nobody_answers_steps_down_at_the_first_check() {
+        let mut c = core(1, 3, &[], 0);
+        elect(&mut c, 3);
+        // One minimum election timeout (100 ms) after winning, with no answer to its appends.
+        c.tick(1_000 + 110, 0);
+        assert!(!c.is_leader());
+    }
+
+    #[test]
+    fn an_append_after_an_idle_spell_is_not_retried_at_once() {
+        let mut c = core(1, 3, &[], 0);
+        elect(&mut c, 3);
+        for p in [2, 3] {
+            c.step(
+                p,
+                Message::AppendResp {
+                    term: 1,
+                    success: true,
+                    index: 1,
+                    last_index: 1,
+                    seq: 0,
+                },
+            );
+        }
+        flush(&mut c);
+        // Idle for a while (heartbeats answered), then a proposal.
+        let mut t = 1_000;
+        for _ in 0..10 {
+            t += 20;
+            c.tick(t, 0);
+            flush(&mut c);
+            for p in [2, 3] {
+                c.step(p, Message::HeartbeatResp { term: 1, seq: 0 });
+            }
+        }
+        c.propose([Bytes::from_static(b"a")], 0, None)
+            .expect("leader");
+        let sent = flush(&mut c);
+        assert!(
+            sent.iter()
+                .any(|(_, m)| matches!(m, Message::Append { .. }))
+        );
+        // The next tick comes before any answer: nothing is resent.
+        c.tick(t + 5, 0);
+        let resent = flush(&mut c);
+        assert!(
+            !resent
+                .iter()
+                .any(|(_, m)| matches!(m, Message::Append { entries, .. } if !entries.is_empty())),
+            "an append resent within a tick: {resent:?}"
+        );
     }
 }

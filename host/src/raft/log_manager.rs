@@ -117,15 +117,19 @@ impl<SM: StateMachine> DiskQueue<SM> {
             self.metrics
                 .fsync_entries
                 .fetch_add(entries as u64, std::sync::atomic::Ordering::Relaxed);
-            let (mut index, mut term) = (0, 0);
+            let (mut id, mut index, mut term) = (0, 0, 0);
             for w in batch.drain(..) {
                 for (to, msg) in w.after {
                     self.transport.send(to, msg);
                 }
-                (index, term) = (w.last_index, w.last_term);
+                (id, index, term) = (w.id, w.last_index, w.last_term);
             }
-            // The last write's (index, term) covers the whole group: writes are applied in order.
-            if self.events.send(Event::Persisted { index, term }).is_err() {
+            // The last write covers the whole group: writes are applied in order.
+            if self
+                .events
+                .send(Event::Persisted { id, index, term })
+                .is_err()
+            {
                 return;
             }
         }

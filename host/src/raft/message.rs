@@ -99,7 +99,9 @@ pub enum Message {
         entries: Vec<LogEntry>,
     },
     /// On success `index` is the follower's durable match; on rejection it is the rejected
-    /// `prev_index` and `last_index` is the follower's last index (a probing hint).
+    /// `prev_index` and `last_index` is the highest index at which the follower's log may still
+    /// match the leader's (a probing hint: its last index, or the entry before its conflicting
+    /// term run).
     AppendResp {
         term: u64,
         success: bool,
@@ -129,11 +131,17 @@ pub enum DecodeError {
     UnknownKind(u8),
     #[error("varint overflows u64")]
     VarintOverflow,
+    #[error("number {0} is beyond any term or index a peer can reach")]
+    OutOfRange(u64),
     #[error("{0} trailing bytes")]
     Trailing(usize),
     #[error("bad boolean {0}")]
     BadBool(u8),
 }
+
+/// The largest number a message may carry (terms, indexes, lengths, timestamps): far beyond
+/// any a cluster reaches, far enough below `u64::MAX` that the core's arithmetic cannot wrap.
+pub const MAX_WIRE_NUMBER: u64 = 1 << 62;
 
 const TAG_PREVOTE: u8 = 1;
 const TAG_PREVOTE_RESP: u8 = 2;
@@ -348,7 +356,13 @@ impl Reader<'_> {
             }
             v |= bits << shift;
             if b & 0x80 == 0 {
-                return Ok(v);
+                // The core adds to terms and indexes: a peer's number near u64::MAX would
+                // overflow there (and a term of u64::MAX, adopted, would end all elections).
+                return if v > MAX_WIRE_NUMBER {
+                    Err(DecodeError::OutOfRange(v))
+                } else {
+                    Ok(v)
+                };
             }
         }
         Err(DecodeError::VarintOverflow)
@@ -407,7 +421,7 @@ mod tests {
                 last_term: 3,
             },
             Message::PreVoteResp {
-                term: u64::MAX,
+                term: MAX_WIRE_NUMBER,
                 granted: true,
             },
             Message::Vote {
@@ -497,13 +511,44 @@ mod tests {
         }
         // A huge entry count with no bytes behind it fails cleanly without allocating.
         let mut buf = vec![TAG_APPEND, 1, 0, 0, 0, 0];
-        put_u64(&mut buf, u64::MAX);
+        put_u64(&mut buf, MAX_WIRE_NUMBER);
         assert_eq!(Message::decode(&buf), Err(DecodeError::Truncated));
         assert_eq!(
             Message::decode(&[
                 TAG_VOTE, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f
             ]),
             Err(DecodeError::VarintOverflow)
+        );
+    }
+
+    #[test]
+    fn numbers_beyond_the_wire_bound_are_refused() {
+        let vote = |term: u64| {
+            let mut buf = Vec::new();
+            Message::Vote {
+                term,
+                last_index: 1,
+                last_term: 1,
+            }
+            .encode(&mut buf);
+            Message::decode(&buf)
+        };
+        assert!(vote(MAX_WIRE_NUMBER).is_ok());
+        for term in [MAX_WIRE_NUMBER + 1, u64::MAX] {
+            assert_eq!(vote(term), Err(DecodeError::OutOfRange(term)));
+        }
+        let mut buf = Vec::new();
+        Message::AppendResp {
+            term: 1,
+            success: false,
+            index: u64::MAX,
+            last_index: 0,
+            seq: 0,
+        }
+        .encode(&mut buf);
+        assert_eq!(
+            Message::decode(&buf),
+            Err(DecodeError::OutOfRange(u64::MAX))
         );
     }
 }

@@ -118,7 +118,9 @@ pub(crate) enum Event<SM: StateMachine> {
         from: NodeId,
         msg: Message,
     },
+    /// A group of writes is durable; `id` is its last write's (`LogWrite::id`).
     Persisted {
+        id: u64,
         index: u64,
         term: u64,
     },
@@ -166,6 +168,12 @@ impl<SM: StateMachine> Node<SM> {
             config.members.contains(&config.id),
             "node {} is not among the members",
             config.id
+        );
+        let distinct: std::collections::BTreeSet<_> = config.members.iter().collect();
+        anyhow::ensure!(
+            distinct.len() == config.members.len(),
+            "a member id appears twice in {:?}",
+            config.members
         );
         let rec = log.recover().context("recovering the log")?;
         // Re-apply the committed prefix: the machine is rebuilt from the log (no snapshots yet).
@@ -498,7 +506,7 @@ impl<SM: StateMachine> CoreLoop<SM> {
                     }
                     Event::Read(job) => reads.push(job),
                     Event::Peer { from, msg } => self.core.step(from, msg),
-                    Event::Persisted { index, term } => self.core.persisted(index, term),
+                    Event::Persisted { id, index, term } => self.core.persisted(id, index, term),
                     Event::DiskFailed => failed = true,
                     Event::Shutdown(tx) => shutdown = Some(tx),
                 }

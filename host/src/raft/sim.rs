@@ -4,9 +4,11 @@
 //! N cores in one thread, one seed: a network that drops, delays, reorders and duplicates, with
 //! partitions of any shape (one-way included); disks that make writes durable after a delay and
 //! lose whatever was not durable on a crash; crashes of any node (all at once included) and
-//! restarts that rebuild from the disk; clients writing and reading a small key-value machine
+//! restarts that rebuild from the disk, each with its own wall clock (seconds apart, stepping
+//! on restart); clients writing and reading a small key-value machine
 //! through the same completion bookkeeping as the runtime. It checks: at most one leader per
-//! term, committed entries never change, equal state at equal applied index, linearizability of
+//! term, committed entries (timestamps included) never change, timestamps never go back along
+//! the committed log, equal state at equal applied index, linearizability of
 //! the history per key, and that no acknowledged write is lost.
 
 use std::cmp::Reverse;
@@ -115,6 +117,9 @@ struct SimNode {
     kv: BTreeMap<u64, u64>,
     applied: u64,
     state_hash: u64,
+    /// This incarnation's wall clock runs this far ahead of the simulation's (drawn at each
+    /// boot: a restart may step the clock back by seconds).
+    clock_skew_ms: u64,
     /// Completions aligned to index: index → (term, history op).
     pending: BTreeMap<u64, (u64, usize)>,
     reads: BTreeMap<u64, usize>,
@@ -174,6 +179,8 @@ pub struct Sim {
     acked: Vec<(u64, u64, Bytes)>,
     leaders: BTreeMap<u64, NodeId>,
     committed: Vec<(u64, u64)>,
+    /// The timestamp of the last entry in `committed`.
+    committed_ts: u64,
     state_at: BTreeMap<u64, u64>,
     next_value: u64,
     next_read_id: u64,
@@ -192,6 +199,7 @@ fn fnv(h: u64, bytes: &[u8]) -> u64 {
 fn entry_hash(e: &LogEntry) -> u64 {
     let h = fnv(0xcbf29ce484222325, &e.term.to_le_bytes());
     let h = fnv(h, &[e.kind as u8]);
+    let h = fnv(h, &e.timestamp_ms.to_le_bytes());
     fnv(h, &e.payload)
 }
 
@@ -215,6 +223,7 @@ impl Sim {
             acked: Vec::new(),
             leaders: BTreeMap::new(),
             committed: Vec::new(),
+            committed_ts: 0,
             state_at: BTreeMap::new(),
             next_value: 1,
             next_read_id: 1,
@@ -232,6 +241,7 @@ impl Sim {
                 kv: BTreeMap::new(),
                 applied: 0,
                 state_hash: 0,
+                clock_skew_ms: 0,
                 pending: BTreeMap::new(),
                 reads: BTreeMap::new(),
                 checked: 0,
@@ -292,6 +302,7 @@ impl Sim {
     fn boot(&mut self, i: usize) -> Result<(), String> {
         let cfg = self.core_config(self.nodes[i].id);
         let node_seed = self.rng.r#gen::<u64>();
+        let clock_skew_ms = self.rng.gen_range(0..5_000);
         let (hard, entries) = {
             let d = self.nodes[i].disk.0.lock().map_err(|_| "poisoned disk")?;
             (d.hard, d.entries.clone())
@@ -299,6 +310,7 @@ impl Sim {
         let commit = hard.commit.min(entries.len() as u64);
         let n = &mut self.nodes[i];
         n.kv.clear();
+        n.clock_skew_ms = clock_skew_ms;
         n.applied = 0;
         n.state_hash = 0;
         n.checked = 0;
@@ -388,10 +400,11 @@ impl Sim {
                 }
             }
             Ev::Tick { node, inc } => {
+                let wall = WALL_EPOCH_MS + now + self.nodes[node].clock_skew_ms;
                 if self.nodes[node].incarnation == inc
                     && let Some(core) = self.nodes[node].core.as_mut()
                 {
-                    core.tick(now, WALL_EPOCH_MS + now);
+                    core.tick(now, wall);
                     self.drain(node)?;
                     self.schedule(TICK_MS, Ev::Tick { node, inc });
                 }
@@ -671,7 +684,7 @@ impl Sim {
             self.send(id, *to, m);
         }
         if let Some(core) = self.nodes[i].core.as_mut() {
-            core.persisted(w.last_index, w.last_term);
+            core.persisted(w.id, w.last_index, w.last_term);
         }
         if self.nodes[i].disk_queue.is_empty() {
             self.nodes[i].disk_busy = false;
@@ -701,7 +714,18 @@ impl Sim {
                     ));
                 }
                 Some(_) => {}
-                None if slot == self.committed.len() => self.committed.push((e.term, h)),
+                None if slot == self.committed.len() => {
+                    // Guests read the entry's timestamp as their clock: it never goes back
+                    // along the committed log, whatever the leaders' clocks do.
+                    if e.timestamp_ms < self.committed_ts {
+                        return Err(format!(
+                            "entry {} is stamped {} after one stamped {}",
+                            e.index, e.timestamp_ms, self.committed_ts
+                        ));
+                    }
+                    self.committed_ts = e.timestamp_ms;
+                    self.committed.push((e.term, h))
+                }
                 None => return Err("commit record gap".into()),
             }
             let mut out = None;
@@ -794,6 +818,7 @@ impl Sim {
             let epoch = sim.clients[c].epoch;
             sim.schedule(10, Ev::Client { client: c, epoch });
         };
+        let wall = WALL_EPOCH_MS + self.now + self.nodes[ti].clock_skew_ms;
         let Some(core) = self.nodes[ti].core.as_mut() else {
             retry(self, None);
             return Ok(());
@@ -801,7 +826,7 @@ impl Sim {
         let op = self.history.len();
         let outcome = match kind {
             OpKind::Put(v) => core
-                .propose([encode_put(key, v)], WALL_EPOCH_MS + self.now, None)
+                .propose([encode_put(key, v)], wall, None)
                 .map(|(index, term)| self.nodes[ti].pending.insert(index, (term, op)).map(|_| ()))
                 .map(|dup| dup.is_none()),
             OpKind::Get => {

@@ -22,6 +22,27 @@ use frame::{FrameError, Hello, MAX_HELLO_BYTES, put_frame, put_frame_with, read_
 
 pub type NodeId = u64;
 
+/// How long sent data may go unacknowledged, or an idle peer unanswered to keepalive probes,
+/// before its connection is dropped. Without it a write into a partitioned peer's full socket
+/// blocks for as long as TCP retransmits (many minutes), and the link stays stalled for up to
+/// two minutes of retransmission backoff after the partition heals; a dialer instead
+/// reconnects within its backoff (≤ 500 ms). A dead inbound connection frees its task too.
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A dial that gets no answer (SYNs dropped) is given up after this and retried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Socket options of every peer connection, dialled or accepted.
+fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let sock = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(PEER_TIMEOUT / 2)
+        .with_interval(Duration::from_secs(1));
+    let _ = sock.set_tcp_keepalive(&keepalive);
+    #[cfg(target_os = "linux")]
+    let _ = sock.set_tcp_user_timeout(Some(PEER_TIMEOUT));
+}
+
 /// A message the transport can carry: encoded by the sender's writer task, decoded by the
 /// receiver's reader task, so neither costs the consensus loop any CPU.
 pub trait WireMessage: Send + Sized + 'static {
@@ -172,7 +193,7 @@ async fn serve_inbound<M: WireMessage>(
     http_addrs: &RwLock<HashMap<NodeId, String>>,
     on_message: &Handler<M>,
 ) -> Result<(), FrameError> {
-    stream.set_nodelay(true)?;
+    tune(&stream);
     let mut stream = stream;
     let mut buf = Vec::new();
     // A silent connection must not hold a task forever. The hello is read unbuffered: a
@@ -217,7 +238,9 @@ async fn dial_loop<M: WireMessage>(
     let mut backoff = Duration::from_millis(20);
     let mut out = Vec::with_capacity(64 * 1024);
     loop {
-        let mut stream = match TcpStream::connect(&addr).await {
+        let dialled = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await;
+        let mut stream = match dialled.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+        {
             Ok(s) => s,
             Err(e) => {
                 debug!(%addr, error = %e, "peer not reachable");
@@ -229,7 +252,7 @@ async fn dial_loop<M: WireMessage>(
             }
         };
         backoff = Duration::from_millis(20);
-        let _ = stream.set_nodelay(true);
+        tune(&stream);
         out.clear();
         put_frame(&mut out, &hello);
         if stream.write_all(&out).await.is_err() {

@@ -117,3 +117,26 @@ async fn another_cluster_is_refused() {
     }
     assert!(inbox.lock().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn peer_sockets_give_up_on_a_silent_peer() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let dialled = TcpStream::connect(listener.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let (accepted, _) = listener.accept().await.expect("accept");
+    for stream in [&dialled, &accepted] {
+        tune(stream);
+        let sock = socket2::SockRef::from(stream);
+        assert!(stream.nodelay().expect("nodelay"));
+        assert!(sock.keepalive().expect("keepalive"));
+        #[cfg(target_os = "linux")]
+        {
+            assert_eq!(
+                sock.tcp_user_timeout().expect("user timeout"),
+                Some(PEER_TIMEOUT)
+            );
+            assert_eq!(sock.tcp_keepalive_time().expect("idle"), PEER_TIMEOUT / 2);
+        }
+    }
+}
