@@ -561,3 +561,27 @@ fn a_leader_past_max_unapplied_mib_refuses_tasks_and_keeps_taking_ones_that_fit(
     .expect("the small task is committed");
     assert_eq!(metric(&c, 0, "lockstep_applied_index"), Some(applied));
 }
+
+#[test]
+fn a_node_restarts_over_a_log_holding_a_trapped_task() {
+    let _serial = serial();
+    let mut c = TestCluster::start(1);
+    assert_eq!(c.deploy("chaos", &guests::read(guests::CHAOS)).status, 201);
+    let mut client = c.client(0);
+    let path = "/v1/machines/chaos/tasks";
+    // The guest's panic message goes to its stderr, on replay too.
+    let trapped = client.post(path, br#"{"trap": true}"#).expect("reply");
+    assert_eq!(trapped.error_code().as_deref(), Some("guest_trap"));
+    assert_eq!(
+        client.post(path, br#"{"add": 2}"#).expect("reply").status,
+        200
+    );
+
+    c.restart(0);
+    let mut client = c.client(0);
+    let value = client
+        .post("/v1/machines/chaos/query", b"{}")
+        .expect("reply");
+    assert_eq!(value.status, 200, "{}", value.text());
+    assert_eq!(value.json()["value"], 2);
+}

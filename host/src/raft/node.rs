@@ -177,22 +177,15 @@ impl<SM: StateMachine> Node<SM> {
         );
         let rec = log.recover().context("recovering the log")?;
         // Re-apply the committed prefix: the machine is rebuilt from the log (no snapshots yet).
+        // On a thread of its own, as on the FSM caller's: machines run outside any async
+        // runtime (a guest's WASI output blocks on a runtime of its own, which cannot start
+        // inside the caller's).
         let commit = rec.hard_state.commit;
-        let mut applied = 0;
-        while applied < commit {
-            let chunk = log.read(applied + 1, commit + 1, 4 << 20)?;
-            let Some(last) = chunk.last() else {
-                anyhow::bail!("log ends at {applied}, commit is {commit}")
-            };
-            applied = last.index;
-            let batch: Vec<Entry> = chunk
-                .into_iter()
-                .filter_map(LogEntry::into_user_entry)
-                .collect();
-            if !batch.is_empty() {
-                sm.apply(batch);
-            }
-        }
+        let applied = std::thread::scope(|s| {
+            s.spawn(|| replay(&log, &mut sm, commit))
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("replaying the log panicked")))
+        })?;
         let tail = log.read(applied + 1, rec.last_index + 1, usize::MAX)?;
         let state = DurableState {
             hard: rec.hard_state,
@@ -788,4 +781,24 @@ fn wall_ms() -> u64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Applies the committed entries `1..=commit` to `sm` in bounded chunks; returns the last index.
+fn replay<SM: StateMachine>(log: &LogStore, sm: &mut SM, commit: u64) -> anyhow::Result<u64> {
+    let mut applied = 0;
+    while applied < commit {
+        let chunk = log.read(applied + 1, commit + 1, 4 << 20)?;
+        let Some(last) = chunk.last() else {
+            anyhow::bail!("log ends at {applied}, commit is {commit}")
+        };
+        applied = last.index;
+        let batch: Vec<Entry> = chunk
+            .into_iter()
+            .filter_map(LogEntry::into_user_entry)
+            .collect();
+        if !batch.is_empty() {
+            sm.apply(batch);
+        }
+    }
+    Ok(applied)
 }
