@@ -212,3 +212,27 @@ fn machines_and_registries_cross_threads() {
     share::<lockstep::wasm::ModuleRegistry>();
     share::<lockstep::wasm::WasmEngine>();
 }
+
+#[test]
+fn a_module_that_meters_every_entry_is_metered_from_then_on() {
+    // Modules built before `begin-batch` call `begin-entry` even in a batch the host meters as
+    // a whole. Each such batch fails unmetered, rebuilds the machine and is applied again,
+    // metered: once is enough to learn it.
+    let fx = Fixture::new(test_limits());
+    let mut m = fx.machine(guests::CHAOS);
+    let out = m.apply(vec![entry(1, r#"{"ignore_begin_batch": true}"#)]);
+    assert_eq!(show(&out[0]), r#"{"metering":"every entry"}"#);
+    let before = m.recoveries();
+    for batch in 0..10u64 {
+        let out = m.apply(vec![
+            entry(2 + 2 * batch, r#"{"add": 1}"#),
+            entry(3 + 2 * batch, r#"{"add": 1}"#),
+        ]);
+        assert_eq!(show(&out[1]), format!(r#"{{"value":{}}}"#, 2 * batch + 2));
+    }
+    assert!(
+        m.recoveries() - before <= 1,
+        "{} rebuilds for 10 batches",
+        m.recoveries() - before
+    );
+}

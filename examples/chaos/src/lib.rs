@@ -3,7 +3,8 @@
 //! `{"trap": true}` panics, `{"spin": true}` loops forever, `{"alloc_mb": n}` allocates and
 //! touches n MiB, `{"recurse": n}` recurses n deep, `{"clock": true}` / `{"random": true}`
 //! report what std's clock and random source return, `{"sleep_ms": n}` tries to sleep,
-//! `{"add": n}` counts. Queries return the counter.
+//! `{"add": n}` counts, `{"ignore_begin_batch": true}` makes it call `begin-entry` for every
+//! entry from then on (as modules built before `begin-batch` did). Queries return the counter.
 
 use std::hint::black_box;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -28,6 +29,8 @@ pub enum Command {
     Random(bool),
     Add(i64),
     SleepMs(u64),
+    /// Behave like a module built before `begin-batch`: meter every entry, always.
+    IgnoreBeginBatch(bool),
 }
 
 /// Not a loop in disguise: the work after the call keeps it from becoming a tail call.
@@ -88,6 +91,10 @@ impl StateMachine for Chaos {
             Command::Add(n) => {
                 self.value = self.value.wrapping_add(n);
                 json!({ "value": self.value })
+            }
+            Command::IgnoreBeginBatch(_) => {
+                lockstep_guest::runtime::emulate_sdk_without_begin_batch();
+                json!({ "metering": "every entry" })
             }
         })
     }

@@ -42,6 +42,9 @@ pub(crate) struct EntryMeter {
     pub metered: bool,
     /// Whether the guest called `end-batch` in this call.
     pub ended: bool,
+    /// Whether the guest called `begin-entry` although this call is not metered: a module
+    /// built before `begin-batch` existed meters every entry, so it is always metered.
+    pub begun_unmetered: bool,
 }
 
 /// Caps linear memory and tables, and remembers a refused growth so that the failure it
@@ -273,6 +276,7 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostS
             let state = store.data_mut();
             let meter = &mut state.meter;
             if !meter.metered {
+                meter.begun_unmetered = true;
                 wasmtime::bail!("begin-entry({index}) in a batch the host meters as a whole");
             }
             let position = meter.begun;

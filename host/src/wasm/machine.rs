@@ -23,7 +23,8 @@
 //! depend on fuel: the results are those metering would give. If it fails in any way, or reads
 //! the WASI clock or random source (whose values are per entry), the machine recovers and
 //! applies it again, metered. A machine whose unmetered batches run out of fuel or read the
-//! clock is metered from then on.
+//! clock, or that calls `begin-entry` anyway (built before `begin-batch` existed), is metered
+//! from then on.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -150,6 +151,7 @@ impl Live {
         state.meter.current = None;
         state.meter.metered = metered;
         state.meter.ended = false;
+        state.meter.begun_unmetered = false;
         state.cap.denied = false;
         state.inputs.touched.store(false, Ordering::Relaxed);
         // Metered: until the first `begin-entry` the guest lifts the batch, on its own budget
@@ -212,8 +214,10 @@ impl Live {
                     preamble
                 };
                 let error = classify(e, state, &self.limits, budget);
-                let needs_metering =
-                    !metered && (touched || matches!(error, GuestError::OutOfFuel { .. }));
+                let needs_metering = !metered
+                    && (touched
+                        || state.meter.begun_unmetered
+                        || matches!(error, GuestError::OutOfFuel { .. }));
                 Err(Failure {
                     position,
                     error,
