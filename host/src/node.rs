@@ -78,11 +78,32 @@ impl raft::Transport for TcpTransport {
     }
 }
 
+/// Whether `--raft` can be the address `--peers` gives for this node: the same port, and the
+/// same IP unless `--raft` listens on every interface or the entry is a host name.
+fn raft_addr_matches(entry: &str, raft: SocketAddr) -> bool {
+    if let Ok(addr) = entry.parse::<SocketAddr>() {
+        return addr.port() == raft.port()
+            && (raft.ip().is_unspecified() || addr.ip() == raft.ip());
+    }
+    entry
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse::<u16>().ok())
+        .is_some_and(|port| port == raft.port())
+}
+
 /// Starts every part of a node inside the current tokio runtime.
 pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     anyhow::ensure!(
         cfg.peers.contains_key(&cfg.id),
         "--peers must include this node's own id {}",
+        cfg.id
+    );
+    let own = &cfg.peers[&cfg.id];
+    anyhow::ensure!(
+        raft_addr_matches(own, cfg.raft_addr),
+        "--raft {} is not this node's entry in --peers ({}={own}): peers would dial an address \
+         nobody listens on",
+        cfg.raft_addr,
         cfg.id
     );
     anyhow::ensure!(
@@ -126,6 +147,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
                 .advertise_http
                 .clone()
                 .unwrap_or_else(|| http_addr.to_string()),
+            apply_limits: cfg.limits.describe(),
             peers: cfg.peers.clone(),
             max_frame_bytes: TransportConfig::DEFAULT_MAX_FRAME,
             queue_depth: 8192,
@@ -176,5 +198,28 @@ impl RunningNode {
     pub async fn shutdown(self) {
         self.api.abort();
         self.node.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::raft_addr_matches;
+
+    #[test]
+    fn raft_must_be_this_nodes_entry_in_peers() {
+        let raft = |s: &str| s.parse().expect("socket address");
+        assert!(raft_addr_matches("127.0.0.1:7001", raft("127.0.0.1:7001")));
+        assert!(raft_addr_matches("10.0.0.5:7001", raft("0.0.0.0:7001")));
+        assert!(raft_addr_matches(
+            "node1.internal:7001",
+            raft("10.0.0.5:7001")
+        ));
+        assert!(!raft_addr_matches("127.0.0.1:7001", raft("127.0.0.1:7009")));
+        assert!(!raft_addr_matches("10.0.0.5:7001", raft("10.0.0.6:7001")));
+        assert!(!raft_addr_matches(
+            "node1.internal:7002",
+            raft("10.0.0.5:7001")
+        ));
+        assert!(!raft_addr_matches("garbage", raft("127.0.0.1:7001")));
     }
 }

@@ -383,6 +383,7 @@ fn bad_input_gets_clear_errors_and_the_cluster_stays_healthy() {
             .to_owned(),
         node_id: 2,
         http_addr: "127.0.0.1:1".into(),
+        apply_limits: lockstep::wasm::Limits::default().describe(),
     }
     .encode();
     let mut after_hello = (hello.len() as u32).to_be_bytes().to_vec();

@@ -96,12 +96,12 @@ pub struct ServeArgs {
     /// Cluster identity checked on every peer connection (default: derived from --peers).
     #[arg(long)]
     pub cluster_id: Option<String>,
-    /// Fuel each task may burn before it fails with out_of_fuel.
-    #[arg(long)]
+    /// Fuel each task may burn before it fails with out_of_fuel (the same on every member).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub fuel_per_task: Option<u64>,
-    /// Memory cap of each machine instance, in MiB.
-    #[arg(long)]
-    pub memory_mib: Option<usize>,
+    /// Memory cap of each machine instance, in MiB (the same on every member).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub memory_mib: Option<u32>,
     /// Most HTTP connections served at once; more clients wait in the listen backlog until one
     /// closes.
     #[arg(long, default_value_t = crate::api::DEFAULT_MAX_CONNECTIONS,
@@ -164,7 +164,7 @@ impl ServeArgs {
             limits.fuel_per_entry = f;
         }
         if let Some(m) = self.memory_mib {
-            limits.memory_bytes = m * 1024 * 1024;
+            limits.memory_bytes = (m as usize).saturating_mul(1024 * 1024);
         }
         NodeConfig {
             id: self.id,
@@ -386,6 +386,26 @@ mod tests {
                 "{bad} accepted"
             );
         }
+    }
+
+    #[test]
+    fn limits_refuse_zero_and_overflow() {
+        for (flag, bad) in [
+            ("--memory-mib", "0"),
+            ("--memory-mib", "17592186044417"),
+            ("--memory-mib", "65537"),
+            ("--fuel-per-task", "0"),
+        ] {
+            assert!(serve(&[flag, bad]).is_err(), "{flag} {bad} accepted");
+        }
+        let Ok(Cli {
+            command: Cmd::Serve(args),
+        }) = serve(&["--memory-mib", "16", "--fuel-per-task", "5"])
+        else {
+            panic!("valid limits refused");
+        };
+        let limits = args.node_config().limits;
+        assert_eq!((limits.memory_bytes, limits.fuel_per_entry), (16 << 20, 5));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// Marks a Lockstep peer connection, so garbage is refused before any length is believed.
 pub const MAGIC: [u8; 4] = *b"LKSP";
 /// Bumped on any incompatible change of the frame or message encoding.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 /// A hello carries two short strings and an id: anything larger is not a hello.
 pub const MAX_HELLO_BYTES: u32 = 4 * 1024;
 
@@ -26,6 +26,8 @@ pub enum FrameError {
     TooLarge { len: u32, limit: u32 },
     #[error("bad hello: {0}")]
     BadHello(&'static str),
+    #[error("peer refused: {0}")]
+    Refused(String),
     #[error("undecodable message: {0}")]
     BadMessage(String),
 }
@@ -77,6 +79,8 @@ pub struct Hello {
     pub cluster_id: String,
     pub node_id: u64,
     pub http_addr: String,
+    /// The limits the peer applies entries under (`Limits::describe`): members must agree.
+    pub apply_limits: String,
 }
 
 impl Hello {
@@ -87,6 +91,7 @@ impl Hello {
         out.extend_from_slice(&self.node_id.to_be_bytes());
         put_str(&mut out, &self.cluster_id);
         put_str(&mut out, &self.http_addr);
+        put_str(&mut out, &self.apply_limits);
         out
     }
 
@@ -100,6 +105,7 @@ impl Hello {
         let node_id = u64::from_be_bytes(*take::<8>(&mut b)?);
         let cluster_id = take_str(&mut b)?;
         let http_addr = take_str(&mut b)?;
+        let apply_limits = take_str(&mut b)?;
         if !b.is_empty() {
             return Err(FrameError::BadHello("trailing bytes"));
         }
@@ -107,6 +113,7 @@ impl Hello {
             cluster_id,
             node_id,
             http_addr,
+            apply_limits,
         })
     }
 }
@@ -141,6 +148,7 @@ mod tests {
             cluster_id: "c1".into(),
             node_id: 7,
             http_addr: "127.0.0.1:8080".into(),
+            apply_limits: "fuel 1".into(),
         };
         assert_eq!(Hello::decode(&h.encode()).ok(), Some(h));
     }
@@ -151,6 +159,7 @@ mod tests {
             cluster_id: "c1".into(),
             node_id: 7,
             http_addr: "x".into(),
+            apply_limits: String::new(),
         }
         .encode();
         for n in 0..bytes.len() {

@@ -58,6 +58,9 @@ pub struct TransportConfig {
     pub node_id: NodeId,
     /// This node's HTTP address, told to every peer.
     pub http_addr: String,
+    /// The limits this node applies entries under: a peer with others is refused at the hello,
+    /// since the same entry could fail on one replica and succeed on another.
+    pub apply_limits: String,
     /// Raft address of every member, this node included.
     pub peers: BTreeMap<NodeId, String>,
     /// Hard limit on one frame; a larger length prefix closes the connection.
@@ -206,7 +209,17 @@ async fn serve_inbound<M: WireMessage>(
     .map_err(|_| FrameError::BadHello("no hello within 5 s"))??;
     let hello = Hello::decode(&buf)?;
     if hello.cluster_id != config.cluster_id {
-        return Err(FrameError::BadHello("peer belongs to another cluster"));
+        return Err(FrameError::Refused(format!(
+            "node {} belongs to cluster {:?}, this one is {:?}",
+            hello.node_id, hello.cluster_id, config.cluster_id
+        )));
+    }
+    if hello.apply_limits != config.apply_limits {
+        return Err(FrameError::Refused(format!(
+            "node {} applies entries under other limits ({}) than this node ({}): replicas \
+             would diverge; start every member with the same --fuel-per-task and --memory-mib",
+            hello.node_id, hello.apply_limits, config.apply_limits
+        )));
     }
     if hello.node_id == config.node_id || !config.peers.contains_key(&hello.node_id) {
         return Err(FrameError::BadHello("peer id is not a member"));
@@ -233,6 +246,7 @@ async fn dial_loop<M: WireMessage>(
         cluster_id: config.cluster_id.clone(),
         node_id: config.node_id,
         http_addr: config.http_addr.clone(),
+        apply_limits: config.apply_limits.clone(),
     }
     .encode();
     let mut backoff = Duration::from_millis(20);

@@ -21,6 +21,13 @@ impl WireMessage for Ping {
 type Inbox = Arc<Mutex<Vec<(NodeId, u64)>>>;
 
 async fn pair(cluster_b: &str) -> (PeerTransport<Ping>, PeerTransport<Ping>, Inbox, String) {
+    pair_with(cluster_b, "limits").await
+}
+
+async fn pair_with(
+    cluster_b: &str,
+    limits_b: &str,
+) -> (PeerTransport<Ping>, PeerTransport<Ping>, Inbox, String) {
     let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let lb = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let peers = BTreeMap::from([
@@ -28,18 +35,19 @@ async fn pair(cluster_b: &str) -> (PeerTransport<Ping>, PeerTransport<Ping>, Inb
         (2, lb.local_addr().unwrap().to_string()),
     ]);
     let b_addr = peers[&2].clone();
-    let cfg = |id, cluster: &str| TransportConfig {
+    let cfg = |id, cluster: &str, limits: &str| TransportConfig {
         cluster_id: cluster.into(),
         node_id: id,
         http_addr: format!("http-{id}"),
+        apply_limits: limits.into(),
         peers: peers.clone(),
         max_frame_bytes: 1024,
         queue_depth: 1024,
     };
     let inbox: Inbox = Arc::default();
-    let a = PeerTransport::start(cfg(1, "c"), la, |_, _| {});
+    let a = PeerTransport::start(cfg(1, "c", "limits"), la, |_, _| {});
     let sink = inbox.clone();
-    let b = PeerTransport::start(cfg(2, cluster_b), lb, move |from, Ping(n)| {
+    let b = PeerTransport::start(cfg(2, cluster_b, limits_b), lb, move |from, Ping(n)| {
         sink.lock().unwrap().push((from, n))
     });
     (a, b, inbox, b_addr)
@@ -92,6 +100,7 @@ async fn garbage_and_oversized_frames_close_only_their_connection() {
         cluster_id: "c".into(),
         node_id: 1,
         http_addr: "x".into(),
+        apply_limits: "limits".into(),
     };
     put_frame(&mut wire, &hello.encode());
     wire.extend_from_slice(&u32::MAX.to_be_bytes());
@@ -111,6 +120,16 @@ async fn garbage_and_oversized_frames_close_only_their_connection() {
 #[tokio::test]
 async fn another_cluster_is_refused() {
     let (a, _b, inbox, _) = pair("other").await;
+    for _ in 0..20 {
+        a.send(2, Ping(1));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(inbox.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_peer_applying_under_other_limits_is_refused() {
+    let (a, _b, inbox, _) = pair_with("c", "other limits").await;
     for _ in 0..20 {
         a.send(2, Ping(1));
         tokio::time::sleep(Duration::from_millis(10)).await;

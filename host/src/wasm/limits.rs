@@ -24,6 +24,22 @@ pub struct Limits {
     pub max_wasm_stack: usize,
 }
 
+impl Limits {
+    /// Every limit, in one canonical line: peers compare it at the hello.
+    pub fn describe(&self) -> String {
+        format!(
+            "fuel per entry {}, fuel per snapshot {}, memory {} bytes, table {} elements, \
+             batch {} bytes, stack {} bytes",
+            self.fuel_per_entry,
+            self.fuel_per_snapshot,
+            self.memory_bytes,
+            self.table_elements,
+            self.max_batch_bytes,
+            self.max_wasm_stack
+        )
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
