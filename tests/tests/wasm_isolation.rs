@@ -236,3 +236,43 @@ fn a_module_that_meters_every_entry_is_metered_from_then_on() {
         m.recoveries() - before
     );
 }
+
+#[test]
+fn a_state_too_large_to_snapshot_does_not_cost_a_rebuild_per_batch() {
+    // 1 MiB values under a 24 MiB cap: applies fit long after a snapshot (state + its
+    // serialization) no longer does.
+    let fx = Fixture::new(Limits {
+        memory_bytes: 24 << 20,
+        ..test_limits()
+    });
+    let mut m = fx.machine(guests::KV);
+    let value = "v".repeat(1 << 20);
+    let put = |i: u64| {
+        entry(
+            i,
+            format!(r#"{{"put": {{"key": "k{i}", "value": "{value}"}}}}"#),
+        )
+    };
+    let mut index = 0;
+    while m.recoveries() == 0 {
+        index += 1;
+        assert!(index < 20, "no snapshot failed below the cap");
+        let out = m.apply(vec![put(index)]);
+        assert!(out[0].is_ok(), "put {index}: {}", show(&out[0]));
+    }
+    // Small writes from here on: each batch grows the replay log a little.
+    let before = m.recoveries();
+    for i in 0..50 {
+        index += 1;
+        let out = m.apply(vec![entry(
+            index,
+            format!(r#"{{"put": {{"key": "s{i}", "value": "x"}}}}"#),
+        )]);
+        assert!(out[0].is_ok(), "{}", show(&out[0]));
+    }
+    assert!(
+        m.recoveries() - before <= 1,
+        "{} rebuilds for 50 small batches",
+        m.recoveries() - before
+    );
+}

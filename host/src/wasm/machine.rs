@@ -327,6 +327,10 @@ pub struct Machine {
     base: Bytes,
     replay: Vec<Entry>,
     replay_weight: usize,
+    /// After a rebase snapshot failed (a state too large to serialize within the memory cap),
+    /// the next attempt waits until the replay log weighs this much: every attempt that fails
+    /// costs a rebuild, and retrying after every batch made each batch pay one.
+    rebase_backoff: usize,
     recoveries: u64,
     /// Set once an unmetered batch ran out of fuel or read the clock or random source: from
     /// then on every batch is metered per entry (unmetered attempts would keep failing).
@@ -348,6 +352,7 @@ impl Machine {
             base,
             replay: Vec::new(),
             replay_weight: 0,
+            rebase_backoff: 0,
             recoveries: 0,
             always_meter: false,
         })
@@ -510,13 +515,17 @@ impl Machine {
         if self.broken.is_some() {
             return;
         }
-        if self.replay_weight < REBASE_MIN_BYTES.max(self.base.len().saturating_mul(2)) {
+        let due = REBASE_MIN_BYTES
+            .max(self.base.len().saturating_mul(2))
+            .max(self.rebase_backoff);
+        if self.replay_weight < due {
             return;
         }
         match self.live.snapshot() {
             Ok(bytes) => self.rebase(Bytes::from(bytes)),
             Err(error) => {
                 tracing::warn!(%error, digest = %self.module.digest, "snapshot for rebase failed");
+                self.rebase_backoff = self.replay_weight.saturating_mul(2);
                 self.recover();
             }
         }
@@ -526,6 +535,7 @@ impl Machine {
         self.base = base;
         self.replay.clear();
         self.replay_weight = 0;
+        self.rebase_backoff = 0;
     }
 
     /// Replaces the poisoned store: fresh instance, base snapshot, replay log.
