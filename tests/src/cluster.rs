@@ -177,6 +177,18 @@ impl TestCluster {
         self.spawn(i);
     }
 
+    /// kill -9, then deletes the node's data directory (a lost disk).
+    pub fn wipe(&mut self, i: usize) {
+        self.kill(i);
+        let dir = &self.nodes[i].data_dir;
+        std::fs::remove_dir_all(dir).unwrap_or_else(|e| panic!("wiping {}: {e}", dir.display()));
+    }
+
+    /// Starts a node that was killed or wiped, and waits until it answers.
+    pub fn start_node(&mut self, i: usize) {
+        self.spawn(i);
+    }
+
     pub fn client(&self, i: usize) -> Client {
         Client::new(self.nodes[i].http.to_string())
     }

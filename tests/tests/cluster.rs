@@ -586,3 +586,33 @@ fn a_node_restarts_over_a_log_holding_a_trapped_task() {
     assert_eq!(value.status, 200, "{}", value.text());
     assert_eq!(value.json()["value"], 2);
 }
+
+#[test]
+fn a_follower_whose_data_directory_was_wiped_catches_up() {
+    let _serial = serial();
+    let mut c = TestCluster::start(3);
+    assert_eq!(c.deploy("kv", &guests::read(guests::KV)).status, 201);
+    let leader = c.wait_for_leader(Duration::from_secs(10));
+    let mut client = c.client(leader);
+    for i in 0..20 {
+        let put = format!(r#"{{"put": {{"key": "k{i}", "value": "v"}}}}"#);
+        let r = client
+            .post("/v1/machines/kv/tasks", put.as_bytes())
+            .expect("reply");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let follower = (0..3).find(|&i| i != leader).expect("a follower");
+    c.wait_converged("kv", Duration::from_secs(20));
+    c.wipe(follower);
+    c.start_node(follower);
+    // It must be replicated everything again, not probed at its old match index forever.
+    c.wait_converged("kv", Duration::from_secs(30));
+    let keys = c
+        .client(follower)
+        .post(
+            "/v1/machines/kv/query?consistency=local",
+            br#"{"scan": {"prefix": "k"}}"#,
+        )
+        .expect("reply");
+    assert_eq!(keys.json()["items"].as_array().map(Vec::len), Some(20));
+}

@@ -116,6 +116,9 @@ pub enum ProposeRefused {
     Overloaded,
 }
 
+/// Reports in a row of a last index below a follower's match that mean it lost its log.
+const LOST_LOG_REPORTS: u8 = 3;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ProgressState {
     /// One probe in flight at a time while the match point is unknown.
@@ -138,6 +141,8 @@ struct Progress {
     active: bool,
     /// Highest read-index round the follower has answered.
     seq_acked: u64,
+    /// Reports in a row of a last index below `matched` (see `lost_log`).
+    reported_less: u8,
 }
 
 struct PendingRead {
@@ -576,6 +581,7 @@ impl RaftCore {
                     Message::HeartbeatResp {
                         term: self.term,
                         seq,
+                        last_index: self.last_index,
                     },
                 ));
             }
@@ -590,9 +596,14 @@ impl RaftCore {
                     self.handle_append_resp(from, success, index, last_index, seq);
                 }
             }
-            Message::HeartbeatResp { seq, .. } => {
+            Message::HeartbeatResp {
+                seq, last_index, ..
+            } => {
                 if self.role == CoreRole::Leader {
                     self.ack_seq(from, seq);
+                    if self.lost_log(from, last_index) {
+                        return;
+                    }
                     if let Some(p) = self.progress.get(&from)
                         && p.matched < self.last_index
                     {
@@ -769,6 +780,7 @@ impl RaftCore {
                         // check-quorum.
                         active: false,
                         seq_acked: 0,
+                        reported_less: 0,
                     },
                 );
             }
@@ -1142,6 +1154,7 @@ impl RaftCore {
             self.maybe_commit();
         } else {
             if index <= p.matched {
+                self.lost_log(from, last_index);
                 return; // stale rejection
             }
             if p.state == ProgressState::Probe && index + 1 != p.next {
@@ -1153,6 +1166,40 @@ impl RaftCore {
             p.next = index.min(last_index + 1).max(p.matched + 1);
         }
         self.send_append(from);
+    }
+
+    /// Whether `peer`, reporting `last_index` below its match, has lost its log. A stale
+    /// report (delayed past later successes) is a one-off; a follower that keeps reporting
+    /// less than it acknowledged as durable lost it (a wiped data directory, outside what Raft
+    /// tolerates). It is started over from what it has, so it catches up instead of being
+    /// probed at its old match, or sent nothing, forever.
+    fn lost_log(&mut self, peer: NodeId, last_index: u64) -> bool {
+        let Some(p) = self.progress.get_mut(&peer) else {
+            return false;
+        };
+        if last_index >= p.matched {
+            p.reported_less = 0;
+            return false;
+        }
+        p.reported_less = p.reported_less.saturating_add(1);
+        if p.reported_less < LOST_LOG_REPORTS {
+            return false;
+        }
+        tracing::error!(
+            follower = peer,
+            matched = p.matched,
+            last_index,
+            "the follower lost entries it had acknowledged as durable (was its data directory \
+             wiped?); replicating them again"
+        );
+        p.reported_less = 0;
+        p.matched = last_index;
+        p.state = ProgressState::Probe;
+        p.inflight.clear();
+        p.probe_sent_at = None;
+        p.next = last_index + 1;
+        self.send_append(peer);
+        true
     }
 
     /// Resets a follower whose appends went unanswered (lost messages) to probing.
@@ -1709,13 +1756,21 @@ mod tests {
             Message::HeartbeatResp {
                 term: 1,
                 seq: seq - 1,
+                last_index: 1,
             },
         );
         assert!(
             c.take_ready().reads_ready.is_empty(),
             "an older round does not confirm"
         );
-        c.step(3, Message::HeartbeatResp { term: 1, seq });
+        c.step(
+            3,
+            Message::HeartbeatResp {
+                term: 1,
+                seq,
+                last_index: 1,
+            },
+        );
         assert_eq!(c.take_ready().reads_ready, vec![(1, 1)]);
     }
 
@@ -1870,6 +1925,7 @@ mod tests {
             Message::HeartbeatResp {
                 term: 1,
                 seq: 1_000,
+                last_index: 1,
             },
         );
         assert!(
@@ -1911,7 +1967,14 @@ mod tests {
             c.tick(t, 0);
             flush(&mut c);
             for p in [2, 3] {
-                c.step(p, Message::HeartbeatResp { term: 1, seq: 0 });
+                c.step(
+                    p,
+                    Message::HeartbeatResp {
+                        term: 1,
+                        seq: 0,
+                        last_index: 1,
+                    },
+                );
             }
         }
         c.propose([Bytes::from_static(b"a")], 0, None)
@@ -1929,6 +1992,81 @@ mod tests {
                 .iter()
                 .any(|(_, m)| matches!(m, Message::Append { entries, .. } if !entries.is_empty())),
             "an append resent within a tick: {resent:?}"
+        );
+    }
+
+    #[test]
+    fn a_follower_that_lost_its_log_is_replicated_again_not_probed_forever() {
+        let mut c = core(1, 3, &[], 0);
+        elect(&mut c, 3);
+        let (last, _) = c
+            .propose((0..4).map(|_| Bytes::from_static(b"a")), 0, None)
+            .expect("leader");
+        flush(&mut c);
+        let ack = |index| Message::AppendResp {
+            term: 1,
+            success: true,
+            index,
+            last_index: index,
+            seq: 0,
+        };
+        c.step(2, ack(last));
+        flush(&mut c);
+        assert_eq!(c.match_index(2), last);
+        // Node 2 comes back with an empty log and rejects every probe at its old match.
+        let lost = Message::AppendResp {
+            term: 1,
+            success: false,
+            index: last,
+            last_index: 0,
+            seq: 0,
+        };
+        c.step(2, lost.clone());
+        assert_eq!(
+            c.match_index(2),
+            last,
+            "one stale rejection changes nothing"
+        );
+        c.step(2, lost.clone());
+        c.step(2, lost);
+        assert_eq!(c.match_index(2), 0);
+        let sent = flush(&mut c);
+        assert!(
+            sent.iter().any(|(to, m)| *to == 2
+                && matches!(m, Message::Append { prev_index: 0, entries, .. } if !entries.is_empty())),
+            "the log is sent again from its start: {sent:?}"
+        );
+    }
+
+    #[test]
+    fn a_follower_that_lost_its_log_is_noticed_from_its_heartbeat_answers() {
+        let mut c = core(1, 3, &[], 0);
+        elect(&mut c, 3);
+        c.step(
+            2,
+            Message::AppendResp {
+                term: 1,
+                success: true,
+                index: 1,
+                last_index: 1,
+                seq: 0,
+            },
+        );
+        flush(&mut c);
+        // Caught up, the follower is sent only heartbeats: their answers must tell.
+        let answer = Message::HeartbeatResp {
+            term: 1,
+            seq: 0,
+            last_index: 0,
+        };
+        for _ in 0..3 {
+            c.step(2, answer.clone());
+        }
+        assert_eq!(c.match_index(2), 0);
+        assert!(
+            flush(&mut c)
+                .iter()
+                .any(|(to, m)| *to == 2 && matches!(m, Message::Append { prev_index: 0, .. }))
         );
     }
 }

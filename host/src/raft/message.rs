@@ -114,9 +114,11 @@ pub enum Message {
         commit: u64,
         seq: u64,
     },
+    /// `last_index` lets the leader notice a follower that lost entries it acknowledged.
     HeartbeatResp {
         term: u64,
         seq: u64,
+        last_index: u64,
     },
 }
 
@@ -238,10 +240,15 @@ impl Message {
                 put_u64(out, *commit);
                 put_u64(out, *seq);
             }
-            Message::HeartbeatResp { term, seq } => {
+            Message::HeartbeatResp {
+                term,
+                seq,
+                last_index,
+            } => {
                 out.push(TAG_HEARTBEAT_RESP);
                 put_u64(out, *term);
                 put_u64(out, *seq);
+                put_u64(out, *last_index);
             }
         }
     }
@@ -306,6 +313,7 @@ impl Message {
             TAG_HEARTBEAT_RESP => Message::HeartbeatResp {
                 term: r.u64()?,
                 seq: r.u64()?,
+                last_index: r.u64()?,
             },
             other => return Err(DecodeError::UnknownTag(other)),
         };
@@ -465,7 +473,11 @@ mod tests {
                 commit: 11,
                 seq: 5,
             },
-            Message::HeartbeatResp { term: 3, seq: 5 },
+            Message::HeartbeatResp {
+                term: 3,
+                seq: 5,
+                last_index: 11,
+            },
         ]
     }
 

@@ -21,6 +21,9 @@ use crate::raft::{HardState, LogEntry, LogRead, LogWrite};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Which cluster this log belongs to (`cluster` → id), written at the first start.
+const IDENTITY: TableDefinition<&str, &str> = TableDefinition::new("identity");
+const IDENTITY_CLUSTER: &str = "cluster";
 
 const META_TERM: &str = "term";
 const META_VOTE: &str = "vote";
@@ -75,6 +78,31 @@ impl LogStore {
     }
 
     /// Reads term, vote, commit and the terms of every entry.
+    /// Ties this log to `cluster_id` at the first start; afterwards refuses any other id, so a
+    /// node started on another cluster's data directory (or with other --peers) fails instead
+    /// of joining with a foreign log and state.
+    pub fn bind_cluster(&self, cluster_id: &str) -> anyhow::Result<()> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(IDENTITY)?;
+            let bound = table.get(IDENTITY_CLUSTER)?.map(|v| v.value().to_owned());
+            match bound {
+                Some(bound) if bound != cluster_id => anyhow::bail!(
+                    "this data directory belongs to cluster {bound:?}, and this node was started \
+                     for cluster {cluster_id:?} (the --cluster-id, or a digest of --peers): \
+                     start it with the flags it was created with, or give it an empty data \
+                     directory"
+                ),
+                Some(_) => {}
+                None => {
+                    table.insert(IDENTITY_CLUSTER, cluster_id)?;
+                }
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     pub fn recover(&self) -> anyhow::Result<Recovered> {
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(META)?;
@@ -245,6 +273,21 @@ mod tests {
             kind: EntryKind::Normal,
             payload: Bytes::from(vec![index as u8; 10]),
         }
+    }
+
+    #[test]
+    fn a_log_belongs_to_the_cluster_it_was_first_opened_for() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("log.redb");
+        LogStore::open(&path)?.bind_cluster("a")?;
+        let s = LogStore::open(&path)?;
+        s.bind_cluster("a")?;
+        let refused = s.bind_cluster("b").expect_err("another cluster's log");
+        assert!(
+            refused.to_string().contains(r#"belongs to cluster "a""#),
+            "{refused}"
+        );
+        Ok(())
     }
 
     #[test]
