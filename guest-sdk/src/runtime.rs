@@ -187,8 +187,6 @@ thread_local! {
     static IGNORE_BEGIN_BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// The core function behind the `on-apply` export: `(batch.ptr, batch.len) -> retptr`.
-///
 /// For the host's tests: from now on this instance calls `begin-entry` for every entry, as
 /// modules built before `begin-batch` existed do, whatever `begin-batch` answers.
 #[doc(hidden)]
@@ -196,6 +194,8 @@ pub fn emulate_sdk_without_begin_batch() {
     IGNORE_BEGIN_BATCH.set(true);
 }
 
+/// The core function behind the `on-apply` export: `(batch.ptr, batch.len) -> retptr`.
+///
 /// Hand-written rather than generated so that the batch is read in place (no `Vec<Entry>`),
 /// and the outputs are written into reused buffers (no allocation per output, nothing to free
 /// per output in post-return).

@@ -99,13 +99,15 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         cfg.id
     );
     let own = &cfg.peers[&cfg.id];
-    anyhow::ensure!(
-        raft_addr_matches(own, cfg.raft_addr),
-        "--raft {} is not this node's entry in --peers ({}={own}): peers would dial an address \
-         nobody listens on",
-        cfg.raft_addr,
-        cfg.id
-    );
+    // A warning, not a refusal: a port mapping (containers, NAT) may send peers to --raft.
+    if !raft_addr_matches(own, cfg.raft_addr) {
+        tracing::warn!(
+            raft = %cfg.raft_addr,
+            peers_entry = %own,
+            "--raft is not this node's entry in --peers: peers dial the entry, so unless a port \
+             mapping forwards it here they will never reach this node"
+        );
+    }
     anyhow::ensure!(
         cfg.advertise_http.is_some() || !cfg.http_addr.ip().is_unspecified(),
         "--http {} listens on every interface, so it is no address to send clients to: \

@@ -61,7 +61,8 @@ pub trait LogRead: Send {
 
 /// One storage action. The runtime applies them in order: delete entries from
 /// `truncate_from` on, append `entries`, save `hard_state`, make it durable, then send `after`
-/// and call [`RaftCore::persisted`] with `(last_index, last_term)`.
+/// and call [`RaftCore::persisted`] with `(id, last_index, last_term)` of the last write of each
+/// group made durable together.
 #[derive(Debug, Default)]
 pub struct LogWrite {
     /// Issue order (from 1): `persisted` names the last write of a durable group by it.
@@ -218,7 +219,10 @@ impl RaftCore {
             None if last_index > 0 => storage
                 .entries(last_index, last_index + 1, 1)
                 .and_then(|v| v.last().map(|e| e.timestamp_ms))
-                .unwrap_or(0),
+                .unwrap_or_else(|| {
+                    tracing::error!(last_index, "cannot read the last entry's timestamp");
+                    0
+                }),
             None => 0,
         };
         let mut core = RaftCore {
@@ -1017,10 +1021,10 @@ impl RaftCore {
         self.send_after_durable(from, resp, last_new);
     }
 
-    /// The highest index at which this log may still match the log of a leader whose append
-    /// at `prev_index` it rejects: its last index when shorter, else the entry before the term
-    /// run holding `prev_index` (the leader has another term there, so that run is suspect
-    /// from its start), never below commit. The leader skips a whole run per round trip
+    /// Where a leader whose append at `prev_index` this log rejects should probe next: its
+    /// last index when shorter, else the entry before the term run holding `prev_index` (the
+    /// leader has another term there, so that run is suspect from its start; the logs may
+    /// still match partway into it, which costs only resending entries), never below commit. The leader skips a whole run per round trip
     /// instead of one index, so a long divergent suffix costs one probe, not one per entry.
     fn match_hint(&self, prev_index: u64) -> u64 {
         if prev_index > self.last_index {
@@ -1193,7 +1197,9 @@ impl RaftCore {
              wiped?); replicating them again"
         );
         p.reported_less = 0;
-        p.matched = last_index;
+        // Nothing it reports is checked yet: its match starts over from 0 (so heartbeats
+        // commit nothing on it), and the next probe checks its log from `last_index` down.
+        p.matched = 0;
         p.state = ProgressState::Probe;
         p.inflight.clear();
         p.probe_sent_at = None;

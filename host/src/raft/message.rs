@@ -99,9 +99,8 @@ pub enum Message {
         entries: Vec<LogEntry>,
     },
     /// On success `index` is the follower's durable match; on rejection it is the rejected
-    /// `prev_index` and `last_index` is the highest index at which the follower's log may still
-    /// match the leader's (a probing hint: its last index, or the entry before its conflicting
-    /// term run).
+    /// `prev_index` and `last_index` is where to probe next (the follower's last index, or the
+    /// entry before its conflicting term run).
     AppendResp {
         term: u64,
         success: bool,

@@ -77,7 +77,6 @@ impl LogStore {
         Ok(LogStore { db: Arc::new(db) })
     }
 
-    /// Reads term, vote, commit and the terms of every entry.
     /// Ties this log to `cluster_id` at the first start; afterwards refuses any other id, so a
     /// node started on another cluster's data directory (or with other --peers) fails instead
     /// of joining with a foreign log and state.
@@ -89,9 +88,10 @@ impl LogStore {
             match bound {
                 Some(bound) if bound != cluster_id => anyhow::bail!(
                     "this data directory belongs to cluster {bound:?}, and this node was started \
-                     for cluster {cluster_id:?} (the --cluster-id, or a digest of --peers): \
-                     start it with the flags it was created with, or give it an empty data \
-                     directory"
+                     for cluster {cluster_id:?} (the --cluster-id, or a digest of --peers). If \
+                     the members only moved to new addresses, start every node with \
+                     --cluster-id {bound}; if the directory is another cluster's, give this node \
+                     its own"
                 ),
                 Some(_) => {}
                 None => {
@@ -103,6 +103,7 @@ impl LogStore {
         Ok(())
     }
 
+    /// Reads term, vote, commit and the terms of every entry.
     pub fn recover(&self) -> anyhow::Result<Recovered> {
         let txn = self.db.begin_read()?;
         let meta = txn.open_table(META)?;

@@ -99,8 +99,12 @@ impl Hello {
         if *take::<4>(&mut b)? != MAGIC {
             return Err(FrameError::BadHello("not a lockstep peer"));
         }
-        if take::<1>(&mut b)?[0] != PROTOCOL_VERSION {
-            return Err(FrameError::BadHello("unsupported protocol version"));
+        let version = take::<1>(&mut b)?[0];
+        if version != PROTOCOL_VERSION {
+            return Err(FrameError::Refused(format!(
+                "peer speaks protocol version {version}, this node {PROTOCOL_VERSION}: every \
+                 member must run the same lockstep release"
+            )));
         }
         let node_id = u64::from_be_bytes(*take::<8>(&mut b)?);
         let cluster_id = take_str(&mut b)?;

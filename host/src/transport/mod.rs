@@ -216,7 +216,7 @@ async fn serve_inbound<M: WireMessage>(
     }
     if hello.apply_limits != config.apply_limits {
         return Err(FrameError::Refused(format!(
-            "node {} applies entries under other limits ({}) than this node ({}): replicas \
+            "node {} applies entries under other limits ({:?}) than this node ({:?}): replicas \
              would diverge; start every member with the same --fuel-per-task and --memory-mib",
             hello.node_id, hello.apply_limits, config.apply_limits
         )));
@@ -252,9 +252,7 @@ async fn dial_loop<M: WireMessage>(
     let mut backoff = Duration::from_millis(20);
     let mut out = Vec::with_capacity(64 * 1024);
     loop {
-        let dialled = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await;
-        let mut stream = match dialled.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
-        {
+        let mut stream = match dial(&addr).await {
             Ok(s) => s,
             Err(e) => {
                 debug!(%addr, error = %e, "peer not reachable");
@@ -265,7 +263,6 @@ async fn dial_loop<M: WireMessage>(
                 continue;
             }
         };
-        backoff = Duration::from_millis(20);
         tune(&stream);
         out.clear();
         put_frame(&mut out, &hello);
@@ -274,6 +271,7 @@ async fn dial_loop<M: WireMessage>(
             continue;
         }
         info!(%addr, "connected to peer");
+        let connected = std::time::Instant::now();
         loop {
             let Some(first) = rx.recv().await else {
                 return;
@@ -292,7 +290,29 @@ async fn dial_loop<M: WireMessage>(
                 break;
             }
         }
+        // A peer that refuses the hello (another cluster, other limits) closes at once: back
+        // off as from a failed dial instead of reconnecting for every message.
+        if connected.elapsed() < Duration::from_secs(1) {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        } else {
+            backoff = Duration::from_millis(20);
+        }
     }
+}
+
+/// Connects to `addr` (HOST:PORT), trying each address it resolves to for at most
+/// `CONNECT_TIMEOUT` (the name lookup itself is not bounded by it).
+async fn dial(addr: &str) -> std::io::Result<TcpStream> {
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+    for a in tokio::net::lookup_host(addr).await? {
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(a)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = std::io::ErrorKind::TimedOut.into(),
+        }
+    }
+    Err(last)
 }
 
 #[cfg(test)]
