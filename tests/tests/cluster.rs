@@ -616,3 +616,29 @@ fn a_follower_whose_data_directory_was_wiped_catches_up() {
         .expect("reply");
     assert_eq!(keys.json()["items"].as_array().map(Vec::len), Some(20));
 }
+
+#[test]
+fn the_cli_gets_the_answer_a_node_gives_before_reading_the_body() {
+    let _serial = serial();
+    let c = TestCluster::start(1);
+    // Three times the task limit: the node answers 413 after the first MiB, with the rest
+    // still on its way. It used to close the connection on the unread bytes, and the CLI,
+    // still sending, reported "broken pipe" about half the time.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let payload = dir.path().join("payload");
+    std::fs::write(&payload, vec![b' '; 3 << 20]).expect("payload");
+    let url = format!("http://{}", c.nodes[0].http);
+    for attempt in 0..10 {
+        let out = std::process::Command::new(lockstep_tests::cluster::lockstep_bin())
+            .args(["submit", "counter"])
+            .arg(format!("@{}", payload.display()))
+            .args(["--url", &url])
+            .output()
+            .expect("run the CLI");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("413 too_large"),
+            "attempt {attempt}: {stderr}"
+        );
+    }
+}

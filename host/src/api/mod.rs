@@ -1,6 +1,7 @@
 //! The HTTP API (hyper 1.x, HTTP/1.1 keep-alive): where a task enters the pipeline and where
 //! its outcome leaves it. Routes and status codes are README.md's API reference.
 
+mod body;
 pub mod error;
 pub mod metrics;
 
@@ -10,7 +11,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, header};
@@ -22,6 +22,7 @@ use tracing::debug;
 use crate::machines::{Catalog, Command, Effect, MachineSet, validate_name};
 use crate::raft::{Applied, Node, NodeId, ProposeError, ReadError, Role};
 use crate::wasm::ModuleRegistry;
+use body::RequestBody;
 pub use error::{ApiError, Body};
 
 /// Largest task payload accepted.
@@ -91,8 +92,9 @@ pub async fn serve(listener: TcpListener, state: Arc<ApiState>, max_connections:
         tune(&stream);
         let state = state.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let state = state.clone();
+                let req = req.map(RequestBody::new);
                 async move { Ok::<_, Infallible>(handle(&state, req).await) }
             });
             // A client that never finishes its headers must not hold a connection forever.
@@ -144,7 +146,7 @@ fn tune(stream: &tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(SEND_TIMEOUT));
 }
 
-async fn handle(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
+async fn handle(state: &ApiState, req: Request<RequestBody>) -> Response<Body> {
     let resp = match route(state, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -153,7 +155,7 @@ async fn handle(state: &ApiState, req: Request<Incoming>) -> Response<Body> {
     resp
 }
 
-async fn route(state: &ApiState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn route(state: &ApiState, req: Request<RequestBody>) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().to_owned();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method().clone(), segs.as_slice()) {
@@ -275,7 +277,7 @@ fn leader_or_redirect(state: &ApiState, uri: &hyper::Uri) -> Option<Response<Bod
     (role != Role::Leader).then(|| redirect(state, leader, uri))
 }
 
-fn expected_term(req: &Request<Incoming>) -> Result<Option<u64>, ApiError> {
+fn expected_term(req: &Request<RequestBody>) -> Result<Option<u64>, ApiError> {
     req.headers()
         .get(EXPECTED_TERM)
         .map(|v| {
@@ -337,7 +339,7 @@ fn list(state: &ApiState) -> Response<Body> {
 async fn deploy(
     state: &ApiState,
     name: &str,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
     check_name(name)?;
     if let Some(r) = leader_or_redirect(state, req.uri()) {
@@ -382,7 +384,7 @@ async fn deploy(
 async fn describe(
     state: &ApiState,
     name: &str,
-    req: &Request<Incoming>,
+    req: &Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
     check_name(name)?;
     let with_digest = query_param(req.uri(), "digest").is_some_and(|v| v == "1" || v == "true");
@@ -402,7 +404,7 @@ async fn describe(
 async fn delete(
     state: &ApiState,
     name: &str,
-    req: &Request<Incoming>,
+    req: &Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
     check_name(name)?;
     if let Some(r) = leader_or_redirect(state, req.uri()) {
@@ -440,7 +442,7 @@ enum Admitted {
 async fn admit(
     state: &ApiState,
     name: &str,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     limit: usize,
 ) -> Result<Admitted, ApiError> {
     check_name(name)?;
@@ -459,7 +461,7 @@ async fn admit(
 async fn submit(
     state: &ApiState,
     name: &str,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
     let (term, uri, payload) = match admit(state, name, req, MAX_TASK_BYTES).await? {
         Admitted::Redirect(r) => return Ok(r),
@@ -503,7 +505,7 @@ fn machine_known(state: &ApiState, name: &str) -> bool {
 async fn submit_batch(
     state: &ApiState,
     name: &str,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
     let (term, uri, body) = match admit(state, name, req, MAX_BATCH_BYTES).await? {
         Admitted::Redirect(r) => return Ok(r),
@@ -601,7 +603,7 @@ fn write_batch_error(out: &mut Vec<u8>, e: &ApiError) {
 async fn query(
     state: &ApiState,
     name: &str,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
     check_name(name)?;
     let linearizable = match query_param(req.uri(), "consistency").as_deref() {
