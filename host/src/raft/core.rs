@@ -1298,6 +1298,17 @@ mod tests {
         }
     }
 
+    /// A follower's durable acknowledgement of everything up to `index`.
+    fn ack(term: u64, index: u64) -> Message {
+        Message::AppendResp {
+            term,
+            success: true,
+            index,
+            last_index: index,
+            seq: 0,
+        }
+    }
+
     fn entry(index: u64, term: u64) -> LogEntry {
         LogEntry {
             index,
@@ -1615,16 +1626,7 @@ mod tests {
         elect(&mut c, 3);
         assert_eq!((c.term(), c.last_index()), (3, 3));
         // A quorum holds index 2 (an older term's entry): it must not commit by counting.
-        c.step(
-            2,
-            Message::AppendResp {
-                term: 3,
-                success: true,
-                index: 2,
-                last_index: 2,
-                seq: 0,
-            },
-        );
+        c.step(2, ack(3, 2));
         flush(&mut c);
         assert_eq!(
             c.commit_index(),
@@ -1632,16 +1634,7 @@ mod tests {
             "entries of an older term are not committed by counting replicas"
         );
         // Once the current term's no-op is on a quorum, everything up to it commits.
-        c.step(
-            2,
-            Message::AppendResp {
-                term: 3,
-                success: true,
-                index: 3,
-                last_index: 3,
-                seq: 0,
-            },
-        );
+        c.step(2, ack(3, 3));
         flush(&mut c);
         assert_eq!(c.commit_index(), 3);
     }
@@ -1654,16 +1647,7 @@ mod tests {
             .propose([Bytes::from_static(b"a")], 0, None)
             .expect("leader");
         let r = c.take_ready(); // not persisted: the leader's vote is missing
-        c.step(
-            2,
-            Message::AppendResp {
-                term: 1,
-                success: true,
-                index: first,
-                last_index: first,
-                seq: 0,
-            },
-        );
+        c.step(2, ack(1, first));
         flush(&mut c);
         assert_eq!(
             c.commit_index(),
@@ -1734,16 +1718,7 @@ mod tests {
     fn read_index_waits_for_a_quorum_round() {
         let mut c = core(1, 3, &[], 0);
         elect(&mut c, 3);
-        c.step(
-            2,
-            Message::AppendResp {
-                term: 1,
-                success: true,
-                index: 1,
-                last_index: 1,
-                seq: 0,
-            },
-        );
+        c.step(2, ack(1, 1));
         flush(&mut c);
         c.read_index(1).expect("leader");
         let seq = flush(&mut c)
@@ -1912,16 +1887,7 @@ mod tests {
     fn a_follower_cannot_confirm_read_rounds_not_yet_started() {
         let mut c = core(1, 3, &[], 0);
         elect(&mut c, 3);
-        c.step(
-            2,
-            Message::AppendResp {
-                term: 1,
-                success: true,
-                index: 1,
-                last_index: 1,
-                seq: 0,
-            },
-        );
+        c.step(2, ack(1, 1));
         flush(&mut c);
         c.read_index(1).expect("leader");
         flush(&mut c);
@@ -1954,16 +1920,7 @@ mod tests {
         let mut c = core(1, 3, &[], 0);
         elect(&mut c, 3);
         for p in [2, 3] {
-            c.step(
-                p,
-                Message::AppendResp {
-                    term: 1,
-                    success: true,
-                    index: 1,
-                    last_index: 1,
-                    seq: 0,
-                },
-            );
+            c.step(p, ack(1, 1));
         }
         flush(&mut c);
         // Idle for a while (heartbeats answered), then a proposal.
@@ -2009,14 +1966,7 @@ mod tests {
             .propose((0..4).map(|_| Bytes::from_static(b"a")), 0, None)
             .expect("leader");
         flush(&mut c);
-        let ack = |index| Message::AppendResp {
-            term: 1,
-            success: true,
-            index,
-            last_index: index,
-            seq: 0,
-        };
-        c.step(2, ack(last));
+        c.step(2, ack(1, last));
         flush(&mut c);
         assert_eq!(c.match_index(2), last);
         // Node 2 comes back with an empty log and rejects every probe at its old match.
@@ -2048,16 +1998,7 @@ mod tests {
     fn a_follower_that_lost_its_log_is_noticed_from_its_heartbeat_answers() {
         let mut c = core(1, 3, &[], 0);
         elect(&mut c, 3);
-        c.step(
-            2,
-            Message::AppendResp {
-                term: 1,
-                success: true,
-                index: 1,
-                last_index: 1,
-                seq: 0,
-            },
-        );
+        c.step(2, ack(1, 1));
         flush(&mut c);
         // Caught up, the follower is sent only heartbeats: their answers must tell.
         let answer = Message::HeartbeatResp {
