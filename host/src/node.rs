@@ -58,8 +58,12 @@ pub struct RunningNode {
     pub raft_addr: SocketAddr,
     pub node: Node<MachineSet>,
     api: JoinHandle<()>,
+    stop_http: tokio::sync::watch::Sender<bool>,
     _transport: PeerTransport<Message>,
 }
+
+/// How long a stopping node waits for HTTP requests in flight before it drops them.
+const HTTP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl WireMessage for Message {
     fn encode(&self, out: &mut Vec<u8>) {
@@ -185,21 +189,31 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         http_addr: Box::new(move |id| http_of.http_addr(id)),
         metrics: api::metrics::Metrics::new(guest_errors),
     });
-    let api = tokio::spawn(api::serve(http_listener, state, cfg.max_connections));
+    let (stop_http, stop) = tokio::sync::watch::channel(false);
+    let api = tokio::spawn(api::serve(http_listener, state, cfg.max_connections, stop));
     info!(id = cfg.id, %http_addr, %raft_addr, "node started");
     Ok(RunningNode {
         http_addr,
         raft_addr,
         node,
         api,
+        stop_http,
         _transport: transport,
     })
 }
 
 impl RunningNode {
     /// Stops serving HTTP, then resolves every pending task and stops the pipeline.
-    pub async fn shutdown(self) {
-        self.api.abort();
+    pub async fn shutdown(mut self) {
+        // Requests in flight are answered first (their tasks need the pipeline), within a
+        // grace period; then whatever is left is dropped.
+        let _ = self.stop_http.send(true);
+        if tokio::time::timeout(HTTP_GRACE, &mut self.api)
+            .await
+            .is_err()
+        {
+            self.api.abort();
+        }
         self.node.shutdown().await;
     }
 }

@@ -177,6 +177,15 @@ impl TestCluster {
         self.spawn(i);
     }
 
+    /// SIGTERM, as an operator stops a node; the process is reaped later (kill, restart, drop).
+    pub fn sigterm(&self, i: usize) {
+        if let Some(c) = &self.nodes[i].child {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+        }
+    }
+
     /// kill -9, then deletes the node's data directory (a lost disk).
     pub fn wipe(&mut self, i: usize) {
         self.kill(i);

@@ -642,3 +642,39 @@ fn the_cli_gets_the_answer_a_node_gives_before_reading_the_body() {
         );
     }
 }
+
+#[test]
+fn a_stopping_node_answers_the_request_in_flight() {
+    let _serial = serial();
+    let c = TestCluster::start(1);
+    assert_eq!(c.deploy("chaos", &guests::read(guests::CHAOS)).status, 201);
+    let task = br#"{"add": 5}"#;
+    let mut s = TcpStream::connect(c.nodes[0].http).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let head = format!(
+        "POST /v1/machines/chaos/tasks HTTP/1.1\r\nhost: lockstep\r\ncontent-length: {}\r\n\r\n",
+        task.len()
+    );
+    s.write_all(head.as_bytes()).expect("headers");
+    s.write_all(&task[..4]).expect("part of the body");
+    // Stopped mid-request: the rest of the body still arrives, and the answer goes out.
+    c.sigterm(0);
+    std::thread::sleep(Duration::from_millis(300));
+    s.write_all(&task[4..]).expect("the rest of the body");
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply:?}");
+    assert!(reply.contains(r#"{"value":5}"#), "{reply:?}");
+    // And nobody new is served.
+    assert!(
+        wait_until(Duration::from_secs(10), || c
+            .client(0)
+            .get("/healthz")
+            .is_err()
+            .then_some(()))
+        .is_some(),
+        "still serving after SIGTERM"
+    );
+}

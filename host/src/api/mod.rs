@@ -72,16 +72,31 @@ pub struct ApiState {
 /// puts on its client listener. Memory then stays bounded however many clients arrive, and no
 /// client holds a slot for long without making progress: headers, body and unacknowledged
 /// responses each have a deadline.
-pub async fn serve(listener: TcpListener, state: Arc<ApiState>, max_connections: usize) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(connection_budget(
-        max_connections,
-    )));
+///
+/// Once `stop` turns true the node accepts no more connections; requests in flight are
+/// answered (idle connections close at once), and `serve` returns when every connection has
+/// ended: an operator's stop does not reset a client mid-request.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ApiState>,
+    max_connections: usize,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let budget = connection_budget(max_connections);
+    let slots = Arc::new(tokio::sync::Semaphore::new(budget));
     loop {
-        // Never closed, so this waits rather than fails.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
+        let accepted = tokio::select! {
+            _ = stopped(&mut stop) => break,
+            // The semaphore is never closed, so this waits rather than fails.
+            accepted = async {
+                let slot = slots.clone().acquire_owned().await.ok()?;
+                Some((slot, listener.accept().await))
+            } => accepted,
         };
-        let (stream, _) = match listener.accept().await {
+        let Some((slot, accepted)) = accepted else {
+            break;
+        };
+        let (stream, _) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 debug!(error = %e, "http accept failed");
@@ -91,6 +106,7 @@ pub async fn serve(listener: TcpListener, state: Arc<ApiState>, max_connections:
         };
         tune(&stream);
         let state = state.clone();
+        let mut stop = stop.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let state = state.clone();
@@ -98,16 +114,39 @@ pub async fn serve(listener: TcpListener, state: Arc<ApiState>, max_connections:
                 async move { Ok::<_, Infallible>(handle(&state, req).await) }
             });
             // A client that never finishes its headers must not hold a connection forever.
-            if let Err(e) = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
+            let builder = {
+                let mut b = http1::Builder::new();
+                b.timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT);
+                b
+            };
+            let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(stream), svc));
+            let ended = tokio::select! {
+                ended = conn.as_mut() => ended,
+                _ = stopped(&mut stop) => {
+                    // Finish the request in flight, then close (at once if idle).
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = ended {
                 debug!(error = %e, "http connection ended");
             }
             drop(slot);
         });
+    }
+    drop(listener);
+    // Every slot back: every connection has ended.
+    let _ = slots
+        .acquire_many(u32::try_from(budget).unwrap_or(u32::MAX))
+        .await;
+}
+
+/// Resolves once `stop` turns true; never if its sender is dropped instead (a dropped
+/// `RunningNode` keeps serving, as documented there).
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    if stop.wait_for(|&s| s).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
