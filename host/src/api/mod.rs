@@ -215,13 +215,18 @@ async fn route(state: &ApiState, req: Request<RequestBody>) -> Result<Response<B
             submit_batch(state, name, req).await
         }
         (Method::POST, ["v1", "machines", name, "query"]) => query(state, name, req).await,
-        (_, ["healthz" | "metrics"] | ["v1", "cluster" | "machines"] | ["v1", "machines", ..]) => {
-            Err(ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "bad_request",
-                format!("{} is not allowed on {path}", req.method()),
-            ))
-        }
+        // A known route with another method; an unknown path is a 404 whatever the method.
+        (
+            _,
+            ["healthz" | "metrics"]
+            | ["v1", "cluster" | "machines"]
+            | ["v1", "machines", _]
+            | ["v1", "machines", _, "tasks" | "tasks:batch" | "query"],
+        ) => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("{} is not allowed on {path}", req.method()),
+        )),
         _ => Err(ApiError::not_found(format!("no route for {path}"))),
     }
 }
