@@ -193,11 +193,6 @@ impl TestCluster {
         std::fs::remove_dir_all(dir).unwrap_or_else(|e| panic!("wiping {}: {e}", dir.display()));
     }
 
-    /// Starts a node that was killed or wiped, and waits until it answers.
-    pub fn start_node(&mut self, i: usize) {
-        self.spawn(i);
-    }
-
     pub fn client(&self, i: usize) -> Client {
         Client::new(self.nodes[i].http.to_string())
     }
@@ -222,6 +217,12 @@ impl TestCluster {
     }
 
     /// Deploys a component through the leader and returns the reply.
+    /// Deploys the built guest at `guest` (a `guests::` path) as `name`; it must be created.
+    pub fn deploy_guest(&self, name: &str, guest: &str) {
+        let r = self.deploy(name, &crate::guests::read(guest));
+        assert_eq!(r.status, 201, "deploying {name}: {}", r.text());
+    }
+
     pub fn deploy(&self, name: &str, wasm: &[u8]) -> Reply {
         let l = self.wait_for_leader(Duration::from_secs(20));
         self.client(l)

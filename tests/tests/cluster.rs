@@ -180,7 +180,7 @@ fn wait_for_acks(w: &Writers, n: usize) {
 fn leader_kill_9_under_load_loses_no_acknowledged_write() {
     let _serial = serial();
     let mut c = TestCluster::start(3);
-    assert_eq!(c.deploy("kv", &guests::read(guests::KV)).status, 201);
+    c.deploy_guest("kv", guests::KV);
     let w = Writers::start(&c, 8);
     wait_for_acks(&w, 200);
 
@@ -217,7 +217,7 @@ fn leader_kill_9_under_load_loses_no_acknowledged_write() {
 fn whole_cluster_kill_9_under_load_keeps_every_acknowledged_write() {
     let _serial = serial();
     let mut c = TestCluster::start(3);
-    assert_eq!(c.deploy("kv", &guests::read(guests::KV)).status, 201);
+    c.deploy_guest("kv", guests::KV);
     let w = Writers::start(&c, 8);
     wait_for_acks(&w, 300);
     for i in 0..3 {
@@ -234,10 +234,7 @@ fn whole_cluster_kill_9_under_load_keeps_every_acknowledged_write() {
 fn follower_redirects_to_the_leader() {
     let _serial = serial();
     let c = TestCluster::start(3);
-    assert_eq!(
-        c.deploy("counter", &guests::read(guests::COUNTER)).status,
-        201
-    );
+    c.deploy_guest("counter", guests::COUNTER);
     let leader = c.wait_for_leader(Duration::from_secs(10));
     let follower = (leader + 1) % 3;
     let r = c
@@ -264,10 +261,7 @@ fn redirects_and_listings_use_the_advertised_http_address() {
     // The nodes listen on 127.0.0.1 and tell clients "localhost": what a node behind a
     // wildcard or NATed address does with --advertise-http.
     let c = TestCluster::start_advertising(3, "localhost");
-    assert_eq!(
-        c.deploy("counter", &guests::read(guests::COUNTER)).status,
-        201
-    );
+    c.deploy_guest("counter", guests::COUNTER);
     let leader = c.wait_for_leader(Duration::from_secs(10));
     let follower = (leader + 1) % 3;
     let advertised = format!("localhost:{}", c.nodes[leader].http.port());
@@ -333,7 +327,7 @@ fn bad_input_gets_clear_errors_and_the_cluster_stays_healthy() {
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(r.error_code().as_deref(), Some("invalid_module"));
 
-    assert_eq!(c.deploy("chaos", &guests::read(guests::CHAOS)).status, 201);
+    c.deploy_guest("chaos", guests::CHAOS);
     // A 2 MiB task: the node answers 413 from the headers alone, before any body is sent.
     let mut raw = TcpStream::connect(c.nodes[leader].http).unwrap();
     raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -470,10 +464,7 @@ fn connections_beyond_the_cap_wait_until_one_closes() {
 fn the_batch_endpoint_answers_each_task_in_order() {
     let _serial = serial();
     let c = TestCluster::start(3);
-    assert_eq!(
-        c.deploy("counter", &guests::read(guests::COUNTER)).status,
-        201
-    );
+    c.deploy_guest("counter", guests::COUNTER);
     let leader = c.wait_for_leader(Duration::from_secs(10));
     let path = "/v1/machines/counter/tasks:batch";
     let mut l = c.client(leader);
@@ -534,7 +525,7 @@ fn a_leader_past_max_unapplied_mib_refuses_tasks_and_keeps_taking_ones_that_fit(
             "1000000000000",
         ],
     );
-    assert_eq!(c.deploy("chaos", &guests::read(guests::CHAOS)).status, 201);
+    c.deploy_guest("chaos", guests::CHAOS);
     let commit = || metric(&c, 0, "lockstep_commit_index");
     let before = commit().expect("commit index");
     let applied = metric(&c, 0, "lockstep_applied_index").expect("applied index");
@@ -575,7 +566,7 @@ fn a_leader_past_max_unapplied_mib_refuses_tasks_and_keeps_taking_ones_that_fit(
 fn a_node_restarts_over_a_log_holding_a_trapped_task() {
     let _serial = serial();
     let mut c = TestCluster::start(1);
-    assert_eq!(c.deploy("chaos", &guests::read(guests::CHAOS)).status, 201);
+    c.deploy_guest("chaos", guests::CHAOS);
     let mut client = c.client(0);
     let path = "/v1/machines/chaos/tasks";
     // The guest's panic message goes to its stderr, on replay too.
@@ -599,7 +590,7 @@ fn a_node_restarts_over_a_log_holding_a_trapped_task() {
 fn a_follower_whose_data_directory_was_wiped_catches_up() {
     let _serial = serial();
     let mut c = TestCluster::start(3);
-    assert_eq!(c.deploy("kv", &guests::read(guests::KV)).status, 201);
+    c.deploy_guest("kv", guests::KV);
     let leader = c.wait_for_leader(Duration::from_secs(10));
     let mut client = c.client(leader);
     for i in 0..20 {
@@ -612,7 +603,7 @@ fn a_follower_whose_data_directory_was_wiped_catches_up() {
     let follower = (0..3).find(|&i| i != leader).expect("a follower");
     c.wait_converged("kv", Duration::from_secs(20));
     c.wipe(follower);
-    c.start_node(follower);
+    c.restart(follower);
     // It must be replicated everything again, not probed at its old match index forever.
     c.wait_converged("kv", Duration::from_secs(30));
     let keys = c
@@ -655,7 +646,7 @@ fn the_cli_gets_the_answer_a_node_gives_before_reading_the_body() {
 fn a_stopping_node_answers_the_request_in_flight() {
     let _serial = serial();
     let c = TestCluster::start(1);
-    assert_eq!(c.deploy("chaos", &guests::read(guests::CHAOS)).status, 201);
+    c.deploy_guest("chaos", guests::CHAOS);
     let task = br#"{"add": 5}"#;
     let mut s = TcpStream::connect(c.nodes[0].http).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10)))

@@ -114,12 +114,10 @@ pub async fn serve(
                 async move { Ok::<_, Infallible>(handle(&state, req).await) }
             });
             // A client that never finishes its headers must not hold a connection forever.
-            let builder = {
-                let mut b = http1::Builder::new();
-                b.timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT);
-                b
-            };
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
             let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(stream), svc));
             let ended = tokio::select! {
                 ended = conn.as_mut() => ended,

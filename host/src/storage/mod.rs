@@ -93,7 +93,9 @@ impl LogStore {
                      --cluster-id {bound}; if the directory is another cluster's, give this node \
                      its own"
                 ),
-                Some(_) => {}
+                // Every start but the first: dropping the transaction aborts it, so no
+                // durable commit is spent on nothing.
+                Some(_) => return Ok(()),
                 None => {
                     table.insert(IDENTITY_CLUSTER, cluster_id)?;
                 }
