@@ -677,3 +677,56 @@ fn a_stopping_node_answers_the_request_in_flight() {
         "still serving after SIGTERM"
     );
 }
+
+#[test]
+fn dev_stops_the_whole_cluster_when_a_node_exits() {
+    let _serial = serial();
+    // Node 2's HTTP port is taken: its process fails to bind and exits at once.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port() - 1;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut dev = std::process::Command::new(lockstep_tests::cluster::lockstep_bin())
+        .args([
+            "dev",
+            "--nodes",
+            "3",
+            "--port",
+            &port.to_string(),
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run lockstep dev");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = dev.try_wait().expect("wait for dev") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = dev.kill();
+            panic!("lockstep dev kept running with node 2 dead");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "{status}");
+    // The other nodes were stopped with it: node 1's port is free again (checked before
+    // reading stderr, which a surviving child would hold open).
+    assert!(
+        wait_until(Duration::from_secs(5), || std::net::TcpListener::bind((
+            "127.0.0.1",
+            port
+        ))
+        .ok())
+        .is_some(),
+        "node 1 outlived lockstep dev"
+    );
+    let mut err = String::new();
+    dev.stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("read stderr");
+    assert!(err.contains("node 2 exited"), "{err}");
+}

@@ -1,5 +1,6 @@
-//! `lockstep dev`: a working local cluster from one command. One node runs in this process;
-//! more run as child `lockstep serve` processes with ports and data directories chosen here.
+//! `lockstep dev`: a working local cluster from one command. A single node runs in this
+//! process; a cluster runs as child `lockstep serve` processes with ports and data directories
+//! chosen here, and stops as a whole when any of them exits (a port in use, a crash).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -76,11 +77,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let exe = std::env::current_exe().context("locating the lockstep binary")?;
-    let mut children = Vec::new();
+    let (exited_tx, mut exited) = tokio::sync::mpsc::unbounded_channel();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let mut watchers = Vec::new();
     for id in 1..=args.nodes {
         let s = args.serve_args(id);
         let peers: Vec<String> = s.peers.iter().map(|(i, a)| format!("{i}={a}")).collect();
-        let child = Command::new(&exe)
+        let mut child = Command::new(&exe)
             .arg("serve")
             .args(["--id", &id.to_string()])
             .arg("--data-dir")
@@ -97,19 +100,40 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             s.http,
             s.data_dir.display()
         );
-        children.push(child);
+        // One watcher per child: reports its exit, or kills it when the cluster stops.
+        let (exited_tx, mut stop) = (exited_tx.clone(), stop.clone());
+        watchers.push(tokio::spawn(async move {
+            tokio::select! {
+                status = child.wait() => {
+                    let _ = exited_tx.send((id, status));
+                }
+                _ = stop.changed() => {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                }
+            }
+        }));
     }
     println!(
         "lockstep dev: {} nodes; clients default to http://{}",
         args.nodes,
         args.serve_args(1).http
     );
-    shutdown_signal().await;
-    for c in &mut children {
-        let _ = c.start_kill();
+    let outcome = tokio::select! {
+        _ = shutdown_signal() => Ok(()),
+        Some((id, status)) = exited.recv() => {
+            let how = match status {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("unknown status ({e})"),
+            };
+            Err(anyhow::anyhow!(
+                "node {id} exited ({how}); stopped the other nodes (its error is above)"
+            ))
+        }
+    };
+    let _ = stop_tx.send(true);
+    for w in watchers {
+        let _ = w.await;
     }
-    for c in &mut children {
-        let _ = c.wait().await;
-    }
-    Ok(())
+    outcome
 }
