@@ -363,9 +363,18 @@ fn bad_input_gets_clear_errors_and_the_cluster_stays_healthy() {
     assert_eq!(r.status, 422, "{}", r.text());
     assert_eq!(r.error_code().as_deref(), Some("out_of_fuel"));
     assert!(r.text().contains("fuel"), "{}", r.text());
+    // The failed task was committed all the same, and says where.
+    let index = |r: &lockstep_tests::http::Reply| -> u64 {
+        r.header("lockstep-index")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no lockstep-index: {:?}", r.headers))
+    };
+    let failed_at = index(&r);
+    assert!(r.header("lockstep-term").is_some(), "{:?}", r.headers);
     let r = l.post("/v1/machines/chaos/tasks", br#"{"add":2}"#).unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["value"], 2);
+    assert!(index(&r) > failed_at);
     c.wait_converged("chaos", Duration::from_secs(20));
     for i in 0..3 {
         let q = c
@@ -486,7 +495,9 @@ fn the_batch_endpoint_answers_each_task_in_order() {
         "applied in order"
     );
     assert_eq!(results[2]["error"]["code"], "guest_error", "{}", r.text());
+    // Every task was committed, the failed one too: four positions, in order.
     let indexes: Vec<u64> = results.iter().filter_map(|t| t["index"].as_u64()).collect();
+    assert_eq!(indexes.len(), 4, "{}", r.text());
     assert!(indexes.windows(2).all(|w| w[0] < w[1]), "{indexes:?}");
 
     // Refused as a whole before anything is proposed.

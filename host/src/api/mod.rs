@@ -515,16 +515,16 @@ async fn submit(
         Err(ProposeError::NotLeader { leader }) => return Ok(redirect(state, leader, &uri)),
         Err(e) => return Err(e.into()),
     };
-    match applied.output? {
-        Effect::Output(bytes) => {
-            let mut r = Response::new(Full::new(bytes));
-            let h = r.headers_mut();
-            h.insert(INDEX_HEADER, applied.index.into());
-            h.insert(TERM_HEADER, applied.term.into());
-            Ok(r)
-        }
-        other => Err(ApiError::unexpected(&other)),
-    }
+    // Committed either way: a guest's failure is an outcome at a log position too.
+    let mut r = match applied.output {
+        Ok(Effect::Output(bytes)) => Response::new(Full::new(bytes)),
+        Ok(other) => return Err(ApiError::unexpected(&other)),
+        Err(f) => ApiError::from(f).into_response(),
+    };
+    let h = r.headers_mut();
+    h.insert(INDEX_HEADER, applied.index.into());
+    h.insert(TERM_HEADER, applied.term.into());
+    Ok(r)
 }
 
 /// False only when the machine is surely absent. A new leader may not have applied everything
@@ -613,9 +613,13 @@ async fn submit_batch(
             }
             Ok(Applied {
                 output: Ok(other), ..
-            }) => write_batch_error(&mut out, &ApiError::unexpected(&other)),
-            Ok(Applied { output: Err(f), .. }) => write_batch_error(&mut out, &ApiError::from(f)),
-            Err(e) => write_batch_error(&mut out, &ApiError::from(e)),
+            }) => write_batch_error(&mut out, &ApiError::unexpected(&other), None),
+            Ok(Applied {
+                index,
+                term,
+                output: Err(f),
+            }) => write_batch_error(&mut out, &ApiError::from(f), Some((index, term))),
+            Err(e) => write_batch_error(&mut out, &ApiError::from(e), None),
         }
     }
     out.extend_from_slice(b"]}");
@@ -636,8 +640,13 @@ fn write_json_or_string(out: &mut Vec<u8>, bytes: &[u8]) {
     }
 }
 
-fn write_batch_error(out: &mut Vec<u8>, e: &ApiError) {
-    let _ = write!(out, "{{\"status\":{},\"error\":", e.status.as_u16());
+/// A task's error; one that was committed and applied also says where.
+fn write_batch_error(out: &mut Vec<u8>, e: &ApiError, at: Option<(u64, u64)>) {
+    let _ = write!(out, "{{\"status\":{},", e.status.as_u16());
+    if let Some((index, term)) = at {
+        let _ = write!(out, "\"index\":{index},\"term\":{term},");
+    }
+    out.extend_from_slice(b"\"error\":");
     e.write_fields(out);
     out.push(b'}');
 }
