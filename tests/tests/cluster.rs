@@ -253,6 +253,29 @@ fn follower_redirects_to_the_leader() {
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["value"], 5);
+    let index: u64 = r
+        .header("lockstep-index")
+        .and_then(|v| v.parse().ok())
+        .expect("lockstep-index");
+
+    // Only the leader knows how far each member's log goes; a follower says it does not.
+    let matched = |i: usize| -> Vec<serde_json::Value> {
+        let r = c.client(i).get("/v1/cluster").expect("cluster");
+        let members = r.json()["members"].as_array().cloned().expect("members");
+        members.iter().map(|m| m["match_index"].clone()).collect()
+    };
+    assert!(
+        matched(follower).iter().all(serde_json::Value::is_null),
+        "{:?}",
+        matched(follower)
+    );
+    let caught_up = wait_until(Duration::from_secs(10), || {
+        let m = matched(leader);
+        m.iter()
+            .all(|v| v.as_u64().is_some_and(|i| i >= index))
+            .then_some(m)
+    });
+    assert!(caught_up.is_some(), "{:?}", matched(leader));
 }
 
 #[test]

@@ -342,7 +342,11 @@ fn cluster(state: &ApiState) -> Response<Body> {
         .members
         .iter()
         .map(|(id, raft)| {
-            let match_index = s.members.iter().find(|m| m.id == *id).map(|m| m.match_index);
+            let match_index = s
+                .members
+                .iter()
+                .find(|m| m.id == *id)
+                .and_then(|m| m.match_index);
             json!({"id": id, "raft": raft, "http": (state.http_addr)(*id), "match_index": match_index})
         })
         .collect();

@@ -83,8 +83,8 @@ pub enum Role {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberStatus {
     pub id: NodeId,
-    /// Leader only (0 elsewhere): highest index known durable on that member.
-    pub match_index: u64,
+    /// Highest index known durable on that member; only a leader knows it.
+    pub match_index: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,7 +215,10 @@ impl<SM: StateMachine> Node<SM> {
                 members: config
                     .members
                     .iter()
-                    .map(|&id| MemberStatus { id, match_index: 0 })
+                    .map(|&id| MemberStatus {
+                        id,
+                        match_index: None,
+                    })
                     .collect(),
             }),
             applied: applied_at.clone(),
@@ -396,7 +399,10 @@ impl<SM: StateMachine> Node<SM> {
                 s.members
                     .iter()
                     .filter(|m| m.id != s.id)
-                    .map(|m| (m.id, s.last_index.saturating_sub(m.match_index)))
+                    .map(|m| {
+                        let matched = m.match_index.unwrap_or(0);
+                        (m.id, s.last_index.saturating_sub(matched))
+                    })
                     .collect()
             } else {
                 Vec::new()
@@ -719,11 +725,7 @@ impl<SM: StateMachine> CoreLoop<SM> {
         s.commit_index = self.core.commit_index();
         s.last_index = self.core.last_index();
         for m in s.members.iter_mut() {
-            m.match_index = if self.core.is_leader() {
-                self.core.match_index(m.id)
-            } else {
-                0
-            };
+            m.match_index = self.core.is_leader().then(|| self.core.match_index(m.id));
         }
     }
 
