@@ -188,6 +188,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         members: cfg.peers.iter().map(|(id, a)| (*id, a.clone())).collect(),
         http_addr: Box::new(move |id| http_of.http_addr(id)),
         metrics: api::metrics::Metrics::new(guest_errors),
+        bodies: Default::default(),
     });
     let (stop_http, stop) = tokio::sync::watch::channel(false);
     let api = tokio::spawn(api::serve(http_listener, state, cfg.max_connections, stop));

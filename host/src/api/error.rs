@@ -47,14 +47,31 @@ impl ApiError {
         )
     }
 
-    pub fn body_timeout(after: std::time::Duration) -> Self {
+    pub fn body_stalled(after: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!("none of the request body arrived for {} s", after.as_secs()),
+        )
+    }
+
+    pub fn body_too_slow(allowed: std::time::Duration) -> Self {
         Self::new(
             StatusCode::REQUEST_TIMEOUT,
             "timeout",
             format!(
-                "the request body did not arrive within {} s",
-                after.as_secs()
+                "the request body did not arrive whole within {} s",
+                allowed.as_secs()
             ),
+        )
+    }
+
+    /// Nothing was read into memory, nothing proposed: safe to retry.
+    pub fn bodies_overloaded() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "this node is reading too many large request bodies at once",
         )
     }
 

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, header};
@@ -22,7 +22,7 @@ use tracing::debug;
 use crate::machines::{Catalog, Command, Effect, MachineSet, validate_name};
 use crate::raft::{Applied, Node, NodeId, ProposeError, ReadError, Role};
 use crate::wasm::ModuleRegistry;
-use body::RequestBody;
+use body::{BodyBudget, RequestBody, read_body};
 pub use error::{ApiError, Body};
 
 /// Largest task payload accepted.
@@ -36,8 +36,6 @@ pub const MAX_BATCH_TASKS: usize = 10_000;
 /// Time a client has to send a request's headers (also the longest a keep-alive connection may
 /// sit idle between requests: hyper starts this clock as soon as it waits for the next head).
 const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-/// Longest a client may go without sending any of a request's body it owes.
-const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Longest that data this node sent may stay unacknowledged (also a zero window: a client that
 /// stops reading its responses) before the kernel drops the connection.
 const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -64,6 +62,8 @@ pub struct ApiState {
     /// HTTP address of a member, as learnt from the peer transport.
     pub http_addr: Box<dyn Fn(NodeId) -> Option<String> + Send + Sync>,
     pub metrics: metrics::Metrics,
+    /// Request bodies being read, node-wide.
+    pub bodies: BodyBudget,
 }
 
 /// Serves HTTP/1.1 on `listener` until the task is dropped, at most `max_connections` at once.
@@ -249,49 +249,6 @@ fn json_response(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
     r
 }
 
-/// Reads the whole body, refusing more than `limit` bytes with 413, and a client that goes
-/// `BODY_READ_TIMEOUT` without sending any of it with 408 (a slow upload that keeps sending is
-/// fine).
-async fn read_body<B>(req: Request<B>, limit: usize) -> Result<Bytes, ApiError>
-where
-    B: hyper::body::Body<Data = Bytes> + Unpin,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    if let Some(len) = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        && len > limit as u64
-    {
-        return Err(ApiError::too_large(limit));
-    }
-    let mut body = Limited::new(req.into_body(), limit);
-    let mut parts: Vec<Bytes> = Vec::new();
-    loop {
-        let frame = match tokio::time::timeout(BODY_READ_TIMEOUT, body.frame()).await {
-            Err(_) => return Err(ApiError::body_timeout(BODY_READ_TIMEOUT)),
-            Ok(None) => break,
-            Ok(Some(Ok(frame))) => frame,
-            Ok(Some(Err(e))) if e.is::<http_body_util::LengthLimitError>() => {
-                return Err(ApiError::too_large(limit));
-            }
-            Ok(Some(Err(e))) => {
-                return Err(ApiError::bad_request(format!("reading the body: {e}")));
-            }
-        };
-        // Trailers carry no data.
-        if let Ok(data) = frame.into_data() {
-            parts.push(data);
-        }
-    }
-    // The usual body is one frame, returned as is; more are joined.
-    Ok(match parts.len() {
-        1 => parts.swap_remove(0),
-        _ => Bytes::from(parts.concat()),
-    })
-}
-
 fn check_name(name: &str) -> Result<(), ApiError> {
     validate_name(name).map_err(|e| ApiError::bad_request(e.to_string()))
 }
@@ -392,7 +349,7 @@ async fn deploy(
         return Ok(r);
     }
     let uri = req.uri().clone();
-    let module = read_body(req, MAX_MODULE_BYTES).await?;
+    let (module, _read) = read_body(req, MAX_MODULE_BYTES, &state.bodies).await?;
     // Refuse a bad component here, before it costs a log entry on every replica.
     let registry = state.registry.clone();
     let bytes = module.clone();
@@ -480,6 +437,8 @@ enum Admitted {
         term: Option<u64>,
         uri: hyper::Uri,
         body: Bytes,
+        /// The body's bytes in the node's budget, until proposed.
+        read: body::BodyPermit,
     },
 }
 
@@ -497,11 +456,16 @@ async fn admit(
     }
     let term = expected_term(&req)?;
     let uri = req.uri().clone();
-    let body = read_body(req, limit).await?;
+    let (body, read) = read_body(req, limit, &state.bodies).await?;
     if !machine_known(state, name) {
         return Err(ApiError::not_found(format!("no machine named {name:?}")));
     }
-    Ok(Admitted::Task { term, uri, body })
+    Ok(Admitted::Task {
+        term,
+        uri,
+        body,
+        read,
+    })
 }
 
 async fn submit(
@@ -509,11 +473,17 @@ async fn submit(
     name: &str,
     req: Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
-    let (term, uri, payload) = match admit(state, name, req, MAX_TASK_BYTES).await? {
+    let (term, uri, payload, read) = match admit(state, name, req, MAX_TASK_BYTES).await? {
         Admitted::Redirect(r) => return Ok(r),
-        Admitted::Task { term, uri, body } => (term, uri, body),
+        Admitted::Task {
+            term,
+            uri,
+            body,
+            read,
+        } => (term, uri, body, read),
     };
     let entry = Command::encode_task(name, &payload);
+    drop((payload, read));
     let applied = match state.node.propose(entry, term).await {
         Ok(a) => a,
         Err(ProposeError::NotLeader { leader }) => return Ok(redirect(state, leader, &uri)),
@@ -553,33 +523,22 @@ async fn submit_batch(
     name: &str,
     req: Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
-    let (term, uri, body) = match admit(state, name, req, MAX_BATCH_BYTES).await? {
+    let (term, uri, body, read) = match admit(state, name, req, MAX_BATCH_BYTES).await? {
         Admitted::Redirect(r) => return Ok(r),
-        Admitted::Task { term, uri, body } => (term, uri, body),
+        Admitted::Task {
+            term,
+            uri,
+            body,
+            read,
+        } => (term, uri, body, read),
     };
-    let tasks: Vec<&serde_json::value::RawValue> = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("expected a JSON array of tasks: {e}")))?;
-    if tasks.len() > MAX_BATCH_TASKS {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!(
-                "{} tasks; a batch takes at most {MAX_BATCH_TASKS}",
-                tasks.len()
-            ),
-        ));
-    }
-    if let Some(i) = tasks.iter().position(|t| t.get().len() > MAX_TASK_BYTES) {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("task {i} exceeds the limit of {MAX_TASK_BYTES} bytes"),
-        ));
-    }
+    let tasks = parse_batch(&body)?;
     let entries: Vec<Bytes> = tasks
         .iter()
         .map(|t| Command::encode_task(name, t.get().as_bytes()))
         .collect();
+    drop(tasks);
+    drop((body, read));
     let results = state.node.propose_many(entries, term).await;
     // Refused as a whole, nothing proposed: a redirect, or one 503 with Retry-After, rather
     // than a 200 full of them.
@@ -635,6 +594,56 @@ async fn submit_batch(
     Ok(r)
 }
 
+/// The tasks of a batch body: a JSON array of at most `MAX_BATCH_TASKS` values of at most
+/// `MAX_TASK_BYTES` each. Parsing stops at the first task too many or too large, so a body of
+/// millions of tiny elements costs no more memory than the limit allows.
+fn parse_batch(body: &[u8]) -> Result<Vec<&serde_json::value::RawValue>, ApiError> {
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    use serde_json::value::RawValue;
+
+    struct Tasks<'f>(&'f std::cell::Cell<Option<ApiError>>);
+
+    impl<'de> Visitor<'de> for Tasks<'_> {
+        type Value = Vec<&'de RawValue>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON array of tasks")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut tasks = Vec::new();
+            while let Some(task) = seq.next_element::<&'de RawValue>()? {
+                let refused = if tasks.len() == MAX_BATCH_TASKS {
+                    format!("more than {MAX_BATCH_TASKS} tasks; a batch takes at most that many")
+                } else if task.get().len() > MAX_TASK_BYTES {
+                    let i = tasks.len();
+                    format!("task {i} exceeds the limit of {MAX_TASK_BYTES} bytes")
+                } else {
+                    tasks.push(task);
+                    continue;
+                };
+                let e = ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", refused);
+                self.0.set(Some(e));
+                return Err(A::Error::custom("refused"));
+            }
+            Ok(tasks)
+        }
+    }
+
+    let refused = std::cell::Cell::new(None);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = de
+        .deserialize_seq(Tasks(&refused))
+        .and_then(|tasks| de.end().map(|()| tasks));
+    match (parsed, refused.take()) {
+        (_, Some(e)) => Err(e),
+        (Ok(tasks), None) => Ok(tasks),
+        (Err(e), None) => Err(ApiError::bad_request(format!(
+            "expected a JSON array of tasks: {e}"
+        ))),
+    }
+}
+
 /// Embeds a machine's output as JSON when it is JSON, else as a JSON string.
 fn write_json_or_string(out: &mut Vec<u8>, bytes: &[u8]) {
     if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok() {
@@ -671,7 +680,7 @@ async fn query(
         }
     };
     let uri = req.uri().clone();
-    let request = read_body(req, MAX_TASK_BYTES).await?;
+    let (request, _read) = read_body(req, MAX_TASK_BYTES, &state.bodies).await?;
     let name_owned = name.to_owned();
     let result = state
         .node
@@ -697,91 +706,6 @@ fn query_param(uri: &hyper::Uri, key: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::pin::Pin;
-    use std::task::{Context, Poll};
-    use std::time::Duration;
-
-    /// A body whose client sent the headers and then nothing.
-    struct Stalled;
-
-    impl hyper::body::Body for Stalled {
-        type Data = Bytes;
-        type Error = Infallible;
-
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
-            Poll::Pending
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_body_that_never_arrives_times_out_with_408() {
-        let req = Request::new(Stalled);
-        let read = tokio::time::timeout(Duration::from_secs(600), read_body(req, 1024));
-        let err = read
-            .await
-            .expect("read_body gave up by itself")
-            .expect_err("a stalled body must not be read");
-        assert_eq!(err.status, StatusCode::REQUEST_TIMEOUT);
-        assert_eq!(err.code, "timeout");
-    }
-
-    /// A body sent in pieces, each `gap` after the previous one.
-    struct Trickle {
-        pieces: std::collections::VecDeque<&'static [u8]>,
-        gap: Duration,
-        wait: Option<Pin<Box<tokio::time::Sleep>>>,
-    }
-
-    impl hyper::body::Body for Trickle {
-        type Data = Bytes;
-        type Error = Infallible;
-
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
-            let gap = self.gap;
-            let wait = self
-                .wait
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep(gap)));
-            if wait.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            self.wait = None;
-            Poll::Ready(
-                self.pieces
-                    .pop_front()
-                    .map(|p| Ok(hyper::body::Frame::data(Bytes::from_static(p)))),
-            )
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_slow_body_that_keeps_coming_is_read_whole() {
-        // Five pieces 20 s apart: 100 s in all, never 30 s of silence.
-        let body = Trickle {
-            pieces: [&b"ab"[..], b"cd", b"ef", b"gh", b"ij"]
-                .into_iter()
-                .collect(),
-            gap: Duration::from_secs(20),
-            wait: None,
-        };
-        let got = read_body(Request::new(body), 1024).await;
-        assert_eq!(got.ok(), Some(Bytes::from_static(b"abcdefghij")));
-        // Then 40 s of silence before the first piece is too long.
-        let body = Trickle {
-            pieces: [&b"ab"[..]].into_iter().collect(),
-            gap: Duration::from_secs(40),
-            wait: None,
-        };
-        let err = read_body(Request::new(body), 1024)
-            .await
-            .expect_err("40 s of silence");
-        assert_eq!(err.status, StatusCode::REQUEST_TIMEOUT);
-    }
 
     #[test]
     fn an_overloaded_leader_says_retry_later() {
@@ -823,5 +747,28 @@ mod tests {
         assert_eq!(sock.tcp_user_timeout()?, Some(SEND_TIMEOUT));
         assert!(stream.nodelay()?);
         Ok(())
+    }
+
+    #[test]
+    fn a_batch_is_parsed_only_as_far_as_its_limits() {
+        let tasks = parse_batch(br#"[{"add":1}, 2, "x"]"#).expect("three tasks");
+        let texts: Vec<&str> = tasks.iter().map(|t| t.get()).collect();
+        assert_eq!(texts, [r#"{"add":1}"#, "2", r#""x""#]);
+        for bad in [&b"{}"[..], b"[1,", b"[1] 2", b""] {
+            let e = parse_batch(bad).expect_err("not an array");
+            assert_eq!(e.code, "bad_request", "{}", e.message);
+        }
+        // Millions of tiny tasks: refused at the first one too many.
+        let many = format!("[{}0]", "0,".repeat(4_000_000));
+        let e = parse_batch(many.as_bytes()).expect_err("too many");
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::PAYLOAD_TOO_LARGE, "too_large")
+        );
+        assert!(e.message.contains("more than 10000 tasks"), "{}", e.message);
+        let big = format!("[1, \"{}\"]", "x".repeat(MAX_TASK_BYTES));
+        let e = parse_batch(big.as_bytes()).expect_err("too large");
+        assert_eq!(e.code, "too_large");
+        assert!(e.message.starts_with("task 1 "), "{}", e.message);
     }
 }
