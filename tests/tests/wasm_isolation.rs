@@ -200,8 +200,54 @@ fn sleeping_traps_instead_of_blocking_the_host() {
     assert!(start.elapsed() < std::time::Duration::from_secs(10));
     let err = out[0].as_ref().unwrap_err();
     assert_eq!(err.code(), "guest_trap");
-    assert!(err.to_string().contains("may not block"), "{err}");
+    // Refused at the timer itself: a timer's readiness (`pollable.ready`, which never blocks)
+    // would follow the host's real time.
+    assert!(
+        err.to_string()
+            .contains("may not block, sleep or set timers (`wasi:clocks/monotonic-clock"),
+        "{err}"
+    );
     assert_eq!(show(&out[1]), r#"{"value":1}"#);
+}
+
+#[test]
+fn a_guest_cannot_refill_its_fuel_by_ending_the_batch_again() {
+    let fx = Fixture::new(test_limits());
+    let mut m = fx.machine(guests::CHAOS);
+    // 100,000 rounds of ~1,000 steps: far beyond one entry's 20 M fuel, unless each
+    // `end-batch` refilled it.
+    // Alone in its batch, its first call closes the batch and the second is refused.
+    let out = m.apply(entries([r#"{"refuel": 100000}"#]));
+    let err = out[0]
+        .as_ref()
+        .expect_err("refuelled its way past the budget");
+    assert_eq!(err.code(), "guest_trap");
+    assert!(err.to_string().contains("end-batch called twice"), "{err}");
+    // With entries after it, the first call is already refused.
+    let out = m.apply(entries([r#"{"refuel": 100000}"#, r#"{"add": 1}"#]));
+    let err = out[0]
+        .as_ref()
+        .expect_err("refuelled its way past the budget");
+    assert!(err.to_string().contains("end-batch after 1 of 2"), "{err}");
+    assert_eq!(show(&out[1]), r#"{"value":1}"#);
+}
+
+#[test]
+fn a_guest_may_print_as_much_as_it_likes() {
+    let fx = Fixture::new(test_limits());
+    let mut m = fx.machine(guests::CHAOS);
+    // 500 entries of 20 lines (~2 KiB) each: 1 MB of stderr over the store's life.
+    let out = m.apply(entries(vec![r#"{"log": 20}"#; 500]));
+    assert!(
+        out.iter().all(|r| r.is_ok()),
+        "{:?}",
+        out.iter().find(|r| r.is_err())
+    );
+    // And a panic after all that is still reported with its message.
+    let out = m.apply(entries([r#"{"log": 200}"#, r#"{"trap": true}"#]));
+    assert!(out[0].is_ok());
+    let err = out[1].as_ref().expect_err("trap");
+    assert!(err.to_string().contains("chaos: trap requested"), "{err}");
 }
 
 #[test]

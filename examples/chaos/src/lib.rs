@@ -4,7 +4,9 @@
 //! touches n MiB, `{"recurse": n}` recurses n deep, `{"clock": true}` / `{"random": true}`
 //! report what std's clock and random source return, `{"sleep_ms": n}` tries to sleep,
 //! `{"add": n}` counts, `{"ignore_begin_batch": true}` makes it call `begin-entry` for every
-//! entry from then on (as modules built before `begin-batch` did). Queries return the counter.
+//! entry from then on (as modules built before `begin-batch` did), `{"log": n}` prints n lines
+//! to stderr, `{"refuel": n}` calls the host's `end-batch` n times, working in between (a guest
+//! trying to refill its fuel). Queries return the counter.
 
 use std::hint::black_box;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -31,6 +33,8 @@ pub enum Command {
     SleepMs(u64),
     /// Behave like a module built before `begin-batch`: meter every entry, always.
     IgnoreBeginBatch(bool),
+    Log(u64),
+    Refuel(u64),
 }
 
 /// Not a loop in disguise: the work after the call keeps it from becoming a tail call.
@@ -95,6 +99,22 @@ impl StateMachine for Chaos {
             Command::IgnoreBeginBatch(_) => {
                 lockstep_guest::runtime::emulate_sdk_without_begin_batch();
                 json!({ "metering": "every entry" })
+            }
+            Command::Log(lines) => {
+                for i in 0..lines {
+                    eprintln!("chaos: log line {i:>6} {}", "-".repeat(80));
+                }
+                json!({ "logged": lines })
+            }
+            Command::Refuel(calls) => {
+                let mut n = 0u64;
+                for _ in 0..calls {
+                    for _ in 0..1_000 {
+                        n = black_box(n.wrapping_add(1));
+                    }
+                    lockstep_guest::bindings::lockstep::machine::host::end_batch();
+                }
+                json!({ "refueled": calls, "work": n })
             }
         })
     }

@@ -1,13 +1,18 @@
 //! What a guest's `Store` holds: the per-entry meter behind `lockstep:machine/host`, the memory
 //! cap, and a WASI context whose clocks and randomness come from the entry being applied.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{ResourceLimiter, StoreContextMut};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView};
 
 use super::Limits;
@@ -15,8 +20,15 @@ use super::Limits;
 const HOST_INTERFACE: &str = "lockstep:machine/host@0.1.0";
 /// The `wasi:io/poll` wasmtime-wasi 48 provides (guests importing any 0.2.x match it).
 const WASI_POLL: &str = "wasi:io/poll@0.2.12";
-/// Enough for a panic message; a guest that logs more only loses the older text.
+/// The monotonic clock's timers, whose readiness would follow the host's real time.
+const WASI_MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
+/// The guest's stderr keeps this much of the call's latest output: enough for a panic message.
 const STDERR_CAPACITY: usize = 16 << 10;
+/// Linear memories, tables and instances a machine may create. Its components need a handful;
+/// each memory reserves address space, so thousands would exhaust the node.
+const MAX_MEMORIES: usize = 16;
+const MAX_TABLES: usize = 64;
+const MAX_INSTANCES: usize = 256;
 /// Fuel the SDK's batch bookkeeping may use per entry outside any entry's own window
 /// (lifting the list, building the result list).
 pub(crate) const BATCH_FUEL_PER_ENTRY: u64 = 20_000;
@@ -47,25 +59,34 @@ pub(crate) struct EntryMeter {
     pub begun_unmetered: bool,
 }
 
-/// Caps linear memory and tables, and remembers a refused growth so that the failure it
-/// causes (a trap, usually an abort in the guest's allocator) is reported as `memory_limit`.
+/// Caps the machine's linear memory (all its memories together) and tables, and remembers a
+/// refused growth so that the failure it causes (a trap, usually an abort in the guest's
+/// allocator) is reported as `memory_limit`.
 pub(crate) struct MemoryCap {
     pub memory_bytes: usize,
     pub table_elements: usize,
     pub denied: bool,
+    /// Bytes of every memory of the store so far (memories never shrink or go away).
+    pub used: usize,
 }
 
 impl ResourceLimiter for MemoryCap {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
-        _max: Option<usize>,
+        max: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.memory_bytes {
+        // Past the memory's own maximum the growth fails anyway: not ours to count or report.
+        if max.is_some_and(|max| desired > max) {
+            return Ok(false);
+        }
+        let total = (self.used - current.min(self.used)).saturating_add(desired);
+        if total > self.memory_bytes {
             self.denied = true;
             return Ok(false);
         }
+        self.used = total;
         Ok(true)
     }
 
@@ -76,6 +97,102 @@ impl ResourceLimiter for MemoryCap {
         _max: Option<usize>,
     ) -> wasmtime::Result<bool> {
         Ok(desired <= self.table_elements)
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+}
+
+/// The guest's stderr. Every write succeeds, so whether a guest's print fails can never depend
+/// on how much it printed since its store was built (which differs between replicas: rebuilds,
+/// restarts). Only the latest `STDERR_CAPACITY` bytes of the current call are kept, for the
+/// panic message.
+#[derive(Clone, Default)]
+pub(crate) struct StderrTail(Arc<Mutex<VecDeque<u8>>>);
+
+impl StderrTail {
+    fn append(&self, bytes: &[u8]) {
+        let mut tail = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        tail.extend(bytes);
+        let excess = tail.len().saturating_sub(STDERR_CAPACITY);
+        tail.drain(..excess);
+    }
+
+    pub fn clear(&self) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    fn contents(&self) -> Vec<u8> {
+        let tail = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        tail.iter().copied().collect()
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl OutputStream for StderrTail {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.append(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(STDERR_CAPACITY)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for StderrTail {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for StderrTail {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.append(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl IsTerminal for StderrTail {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for StderrTail {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
     }
 }
 
@@ -197,14 +314,14 @@ pub(crate) struct HostState {
     pub cap: MemoryCap,
     pub meter: EntryMeter,
     pub inputs: Arc<EntryInputs>,
-    stderr: MemoryOutputPipe,
+    pub stderr: StderrTail,
 }
 
 impl HostState {
     pub fn new(limits: &Limits) -> Self {
         let inputs = Arc::new(EntryInputs::default());
         inputs.set_neutral();
-        let stderr = MemoryOutputPipe::new(STDERR_CAPACITY);
+        let stderr = StderrTail::default();
         // No preopened directories, no environment, no arguments, no network, no stdin:
         // only what std needs to run, with every source of nondeterminism replaced.
         let wasi = WasiCtxBuilder::new()
@@ -222,9 +339,12 @@ impl HostState {
                 memory_bytes: limits.memory_bytes,
                 table_elements: limits.table_elements,
                 denied: false,
+                used: 0,
             },
             meter: EntryMeter {
                 fuel_per_entry: limits.fuel_per_entry,
+                // Outside `on-apply` there is no batch to end.
+                ended: true,
                 ..Default::default()
             },
             inputs,
@@ -258,11 +378,20 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostS
     // Waiting (`std::thread::sleep`, polling a timer) would block the apply thread in real
     // time, which fuel does not meter and which no two replicas share: it traps instead.
     linker.allow_shadowing(true);
-    let mut poll = linker.instance(WASI_POLL)?;
-    for name in ["poll", "[method]pollable.block"] {
-        poll.func_new(name, move |_, _, _, _| {
-            wasmtime::bail!("guests may not block or sleep (`{WASI_POLL}#{name}`)")
-        })?;
+    // Nor may they set a timer: its readiness would follow the host's real time.
+    for (interface, names) in [
+        (WASI_POLL, &["poll", "[method]pollable.block"][..]),
+        (
+            WASI_MONOTONIC_CLOCK,
+            &["subscribe-duration", "subscribe-instant"][..],
+        ),
+    ] {
+        let mut instance = linker.instance(interface)?;
+        for &name in names {
+            instance.func_new(name, move |_, _, _, _| {
+                wasmtime::bail!("guests may not block, sleep or set timers (`{interface}#{name}`)")
+            })?;
+        }
     }
     linker.allow_shadowing(false);
     let mut host = linker.instance(HOST_INTERFACE)?;
@@ -295,6 +424,7 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostS
             meter.current = Some(position);
             let fuel = meter.fuel_per_entry;
             state.cap.denied = false;
+            state.stderr.clear();
             state.inputs.set_entry(&mark);
             store.set_fuel(fuel)?;
             Ok(())
@@ -305,6 +435,11 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostS
         |mut store: StoreContextMut<'_, HostState>, (): ()| {
             let state = store.data_mut();
             let meter = &mut state.meter;
+            // Once per `on-apply` call: it refills fuel, so a guest calling it in a loop (or
+            // outside `on-apply`) would never run out.
+            if meter.ended {
+                wasmtime::bail!("end-batch called twice in one on-apply call, or outside one");
+            }
             if meter.metered && meter.begun != meter.batch.len() {
                 wasmtime::bail!(
                     "end-batch after {} of {} entries",
@@ -321,4 +456,85 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostS
         },
     )?;
     Ok(linker)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    fn cap(memory_bytes: usize) -> MemoryCap {
+        MemoryCap {
+            memory_bytes,
+            table_elements: 0,
+            denied: false,
+            used: 0,
+        }
+    }
+
+    #[test]
+    fn the_memory_cap_counts_every_memory_of_the_machine() -> wasmtime::Result<()> {
+        let mut c = cap(64 * MIB);
+        assert!(c.memory_growing(0, 40 * MIB, None)?, "first memory");
+        assert!(
+            !c.memory_growing(0, 40 * MIB, None)?,
+            "a second 40 MiB memory"
+        );
+        assert!(c.denied);
+        c.denied = false;
+        assert!(
+            c.memory_growing(0, 20 * MIB, None)?,
+            "a second memory that fits"
+        );
+        assert!(
+            c.memory_growing(40 * MIB, 44 * MIB, None)?,
+            "the first grows into the rest"
+        );
+        assert_eq!(c.used, 64 * MIB);
+        assert!(!c.memory_growing(20 * MIB, 21 * MIB, None)?, "nothing left");
+        // A memory's own maximum refuses, without counting or blaming the cap.
+        let mut c = cap(64 * MIB);
+        assert!(!c.memory_growing(0, 2 * MIB, Some(MIB))?);
+        assert!(!c.denied);
+        assert_eq!(c.used, 0);
+        Ok(())
+    }
+
+    #[test]
+    fn a_machine_with_two_memories_over_the_cap_is_refused_at_instantiation() {
+        let limits = Limits {
+            memory_bytes: 64 * MIB,
+            ..Limits::default()
+        };
+        let mut config = wasmtime::Config::new();
+        config.consume_fuel(true);
+        let engine = wasmtime::Engine::new(&config).expect("engine");
+        // 600 pages = 37.5 MiB each: either fits alone, both together do not.
+        for (memories, fits) in [(1, true), (2, false)] {
+            let wat = format!("(module {})", "(memory 600) ".repeat(memories));
+            let wasm = wat::parse_str(&wat).expect("wat");
+            let module = wasmtime::Module::new(&engine, &wasm).expect("module");
+            let mut store = wasmtime::Store::new(&engine, HostState::new(&limits));
+            super::super::machine::prime_store(&mut store, &limits);
+            let made = wasmtime::Instance::new(&mut store, &module, &[]);
+            assert_eq!(made.is_ok(), fits, "{memories} memories: {made:?}");
+            assert_eq!(store.data().cap.denied, !fits);
+        }
+    }
+
+    #[test]
+    fn stderr_keeps_the_latest_output_and_never_refuses_a_write() {
+        let mut tail = StderrTail::default();
+        for _ in 0..100 {
+            OutputStream::write(&mut tail, Bytes::from(vec![b'x'; 1000])).expect("a write");
+            assert_eq!(tail.check_write().ok(), Some(STDERR_CAPACITY));
+        }
+        tail.append(b"panicked at the end");
+        let kept = tail.contents();
+        assert_eq!(kept.len(), STDERR_CAPACITY);
+        assert!(kept.ends_with(b"panicked at the end"));
+        tail.clear();
+        assert!(tail.contents().is_empty());
+    }
 }

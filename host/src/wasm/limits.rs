@@ -24,12 +24,19 @@ pub struct Limits {
     pub max_wasm_stack: usize,
 }
 
+/// Bumped whenever the host changes what a guest may do or how a limit is counted (2: the
+/// memory cap covers all of a machine's memories, `end-batch` once per call, no timers):
+/// members applying under other rules could reach different results from the same log.
+const APPLY_RULES: u32 = 2;
+
 impl Limits {
-    /// Every limit, in one canonical line: peers compare it at the hello.
+    /// Every limit, in one canonical line: peers compare it at the hello. With the rules they
+    /// are applied under, and the architecture, since the stack limit counts native bytes.
     pub fn describe(&self) -> String {
         format!(
-            "fuel per entry {}, fuel per snapshot {}, memory {} bytes, table {} elements, \
-             batch {} bytes, stack {} bytes",
+            "apply rules {APPLY_RULES} on {}, fuel per entry {}, fuel per snapshot {}, memory {} \
+             bytes, table {} elements, batch {} bytes, stack {} bytes",
+            std::env::consts::ARCH,
             self.fuel_per_entry,
             self.fuel_per_snapshot,
             self.memory_bytes,

@@ -153,6 +153,7 @@ impl Live {
         state.meter.ended = false;
         state.meter.begun_unmetered = false;
         state.cap.denied = false;
+        state.stderr.clear();
         state.inputs.touched.store(false, Ordering::Relaxed);
         // Metered: until the first `begin-entry` the guest lifts the batch, on its own budget
         // scaled by the batch's size so that no entry pays for its neighbours. Unmetered: one
@@ -268,7 +269,9 @@ impl Live {
         let state = self.store.data_mut();
         state.meter.batch.clear();
         state.meter.current = None;
+        state.meter.ended = true;
         state.cap.denied = false;
+        state.stderr.clear();
         state.inputs.set_neutral();
         let _ = self.store.set_fuel(fuel);
     }
