@@ -533,6 +533,16 @@ fn the_batch_endpoint_answers_each_task_in_order() {
     let many = format!("[{}]", vec![r#"{"add":1}"#; 10_001].join(","));
     let r = l.post(path, many.as_bytes()).unwrap();
     assert_eq!(r.status, 413, "{}", r.text());
+    let r = l
+        .request(
+            "POST",
+            path,
+            &[("lockstep-expected-term", "999999")],
+            br#"[{"add":1},{"add":1}]"#,
+        )
+        .unwrap();
+    assert_eq!(r.status, 409, "one answer for the batch: {}", r.text());
+    assert_eq!(r.error_code().as_deref(), Some("term_mismatch"));
 
     // None of the refused requests changed the state.
     let q = l.post("/v1/machines/counter/query", b"").unwrap();

@@ -178,14 +178,20 @@ impl From<ProposeError> for ApiError {
     }
 }
 
+/// A read changes nothing, so every failure is one to retry: each carries Retry-After.
 impl From<ReadError> for ApiError {
     fn from(e: ReadError) -> Self {
         match e {
-            ReadError::NotLeader { .. } => Self::no_leader(),
-            other => Self::new(
+            // Lost before the read was confirmed: the new leader is not known yet either.
+            ReadError::NotLeader { .. } | ReadError::LeadershipLost => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                other.to_string(),
+                "no_leader",
+                format!("{e}; retry (on the new leader)"),
+            ),
+            ReadError::ShuttingDown => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "this node is shutting down",
             ),
         }
     }

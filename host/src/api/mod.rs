@@ -501,8 +501,10 @@ async fn submit(
     Ok(r)
 }
 
-/// False only when the machine is surely absent. A new leader may not have applied everything
-/// committed yet: then the task goes through the log and apply answers `not_found` itself.
+/// False only when the machine is surely absent: this leader has applied everything committed,
+/// its own term's no-op included. Before that, a deploy an earlier leader acknowledged may not
+/// be applied (or even known committed) here yet: then the task goes through the log and apply
+/// answers `not_found` itself.
 fn machine_known(state: &ApiState, name: &str) -> bool {
     if state
         .catalog
@@ -512,8 +514,13 @@ fn machine_known(state: &ApiState, name: &str) -> bool {
     {
         return true;
     }
-    let s = state.node.status();
-    s.applied_index < s.commit_index
+    !absence_is_final(&state.node.status())
+}
+
+/// Whether this node's applied state holds everything acknowledged before it: everything
+/// committed, and this leader's no-op (see `machine_known`).
+fn absence_is_final(s: &crate::raft::Status) -> bool {
+    s.applied_index >= s.commit_index.max(s.term_start_index)
 }
 
 /// Many tasks in one request: a JSON array of task payloads (each any JSON value, passed to the
@@ -540,10 +547,14 @@ async fn submit_batch(
     drop(tasks);
     drop((body, read));
     let results = state.node.propose_many(entries, term).await;
-    // Refused as a whole, nothing proposed: a redirect, or one 503 with Retry-After, rather
-    // than a 200 full of them.
-    if let Some(Err(first @ (ProposeError::NotLeader { .. } | ProposeError::Overloaded))) =
-        results.first()
+    // Refused as a whole, nothing proposed: one answer (a redirect, a 409, a 503 with
+    // Retry-After) rather than a 200 full of them.
+    if let Some(Err(
+        first @ (ProposeError::NotLeader { .. }
+        | ProposeError::Overloaded
+        | ProposeError::TermMismatch { .. }
+        | ProposeError::ShuttingDown),
+    )) = results.first()
         && results.iter().all(
             |r| matches!(r, Err(e) if std::mem::discriminant(e) == std::mem::discriminant(first)),
         )
@@ -747,6 +758,42 @@ mod tests {
         assert_eq!(sock.tcp_user_timeout()?, Some(SEND_TIMEOUT));
         assert!(stream.nodelay()?);
         Ok(())
+    }
+
+    #[test]
+    fn a_failed_read_says_retry_later_in_a_documented_code() {
+        for (e, code) in [
+            (ReadError::LeadershipLost, "no_leader"),
+            (ReadError::NotLeader { leader: None }, "no_leader"),
+            (ReadError::ShuttingDown, "shutting_down"),
+        ] {
+            let r = ApiError::from(e).into_response();
+            assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert!(r.headers().contains_key(header::RETRY_AFTER), "{code}");
+            let body = format!("{:?}", r.body());
+            assert!(body.contains(code), "{code}: {body}");
+        }
+    }
+
+    #[test]
+    fn a_new_leader_trusts_a_missing_machine_only_once_its_no_op_is_applied() {
+        let status = |commit_index, applied_index, term_start_index| crate::raft::Status {
+            id: 1,
+            role: Role::Leader,
+            term: 2,
+            leader: Some(1),
+            commit_index,
+            applied_index,
+            last_index: 9,
+            term_start_index,
+            members: Vec::new(),
+        };
+        // Elected with commit 4 applied, its no-op at 6: an earlier leader may have
+        // acknowledged entry 5 (a deploy) before anyone else learnt it was committed.
+        assert!(!absence_is_final(&status(4, 4, 6)));
+        assert!(!absence_is_final(&status(6, 5, 6)));
+        assert!(absence_is_final(&status(6, 6, 6)));
+        assert!(absence_is_final(&status(8, 8, 6)));
     }
 
     #[test]

@@ -286,6 +286,15 @@ impl RaftCore {
     pub fn last_index(&self) -> u64 {
         self.last_index
     }
+    /// As leader, the index of this term's no-op (0 otherwise): until it commits, this
+    /// leader's commit index may lag what an earlier leader committed.
+    pub fn term_start_index(&self) -> u64 {
+        if self.is_leader() {
+            self.term_start_index
+        } else {
+            0
+        }
+    }
     pub fn durable_index(&self) -> u64 {
         self.durable
     }
@@ -1623,8 +1632,10 @@ mod tests {
     fn commit_rule_counts_only_current_term_entries() {
         // Node 1 has entries of terms 1 and 2 and becomes leader of term 3 (no-op at 3).
         let mut c = core(1, 3, &[1, 2], 2);
+        assert_eq!(c.term_start_index(), 0, "not a leader");
         elect(&mut c, 3);
         assert_eq!((c.term(), c.last_index()), (3, 3));
+        assert_eq!(c.term_start_index(), 3, "the no-op");
         // A quorum holds index 2 (an older term's entry): it must not commit by counting.
         c.step(2, ack(3, 2));
         flush(&mut c);

@@ -96,6 +96,9 @@ pub struct Status {
     pub commit_index: u64,
     pub applied_index: u64,
     pub last_index: u64,
+    /// As leader, the index of its term's no-op (0 otherwise): until that is committed and
+    /// applied, this node's applied state may miss what an earlier leader acknowledged.
+    pub term_start_index: u64,
     pub members: Vec<MemberStatus>,
 }
 
@@ -212,6 +215,7 @@ impl<SM: StateMachine> Node<SM> {
                 commit_index: applied,
                 applied_index: applied,
                 last_index: rec.last_index,
+                term_start_index: 0,
                 members: config
                     .members
                     .iter()
@@ -724,6 +728,7 @@ impl<SM: StateMachine> CoreLoop<SM> {
         s.leader = self.core.leader();
         s.commit_index = self.core.commit_index();
         s.last_index = self.core.last_index();
+        s.term_start_index = self.core.term_start_index();
         for m in s.members.iter_mut() {
             m.match_index = self.core.is_leader().then(|| self.core.match_index(m.id));
         }
