@@ -63,7 +63,7 @@ pub struct RunningNode {
 }
 
 /// How long a stopping node waits for HTTP requests in flight before it drops them.
-const HTTP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+pub const HTTP_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl WireMessage for Message {
     fn encode(&self, out: &mut Vec<u8>) {
@@ -216,6 +216,7 @@ impl RunningNode {
             self.api.abort();
         }
         self.node.shutdown().await;
+        info!(id = self.node.status().id, "node stopped");
     }
 }
 

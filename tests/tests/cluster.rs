@@ -774,3 +774,51 @@ fn dev_stops_the_whole_cluster_when_a_node_exits() {
         .expect("read stderr");
     assert!(err.contains("node 2 exited"), "{err}");
 }
+
+#[test]
+fn dev_stops_its_nodes_gracefully() {
+    let _serial = serial();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = free.local_addr().expect("addr").port();
+    drop(free);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut dev = std::process::Command::new(lockstep_tests::cluster::lockstep_bin())
+        .args([
+            "dev",
+            "--nodes",
+            "3",
+            "--port",
+            &port.to_string(),
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run lockstep dev");
+    let up = wait_until(Duration::from_secs(20), || {
+        (0..3)
+            .all(|i| {
+                Client::new(format!("127.0.0.1:{}", port + i))
+                    .get("/healthz")
+                    .is_ok_and(|r| r.status == 200)
+            })
+            .then_some(())
+    });
+    // SIGTERM to dev alone (as a supervisor sends it): the nodes must be stopped the same way.
+    let pid = i32::try_from(dev.id()).expect("pid");
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let status = dev.wait().expect("dev exits");
+    let mut err = String::new();
+    dev.stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("read stderr");
+    assert!(up.is_some(), "the cluster never came up: {err}");
+    assert!(status.success(), "{status}: {err}");
+    assert_eq!(err.matches("node stopped").count(), 3, "{err}");
+}

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use tokio::process::Command;
 
-use super::{ServeArgs, shutdown_signal};
+use super::{ServeArgs, run_until_stopped, shutdown_signal};
 use crate::node;
 
 #[derive(clap::Args, Clone, Debug)]
@@ -72,9 +72,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         println!(
             "try: lockstep deploy counter counter.wasm && lockstep submit counter '{{\"add\":1}}'"
         );
-        shutdown_signal().await;
-        running.shutdown().await;
-        return Ok(());
+        return run_until_stopped(running).await;
     }
     let exe = std::env::current_exe().context("locating the lockstep binary")?;
     let (exited_tx, mut exited) = tokio::sync::mpsc::unbounded_channel();
@@ -107,10 +105,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
                 status = child.wait() => {
                     let _ = exited_tx.send((id, status));
                 }
-                _ = stop.changed() => {
-                    let _ = child.start_kill();
-                    let _ = child.wait().await;
-                }
+                _ = stop.changed() => stop_child(&mut child).await,
             }
         }));
     }
@@ -136,4 +131,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         let _ = w.await;
     }
     outcome
+}
+
+/// Stops a node as an operator would: SIGTERM, so it answers what it has received (README), and
+/// SIGKILL only if it is still running well after its grace period.
+async fn stop_child(child: &mut tokio::process::Child) {
+    #[cfg(unix)]
+    if let Some(pid) = child.id().and_then(|pid| libc::pid_t::try_from(pid).ok()) {
+        // SAFETY: kill(2) has no memory effects; the child is not reaped yet, so the pid is its.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let grace = crate::node::HTTP_GRACE + std::time::Duration::from_secs(3);
+        if tokio::time::timeout(grace, child.wait()).await.is_ok() {
+            return;
+        }
+    }
+    let _ = child.start_kill();
+    let _ = child.wait().await;
 }

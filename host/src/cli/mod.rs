@@ -301,6 +301,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "lockstep node {} serving http://{}",
         args.id, running.http_addr
     );
+    run_until_stopped(running).await
+}
+
+/// Serves until SIGINT/SIGTERM (then stops gracefully), or until the pipeline stops by itself.
+pub async fn run_until_stopped(running: node::RunningNode) -> anyhow::Result<()> {
     let node = running.node.clone();
     tokio::select! {
         _ = shutdown_signal() => {}
