@@ -161,12 +161,24 @@ impl<M: WireMessage> PeerTransport<M> {
     }
 }
 
+/// Inbound peer connections served at once, per other member (a peer holds one; a restart
+/// or a network blip briefly adds another). Beyond the total, new connections are closed at
+/// once: a flood on the peer port cannot use up the node's file descriptors.
+const INBOUND_PER_PEER: usize = 4;
+/// A peer connection on which no whole frame arrives for this long is closed (peers exchange
+/// heartbeats and election messages many times a second, and the largest frame, a 16 MiB
+/// module, needs only ~0.5 MB/s; the dialler reconnects when it has something to send).
+const INBOUND_IDLE: Duration = Duration::from_secs(30);
+
 async fn accept_loop<M: WireMessage>(
     listener: TcpListener,
     config: Arc<TransportConfig>,
     http_addrs: Arc<RwLock<HashMap<NodeId, String>>>,
     on_message: Handler<M>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        INBOUND_PER_PEER * config.peers.len().max(2),
+    ));
     loop {
         let (stream, remote) = match listener.accept().await {
             Ok(s) => s,
@@ -177,9 +189,14 @@ async fn accept_loop<M: WireMessage>(
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%remote, "too many inbound peer connections; closing this one");
+            continue;
+        };
         let (config, http_addrs, on_message) =
             (config.clone(), http_addrs.clone(), on_message.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = serve_inbound(stream, &config, &http_addrs, &on_message).await {
                 match e {
                     FrameError::Closed => debug!(%remote, "peer connection closed"),
@@ -231,7 +248,12 @@ async fn serve_inbound<M: WireMessage>(
     }
     debug!(from, "peer connected");
     loop {
-        read_frame(&mut reader, config.max_frame_bytes, &mut buf).await?;
+        tokio::time::timeout(
+            INBOUND_IDLE,
+            read_frame(&mut reader, config.max_frame_bytes, &mut buf),
+        )
+        .await
+        .map_err(|_| FrameError::Closed)??;
         let msg = M::decode(&buf).map_err(FrameError::BadMessage)?;
         on_message(from, msg);
     }

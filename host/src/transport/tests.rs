@@ -160,3 +160,26 @@ async fn peer_sockets_give_up_on_a_silent_peer() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_flood_of_silent_connections_is_capped() {
+    let (_a, _b, _, b_addr) = pair("c").await;
+    // Two members: 8 slots, one of which node 1's own connection may hold.
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        held.push(TcpStream::connect(&b_addr).await.unwrap());
+    }
+    // The connections beyond the cap are closed at once; those within it wait for a hello.
+    let mut closed = 0;
+    for s in &mut held {
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(300), s.read(&mut byte)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => closed += 1,
+            _ => {}
+        }
+    }
+    assert!(
+        (40 - 2 * INBOUND_PER_PEER..=40 - 2 * INBOUND_PER_PEER + 1).contains(&closed),
+        "{closed} of 40 closed"
+    );
+}
