@@ -140,6 +140,31 @@ fn modules_are_stored_once_and_the_artifact_is_reused() {
     let third = ModuleRegistry::open(&engine, dir.path()).unwrap();
     Machine::new(&third, &info.digest).unwrap();
     assert_eq!((third.artifact_hits(), third.compilations()), (0, 1));
+
+    // An intact artifact under another module's name is not that module's: a kv artifact
+    // copied over counter's is refused, and counter is compiled again.
+    let kv = third.add(&guests::read(guests::KV)).unwrap();
+    Machine::new(&third, &kv.digest).unwrap();
+    drop(third);
+    let artifact_of = |digest: &str| {
+        walk(dir.path())
+            .into_iter()
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy() == format!("{digest}.cwasm"))
+            })
+            .expect("artifact")
+    };
+    std::fs::copy(artifact_of(&kv.digest), artifact_of(&info.digest)).unwrap();
+    let fourth = ModuleRegistry::open(&engine, dir.path()).unwrap();
+    let mut m = Machine::new(&fourth, &info.digest).unwrap();
+    assert_eq!((fourth.artifact_hits(), fourth.compilations()), (0, 1));
+    let out = m.apply(lockstep_tests::entries([r#"{"add": 2}"#]));
+    assert_eq!(
+        lockstep_tests::show(&out[0]),
+        r#"{"value":2}"#,
+        "counter, not kv"
+    );
 }
 
 #[test]

@@ -240,13 +240,14 @@ impl ModuleRegistry {
         let file = fs::read(&path).ok()?;
         let split = file.len().checked_sub(32)?;
         let (artifact, trailer) = file.split_at(split);
-        if Sha256::digest(artifact).as_slice() != trailer {
+        if artifact_checksum(digest, artifact).as_slice() != trailer {
             tracing::warn!(path = %path.display(), "ignoring a damaged precompiled artifact");
             return None;
         }
         // SAFETY: `deserialize` trusts its input to be wasmtime's own output. The file is in
         // the node's private directory, was written by `write_artifact` atomically, and its
-        // checksum just matched, so these are exactly the bytes `serialize` produced.
+        // checksum (over this digest and the bytes) just matched, so these are exactly the bytes
+        // `serialize` produced for this module.
         match unsafe { Component::deserialize(self.engine.engine(), artifact) } {
             Ok(component) => Some(component),
             Err(e) => {
@@ -260,10 +261,19 @@ impl ModuleRegistry {
         let mut artifact = component
             .serialize()
             .map_err(|e| ModuleError::Storage(format!("cannot serialize the artifact: {e:#}")))?;
-        let checksum = Sha256::digest(&artifact);
+        let checksum = artifact_checksum(digest, &artifact);
         artifact.extend_from_slice(&checksum);
         write_atomically(&self.artifact_path(digest), &artifact)
     }
+}
+
+/// An artifact's trailer: covers the module's digest too, so an artifact stored (or copied)
+/// under another module's name is refused rather than run as that module.
+fn artifact_checksum(digest: &str, artifact: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(digest.as_bytes());
+    h.update(artifact);
+    h.finalize().into()
 }
 
 /// Tells random bytes and core modules from components before asking Cranelift anything.
