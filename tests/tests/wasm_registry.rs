@@ -222,3 +222,19 @@ fn one_registry_serves_several_threads() {
         1
     );
 }
+
+#[test]
+fn a_module_is_stored_even_when_its_artifact_cannot_be() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = WasmEngine::new(Limits::default()).unwrap();
+    let registry = ModuleRegistry::open(&engine, dir.path()).unwrap();
+    // The artifacts' folder replaced by a file: every artifact write fails.
+    let artifacts = dir.path().join("artifacts");
+    std::fs::remove_dir_all(&artifacts).unwrap();
+    std::fs::write(&artifacts, b"not a folder").unwrap();
+    let info = registry
+        .add(&guests::read(guests::COUNTER))
+        .expect("stored without its artifact");
+    let mut m = Machine::new(&registry, &info.digest).unwrap();
+    assert!(m.apply(lockstep_tests::entries([r#"{"add": 1}"#]))[0].is_ok());
+}

@@ -97,7 +97,7 @@ impl ModuleRegistry {
         self.check_world(&module)?;
         write_atomically(&self.module_path(&digest), bytes)?;
         self.compilations.fetch_add(1, Ordering::Relaxed);
-        self.write_artifact(&digest, &component)?;
+        self.cache_artifact(&digest, &component);
         self.remember(module);
         Ok(info)
     }
@@ -134,7 +134,7 @@ impl ModuleRegistry {
                 let component = Component::new(self.engine.engine(), &bytes)
                     .map_err(|e| ModuleError::Invalid(format!("{e:#}")))?;
                 self.compilations.fetch_add(1, Ordering::Relaxed);
-                self.write_artifact(digest, &component)?;
+                self.cache_artifact(digest, &component);
                 component
             }
         };
@@ -254,6 +254,14 @@ impl ModuleRegistry {
                 tracing::warn!(path = %path.display(), error = %e, "ignoring an unusable artifact");
                 None
             }
+        }
+    }
+
+    /// The artifact only saves a compilation at the next start: failing to write it (a full
+    /// disk) costs that, not the deploy, and must not stop the node.
+    fn cache_artifact(&self, digest: &str, component: &Component) {
+        if let Err(e) = self.write_artifact(digest, component) {
+            tracing::warn!(digest, error = %e, "could not store the precompiled artifact");
         }
     }
 
