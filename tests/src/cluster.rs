@@ -57,6 +57,20 @@ fn free_addr() -> SocketAddr {
     l.local_addr().expect("local addr")
 }
 
+/// A first port for `lockstep dev --nodes n --port P`: P..P+n (HTTP) and P+100..P+100+n (peers)
+/// free when picked, below the ephemeral range like `free_addr`'s.
+pub fn free_dev_port(n: u16) -> u16 {
+    let free = |port: u16| TcpListener::bind(("127.0.0.1", port)).is_ok();
+    loop {
+        let p = free_addr().port();
+        let fits =
+            p.checked_add(100 + n).is_some() && (0..n).all(|i| free(p + i) && free(p + 100 + i));
+        if fits {
+            return p;
+        }
+    }
+}
+
 /// The lowest port the kernel hands out on its own (Linux; 32768, its default, elsewhere).
 fn ephemeral_floor() -> u32 {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")

@@ -726,8 +726,8 @@ fn a_stopping_node_answers_the_request_in_flight() {
 fn dev_stops_the_whole_cluster_when_a_node_exits() {
     let _serial = serial();
     // Node 2's HTTP port is taken: its process fails to bind and exits at once.
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = taken.local_addr().expect("addr").port() - 1;
+    let port = lockstep_tests::cluster::free_dev_port(3);
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", port + 1)).expect("bind");
     let dir = tempfile::tempdir().expect("temp dir");
     let mut dev = std::process::Command::new(lockstep_tests::cluster::lockstep_bin())
         .args([
@@ -778,9 +778,7 @@ fn dev_stops_the_whole_cluster_when_a_node_exits() {
 #[test]
 fn dev_stops_its_nodes_gracefully() {
     let _serial = serial();
-    let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = free.local_addr().expect("addr").port();
-    drop(free);
+    let port = lockstep_tests::cluster::free_dev_port(3);
     let dir = tempfile::tempdir().expect("temp dir");
     let mut dev = std::process::Command::new(lockstep_tests::cluster::lockstep_bin())
         .args([

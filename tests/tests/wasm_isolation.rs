@@ -322,3 +322,28 @@ fn a_state_too_large_to_snapshot_does_not_cost_a_rebuild_per_batch() {
         m.recoveries() - before
     );
 }
+
+#[test]
+fn a_machine_that_cannot_recover_fails_its_tasks_and_still_takes_an_upgrade() {
+    let fx = Fixture::new(test_limits());
+    let mut m = fx.machine(guests::CHAOS);
+    m.apply(entries([r#"{"add": 1}"#, r#"{"poison": true}"#]));
+    // The snapshot becomes the recovery base; restoring it fails.
+    m.snapshot().expect("a poisoned state still snapshots");
+    let out = m.apply(entries([r#"{"trap": true}"#, r#"{"add": 1}"#]));
+    assert_eq!(out[0].as_ref().unwrap_err().code(), "guest_trap");
+    let broken = out[1].as_ref().expect_err("no state to apply to");
+    assert!(
+        broken.to_string().contains("cannot recover on this node"),
+        "{broken}"
+    );
+    // Another replica, healthy, upgrades this machine: the deploy must not fail here alone.
+    let counter = fx.registry.add(&guests::read(guests::COUNTER)).unwrap();
+    m.upgrade(&fx.registry, &counter.digest)
+        .expect("the upgrade takes effect on a broken machine too");
+    assert_eq!(m.digest(), counter.digest);
+    assert!(
+        m.apply(entries([r#"{"add": 1}"#]))[0].is_err(),
+        "still broken"
+    );
+}

@@ -6,7 +6,8 @@
 //! `{"add": n}` counts, `{"ignore_begin_batch": true}` makes it call `begin-entry` for every
 //! entry from then on (as modules built before `begin-batch` did), `{"log": n}` prints n lines
 //! to stderr, `{"refuel": n}` calls the host's `end-batch` n times, working in between (a guest
-//! trying to refill its fuel). Queries return the counter.
+//! trying to refill its fuel), `{"poison": true}` makes every later snapshot unrestorable.
+//! Queries return the counter.
 
 use std::hint::black_box;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -16,8 +17,34 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 #[derive(Default, Serialize, Deserialize)]
+#[serde(try_from = "State")]
 pub struct Chaos {
     value: i64,
+    /// Set by `{"poison": true}`: a snapshot taken from then on cannot be restored.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    poisoned: bool,
+}
+
+/// What a snapshot holds; restoring a poisoned one fails.
+#[derive(Deserialize)]
+struct State {
+    value: i64,
+    #[serde(default)]
+    poisoned: bool,
+}
+
+impl TryFrom<State> for Chaos {
+    type Error = &'static str;
+
+    fn try_from(s: State) -> Result<Self, Self::Error> {
+        if s.poisoned {
+            return Err("chaos: this snapshot was poisoned");
+        }
+        Ok(Chaos {
+            value: s.value,
+            poisoned: false,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -35,6 +62,7 @@ pub enum Command {
     IgnoreBeginBatch(bool),
     Log(u64),
     Refuel(u64),
+    Poison(bool),
 }
 
 /// Not a loop in disguise: the work after the call keeps it from becoming a tail call.
@@ -105,6 +133,10 @@ impl StateMachine for Chaos {
                     eprintln!("chaos: log line {i:>6} {}", "-".repeat(80));
                 }
                 json!({ "logged": lines })
+            }
+            Command::Poison(_) => {
+                self.poisoned = true;
+                json!({ "poisoned": true })
             }
             Command::Refuel(calls) => {
                 let mut n = 0u64;

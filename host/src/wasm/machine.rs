@@ -435,6 +435,13 @@ impl Machine {
     /// a new instance of it. On any failure the machine keeps running the current module.
     pub fn upgrade(&mut self, registry: &ModuleRegistry, digest: &str) -> Result<(), MachineError> {
         let module = registry.loaded(digest)?;
+        // A machine broken on this node has no state to carry over. The upgrade takes effect
+        // anyway (the machine stays broken), so that every replica's catalog moves to the new
+        // module alike instead of this one alone refusing the deploy.
+        if self.broken.is_some() {
+            self.module = module;
+            return Ok(());
+        }
         let snapshot = self.snapshot()?;
         let mut live = Live::new(&module, &self.limits)?;
         live.restore(&snapshot)?;
@@ -603,8 +610,8 @@ impl Machine {
     fn mark_broken(&mut self, error: GuestError) -> Option<(usize, GuestError)> {
         tracing::error!(digest = %self.module.digest, %error, "machine cannot recover");
         self.broken = Some(GuestError::Trap(format!(
-            "the machine cannot recover from an earlier failure ({error}); restore a snapshot \
-             or upgrade the module"
+            "the machine cannot recover on this node from an earlier failure ({error}); its \
+             tasks fail here until it is deleted and deployed again"
         )));
         None
     }
