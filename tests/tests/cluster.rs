@@ -820,3 +820,67 @@ fn dev_stops_its_nodes_gracefully() {
     assert!(status.success(), "{status}: {err}");
     assert_eq!(err.matches("node stopped").count(), 3, "{err}");
 }
+
+#[test]
+fn a_node_refuses_to_reapply_its_log_under_other_limits() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port = lockstep_tests::cluster::free_dev_port(1);
+    let (http, raft) = (
+        format!("127.0.0.1:{port}"),
+        format!("127.0.0.1:{}", port + 100),
+    );
+    let peers = format!("1={raft}");
+    let serve = |extra: &[&str]| {
+        std::process::Command::new(lockstep_tests::cluster::lockstep_bin())
+            .args(["serve", "--id", "1", "--data-dir"])
+            .arg(dir.path())
+            .args(["--http", &http, "--raft", &raft, "--peers", &peers])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run lockstep serve")
+    };
+    let mut node = serve(&[]);
+    let mut client = Client::new(http.clone());
+    let up = wait_until(Duration::from_secs(20), || {
+        client.get("/healthz").ok().filter(|r| r.status == 200)
+    });
+    let _ = node.kill();
+    let _ = node.wait();
+    assert!(up.is_some(), "the node never came up");
+
+    // Other limits: refused before anything is applied, naming what the log was applied under.
+    let mut node = serve(&["--fuel-per-task", "5000000"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = node.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = node.kill();
+            panic!("the node re-applied its log under other limits");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    node.stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("stderr");
+    assert!(!status.success());
+    assert!(
+        err.contains("applied under the limits \"fuel per entry 100000000"),
+        "{err}"
+    );
+    // The same limits as before: it starts.
+    let mut node = serve(&["--fuel-per-task", "100000000"]);
+    let up = wait_until(Duration::from_secs(20), || {
+        client.get("/healthz").ok().filter(|r| r.status == 200)
+    });
+    let _ = node.kill();
+    let _ = node.wait();
+    assert!(up.is_some(), "refused its own limits");
+}

@@ -21,9 +21,11 @@ use crate::raft::{HardState, LogEntry, LogRead, LogWrite};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// Which cluster this log belongs to (`cluster` → id), written at the first start.
+/// Which cluster this log belongs to (`cluster` → id) and the limits its entries are applied
+/// under (`limits`), written at the first start.
 const IDENTITY: TableDefinition<&str, &str> = TableDefinition::new("identity");
 const IDENTITY_CLUSTER: &str = "cluster";
+const IDENTITY_LIMITS: &str = "limits";
 
 const META_TERM: &str = "term";
 const META_VOTE: &str = "vote";
@@ -81,23 +83,50 @@ impl LogStore {
     /// node started on another cluster's data directory (or with other --peers) fails instead
     /// of joining with a foreign log and state.
     pub fn bind_cluster(&self, cluster_id: &str) -> anyhow::Result<()> {
+        self.bind(IDENTITY_CLUSTER, cluster_id, |bound| {
+            format!(
+                "this data directory belongs to cluster {bound:?}, and this node was started for \
+                 cluster {cluster_id:?} (the --cluster-id, or a digest of --peers). If the \
+                 members only moved to new addresses, start every node with --cluster-id \
+                 {bound}; if the directory is another cluster's, give this node its own"
+            )
+        })
+    }
+
+    /// Ties this log to the limits its entries are applied under. The state is rebuilt by
+    /// applying the log again at every start, so other limits would change the outcome of
+    /// tasks already committed and answered: an acknowledged write could vanish, a failed one
+    /// take effect.
+    pub fn bind_limits(&self, limits: &str) -> anyhow::Result<()> {
+        self.bind(IDENTITY_LIMITS, limits, |bound| {
+            format!(
+                "this data directory's log was applied under the limits \"{bound}\", and this \
+                 node was started with \"{limits}\". Applying it again under other limits \
+                 would change the outcome of tasks already committed (an acknowledged write \
+                 could vanish, a failed task take effect): start with the --fuel-per-task and \
+                 --memory-mib it was applied under"
+            )
+        })
+    }
+
+    /// Records `value` under `key` at the first start; afterwards refuses any other value.
+    fn bind(
+        &self,
+        key: &str,
+        value: &str,
+        refusal: impl FnOnce(&str) -> String,
+    ) -> anyhow::Result<()> {
         let txn = self.db.begin_write()?;
         {
             let mut table = txn.open_table(IDENTITY)?;
-            let bound = table.get(IDENTITY_CLUSTER)?.map(|v| v.value().to_owned());
+            let bound = table.get(key)?.map(|v| v.value().to_owned());
             match bound {
-                Some(bound) if bound != cluster_id => anyhow::bail!(
-                    "this data directory belongs to cluster {bound:?}, and this node was started \
-                     for cluster {cluster_id:?} (the --cluster-id, or a digest of --peers). If \
-                     the members only moved to new addresses, start every node with \
-                     --cluster-id {bound}; if the directory is another cluster's, give this node \
-                     its own"
-                ),
+                Some(bound) if bound != value => anyhow::bail!(refusal(&bound)),
                 // Every start but the first: dropping the transaction aborts it, so no
                 // durable commit is spent on nothing.
                 Some(_) => return Ok(()),
                 None => {
-                    table.insert(IDENTITY_CLUSTER, cluster_id)?;
+                    table.insert(key, value)?;
                 }
             }
         }
@@ -290,6 +319,17 @@ mod tests {
             refused.to_string().contains(r#"belongs to cluster "a""#),
             "{refused}"
         );
+        // Likewise the limits its entries were applied under.
+        s.bind_limits("fuel 1")?;
+        s.bind_limits("fuel 1")?;
+        let refused = s.bind_limits("fuel 2").expect_err("other limits");
+        assert!(
+            refused
+                .to_string()
+                .contains(r#"applied under the limits "fuel 1""#),
+            "{refused}"
+        );
+        s.bind_cluster("a")?;
         Ok(())
     }
 

@@ -34,9 +34,17 @@ impl Limits {
     /// are applied under, and the architecture, since the stack limit counts native bytes.
     pub fn describe(&self) -> String {
         format!(
-            "apply rules {APPLY_RULES} on {}, fuel per entry {}, fuel per snapshot {}, memory {} \
-             bytes, table {} elements, batch {} bytes, stack {} bytes",
+            "apply rules {APPLY_RULES} on {}, {}",
             std::env::consts::ARCH,
+            self.describe_settings()
+        )
+    }
+
+    /// The limits alone, as a node's log records them at its first start.
+    pub fn describe_settings(&self) -> String {
+        format!(
+            "fuel per entry {}, fuel per snapshot {}, memory {} bytes, table {} elements, batch \
+             {} bytes, stack {} bytes",
             self.fuel_per_entry,
             self.fuel_per_snapshot,
             self.memory_bytes,
