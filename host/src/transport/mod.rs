@@ -8,8 +8,8 @@
 
 pub mod frame;
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncWriteExt, BufReader};
@@ -161,14 +161,56 @@ impl<M: WireMessage> PeerTransport<M> {
     }
 }
 
-/// Inbound peer connections served at once, per other member (a peer holds one; a restart
-/// or a network blip briefly adds another). Beyond the total, new connections are closed at
-/// once: a flood on the peer port cannot use up the node's file descriptors.
-const INBOUND_PER_PEER: usize = 4;
-/// A peer connection on which no whole frame arrives for this long is closed (peers exchange
-/// heartbeats and election messages many times a second, and the largest frame, a 16 MiB
-/// module, needs only ~0.5 MB/s; the dialler reconnects when it has something to send).
-const INBOUND_IDLE: Duration = Duration::from_secs(30);
+/// Inbound connections that have not said hello yet. A peer sends its hello as soon as it
+/// connects, so beyond this many the oldest is closed: a flood of silent connections can
+/// neither use up the node's file descriptors nor keep a real peer out (it would have to open
+/// this many connections within a peer's first round trip).
+const MAX_PENDING_INBOUND: usize = 16;
+
+/// The node's inbound peer connections: those awaiting their hello, oldest first, and one per
+/// member after it (a member's newer connection replaces its older one: the dialler uses only
+/// its latest).
+#[derive(Default)]
+struct Inbound {
+    next: u64,
+    pending: VecDeque<(u64, tokio::task::AbortHandle)>,
+    members: HashMap<NodeId, (u64, tokio::task::AbortHandle)>,
+}
+
+impl Inbound {
+    fn admit(&mut self, conn: u64, task: tokio::task::AbortHandle) {
+        self.pending.push_back((conn, task));
+        while self.pending.len() > MAX_PENDING_INBOUND {
+            if let Some((_, oldest)) = self.pending.pop_front() {
+                oldest.abort();
+            }
+        }
+    }
+
+    fn promote(&mut self, conn: u64, member: NodeId) {
+        let Some(at) = self.pending.iter().position(|(c, _)| *c == conn) else {
+            return;
+        };
+        if let Some((_, task)) = self.pending.remove(at)
+            && let Some((_, older)) = self.members.insert(member, (conn, task))
+        {
+            older.abort();
+        }
+    }
+
+    fn forget(&mut self, conn: u64) {
+        self.pending.retain(|(c, _)| *c != conn);
+        self.members.retain(|_, (c, _)| *c != conn);
+    }
+}
+
+type SharedInbound = Arc<Mutex<Inbound>>;
+
+fn inbound(shared: &SharedInbound) -> std::sync::MutexGuard<'_, Inbound> {
+    shared
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 async fn accept_loop<M: WireMessage>(
     listener: TcpListener,
@@ -176,9 +218,7 @@ async fn accept_loop<M: WireMessage>(
     http_addrs: Arc<RwLock<HashMap<NodeId, String>>>,
     on_message: Handler<M>,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(
-        INBOUND_PER_PEER * config.peers.len().max(2),
-    ));
+    let conns = SharedInbound::default();
     loop {
         let (stream, remote) = match listener.accept().await {
             Ok(s) => s,
@@ -189,21 +229,30 @@ async fn accept_loop<M: WireMessage>(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            debug!(%remote, "too many inbound peer connections; closing this one");
-            continue;
-        };
-        let (config, http_addrs, on_message) =
-            (config.clone(), http_addrs.clone(), on_message.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            if let Err(e) = serve_inbound(stream, &config, &http_addrs, &on_message).await {
+        // Held until the connection is admitted: its task cannot promote or forget it before.
+        let mut registry = inbound(&conns);
+        registry.next += 1;
+        let conn = registry.next;
+        let (config, http_addrs, on_message, shared) = (
+            config.clone(),
+            http_addrs.clone(),
+            on_message.clone(),
+            conns.clone(),
+        );
+        let task = tokio::spawn(async move {
+            let served = serve_inbound(stream, &config, &http_addrs, &on_message, |member| {
+                inbound(&shared).promote(conn, member)
+            })
+            .await;
+            inbound(&shared).forget(conn);
+            if let Err(e) = served {
                 match e {
                     FrameError::Closed => debug!(%remote, "peer connection closed"),
                     e => warn!(%remote, error = %e, "closing raft connection"),
                 }
             }
         });
+        registry.admit(conn, task.abort_handle());
     }
 }
 
@@ -212,6 +261,7 @@ async fn serve_inbound<M: WireMessage>(
     config: &TransportConfig,
     http_addrs: &RwLock<HashMap<NodeId, String>>,
     on_message: &Handler<M>,
+    said_hello: impl FnOnce(NodeId),
 ) -> Result<(), FrameError> {
     tune(&stream);
     let mut stream = stream;
@@ -242,18 +292,14 @@ async fn serve_inbound<M: WireMessage>(
         return Err(FrameError::BadHello("peer id is not a member"));
     }
     let from = hello.node_id;
+    said_hello(from);
     let mut reader = BufReader::with_capacity(256 * 1024, stream);
     if let Ok(mut m) = http_addrs.write() {
         m.insert(from, hello.http_addr);
     }
     debug!(from, "peer connected");
     loop {
-        tokio::time::timeout(
-            INBOUND_IDLE,
-            read_frame(&mut reader, config.max_frame_bytes, &mut buf),
-        )
-        .await
-        .map_err(|_| FrameError::Closed)??;
+        read_frame(&mut reader, config.max_frame_bytes, &mut buf).await?;
         let msg = M::decode(&buf).map_err(FrameError::BadMessage)?;
         on_message(from, msg);
     }

@@ -162,14 +162,13 @@ async fn peer_sockets_give_up_on_a_silent_peer() {
 }
 
 #[tokio::test]
-async fn a_flood_of_silent_connections_is_capped() {
-    let (_a, _b, _, b_addr) = pair("c").await;
-    // Two members: 8 slots, one of which node 1's own connection may hold.
+async fn a_flood_of_silent_connections_cannot_keep_peers_out() {
+    let (a, b, inbox, b_addr) = pair("c").await;
     let mut held = Vec::new();
     for _ in 0..40 {
         held.push(TcpStream::connect(&b_addr).await.unwrap());
     }
-    // The connections beyond the cap are closed at once; those within it wait for a hello.
+    // Only the newest connections that have not said hello are kept.
     let mut closed = 0;
     for s in &mut held {
         let mut byte = [0u8; 1];
@@ -178,8 +177,44 @@ async fn a_flood_of_silent_connections_is_capped() {
             _ => {}
         }
     }
-    assert!(
-        (40 - 2 * INBOUND_PER_PEER..=40 - 2 * INBOUND_PER_PEER + 1).contains(&closed),
-        "{closed} of 40 closed"
-    );
+    // (One more if node 1's own connection was still waiting for its hello among them.)
+    let expected = 40 - MAX_PENDING_INBOUND..=40 - MAX_PENDING_INBOUND + 1;
+    assert!(expected.contains(&closed), "{closed} of 40 closed");
+    // A member still gets through: its hello comes first, however many strangers wait.
+    let mut delivered = false;
+    for n in 0..200 {
+        a.send(2, Ping(n));
+        if wait_for(&inbox, 1).await {
+            delivered = true;
+            break;
+        }
+    }
+    assert!(delivered);
+    drop(b);
+}
+
+#[test]
+fn a_members_newer_connection_replaces_its_older_one() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let idle = || tokio::spawn(std::future::pending::<()>());
+        let mut c = Inbound::default();
+        let (old, new) = (idle(), idle());
+        c.admit(1, old.abort_handle());
+        c.admit(2, new.abort_handle());
+        c.promote(1, 7);
+        c.promote(2, 7);
+        assert!(
+            old.await.unwrap_err().is_cancelled(),
+            "the older connection is closed"
+        );
+        assert_eq!(c.members[&7].0, 2);
+        assert!(c.pending.is_empty());
+        c.forget(2);
+        assert!(c.members.is_empty());
+        new.abort();
+    });
 }
