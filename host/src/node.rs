@@ -142,7 +142,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     let log = LogStore::open(&cfg.data_dir.join("log.redb"))
         .with_context(|| format!("opening the log in {}", cfg.data_dir.display()))?;
     log.bind_cluster(&cluster_id)?;
-    log.bind_limits(&cfg.limits.describe_settings())?;
+    log.bind_limits(&cfg.limits.flags())?;
 
     // Inbound messages may arrive before the node exists; those are dropped like any loss.
     let inbox: Arc<OnceLock<Node<MachineSet>>> = Arc::new(OnceLock::new());

@@ -872,7 +872,7 @@ fn a_node_refuses_to_reapply_its_log_under_other_limits() {
         .expect("stderr");
     assert!(!status.success());
     assert!(
-        err.contains("applied under the limits \"fuel per entry 100000000"),
+        err.contains("start it with `--fuel-per-task 100000000 --memory-mib 64`"),
         "{err}"
     );
     // The same limits as before: it starts.

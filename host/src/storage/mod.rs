@@ -100,11 +100,10 @@ impl LogStore {
     pub fn bind_limits(&self, limits: &str) -> anyhow::Result<()> {
         self.bind(IDENTITY_LIMITS, limits, |bound| {
             format!(
-                "this data directory's log was applied under the limits \"{bound}\", and this \
-                 node was started with \"{limits}\". Applying it again under other limits \
-                 would change the outcome of tasks already committed (an acknowledged write \
-                 could vanish, a failed task take effect): start with the --fuel-per-task and \
-                 --memory-mib it was applied under"
+                "this data directory's log was applied under `{bound}`, and this node was \
+                 started with `{limits}`. Applying it again under other limits would change the \
+                 outcome of tasks already committed (an acknowledged write could vanish, a \
+                 failed task take effect): start it with `{bound}`"
             )
         })
     }
@@ -324,9 +323,7 @@ mod tests {
         s.bind_limits("fuel 1")?;
         let refused = s.bind_limits("fuel 2").expect_err("other limits");
         assert!(
-            refused
-                .to_string()
-                .contains(r#"applied under the limits "fuel 1""#),
+            refused.to_string().contains("start it with `fuel 1`"),
             "{refused}"
         );
         s.bind_cluster("a")?;

@@ -34,23 +34,25 @@ impl Limits {
     /// are applied under, and the architecture, since the stack limit counts native bytes.
     pub fn describe(&self) -> String {
         format!(
-            "apply rules {APPLY_RULES} on {}, {}",
+            "apply rules {APPLY_RULES} on {}, fuel per entry {}, fuel per snapshot {}, memory {} \
+             bytes, table {} elements, batch {} bytes, stack {} bytes",
             std::env::consts::ARCH,
-            self.describe_settings()
-        )
-    }
-
-    /// The limits alone, as a node's log records them at its first start.
-    pub fn describe_settings(&self) -> String {
-        format!(
-            "fuel per entry {}, fuel per snapshot {}, memory {} bytes, table {} elements, batch \
-             {} bytes, stack {} bytes",
             self.fuel_per_entry,
             self.fuel_per_snapshot,
             self.memory_bytes,
             self.table_elements,
             self.max_batch_bytes,
             self.max_wasm_stack
+        )
+    }
+
+    /// The limits an operator sets, as the flags that set them: what a node's log records at
+    /// its first start (the others change only with a release, whose notes say so).
+    pub fn flags(&self) -> String {
+        format!(
+            "--fuel-per-task {} --memory-mib {}",
+            self.fuel_per_entry,
+            self.memory_bytes >> 20
         )
     }
 }
