@@ -723,6 +723,40 @@ fn a_stopping_node_answers_the_request_in_flight() {
 }
 
 #[test]
+fn a_client_that_half_closes_after_its_request_gets_the_answer() {
+    let _serial = serial();
+    let c = TestCluster::start(1);
+    c.deploy_guest("chaos", guests::CHAOS);
+    let task = br#"{"add": 3}"#;
+    for attempt in 0..5 {
+        let mut s = TcpStream::connect(c.nodes[0].http).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let request = format!(
+            "POST /v1/machines/chaos/tasks HTTP/1.1\r\nhost: lockstep\r\ncontent-length: {}\r\n\r\n",
+            task.len()
+        );
+        s.write_all(request.as_bytes()).expect("headers");
+        s.write_all(task).expect("body");
+        // Done sending: the task is committed and answered all the same (it used to be
+        // committed and the connection closed without an answer).
+        s.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let mut reply = Vec::new();
+        let _ = s.read_to_end(&mut reply);
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(
+            reply.starts_with("HTTP/1.1 200"),
+            "attempt {attempt}: {reply:?}"
+        );
+        let value = 3 * (attempt + 1);
+        assert!(
+            reply.contains(&format!(r#"{{"value":{value}}}"#)),
+            "attempt {attempt}: {reply:?}"
+        );
+    }
+}
+
+#[test]
 fn dev_stops_the_whole_cluster_when_a_node_exits() {
     let _serial = serial();
     // Node 2's HTTP port is taken: its process fails to bind and exits at once.

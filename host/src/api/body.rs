@@ -178,7 +178,9 @@ where
     let deadline = tokio::time::Instant::now() + whole;
     let mut permit = budget.permit();
     let mut body = Limited::new(req.into_body(), limit);
-    let mut parts: Vec<Bytes> = Vec::new();
+    // The usual body is one frame, kept as is; only a second one starts a list to join.
+    let mut first: Option<Bytes> = None;
+    let mut more: Vec<Bytes> = Vec::new();
     loop {
         let stall = tokio::time::Instant::now() + BODY_STALL_TIMEOUT;
         let frame = match tokio::time::timeout_at(stall.min(deadline), body.frame()).await {
@@ -198,13 +200,23 @@ where
             if !permit.grow(data.len()) {
                 return Err(ApiError::bodies_overloaded());
             }
-            parts.push(data);
+            if first.is_none() {
+                first = Some(data);
+            } else {
+                more.push(data);
+            }
         }
     }
-    // The usual body is one frame, returned as is; more are joined.
-    let body = match parts.len() {
-        1 => parts.swap_remove(0),
-        _ => Bytes::from(parts.concat()),
+    let body = match first {
+        None => Bytes::new(),
+        Some(only) if more.is_empty() => only,
+        Some(head) => {
+            let mut all = head.to_vec();
+            for part in &more {
+                all.extend_from_slice(part);
+            }
+            Bytes::from(all)
+        }
     };
     Ok((body, permit))
 }

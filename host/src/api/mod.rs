@@ -114,10 +114,14 @@ pub async fn serve(
                 async move { Ok::<_, Infallible>(handle(&state, req).await) }
             });
             // A client that never finishes its headers must not hold a connection forever.
+            // Half-closes are allowed: otherwise, while a request is in flight, hyper polls the
+            // socket for an early EOF and reserves a new 8 KiB read buffer for it every time
+            // (the request still holds slices of the old one), a malloc and a free per task.
             let mut builder = http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .half_close(true);
             let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(stream), svc));
             let ended = tokio::select! {
                 ended = conn.as_mut() => ended,
@@ -193,9 +197,17 @@ async fn handle(state: &ApiState, req: Request<RequestBody>) -> Response<Body> {
 }
 
 async fn route(state: &ApiState, req: Request<RequestBody>) -> Result<Response<Body>, ApiError> {
-    let path = req.uri().path().to_owned();
-    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
-    match (req.method().clone(), segs.as_slice()) {
+    // The path's segments, without an allocation per request (the clone shares the URI's
+    // bytes): one slot more than the longest route, so a longer path matches none.
+    let uri = req.uri().clone();
+    let path = uri.path();
+    let mut segs = [""; 6];
+    let n = segs
+        .iter_mut()
+        .zip(path.trim_matches('/').split('/'))
+        .map(|(slot, seg)| *slot = seg)
+        .count();
+    match (req.method().clone(), &segs[..n]) {
         (Method::GET, ["healthz"]) if state.node.is_stopped() => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "stopped",
