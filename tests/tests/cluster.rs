@@ -686,20 +686,26 @@ fn the_cli_gets_the_answer_a_node_gives_before_reading_the_body() {
     }
 }
 
+/// A raw connection to node 0 that has sent the headers of a task for `machine` with a body of
+/// `len` bytes, and waits at most 10 s for any answer.
+fn task_headers_sent(c: &TestCluster, machine: &str, len: usize) -> TcpStream {
+    let mut s = TcpStream::connect(c.nodes[0].http).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let head = format!(
+        "POST /v1/machines/{machine}/tasks HTTP/1.1\r\nhost: lockstep\r\ncontent-length: {len}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).expect("headers");
+    s
+}
+
 #[test]
 fn a_stopping_node_answers_the_request_in_flight() {
     let _serial = serial();
     let c = TestCluster::start(1);
     c.deploy_guest("chaos", guests::CHAOS);
     let task = br#"{"add": 5}"#;
-    let mut s = TcpStream::connect(c.nodes[0].http).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let head = format!(
-        "POST /v1/machines/chaos/tasks HTTP/1.1\r\nhost: lockstep\r\ncontent-length: {}\r\n\r\n",
-        task.len()
-    );
-    s.write_all(head.as_bytes()).expect("headers");
+    let mut s = task_headers_sent(&c, "chaos", task.len());
     s.write_all(&task[..4]).expect("part of the body");
     // Stopped mid-request: the rest of the body still arrives, and the answer goes out.
     c.sigterm(0);
@@ -729,14 +735,7 @@ fn a_client_that_half_closes_after_its_request_gets_the_answer() {
     c.deploy_guest("chaos", guests::CHAOS);
     let task = br#"{"add": 3}"#;
     for attempt in 0..5 {
-        let mut s = TcpStream::connect(c.nodes[0].http).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let request = format!(
-            "POST /v1/machines/chaos/tasks HTTP/1.1\r\nhost: lockstep\r\ncontent-length: {}\r\n\r\n",
-            task.len()
-        );
-        s.write_all(request.as_bytes()).expect("headers");
+        let mut s = task_headers_sent(&c, "chaos", task.len());
         s.write_all(task).expect("body");
         // Done sending: the task is committed and answered all the same (it used to be
         // committed and the connection closed without an answer).
