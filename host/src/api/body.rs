@@ -211,7 +211,10 @@ where
         None => Bytes::new(),
         Some(only) if more.is_empty() => only,
         Some(head) => {
-            let mut all = head.to_vec();
+            // Exactly the body's size: the budget counts these bytes, not spare capacity.
+            let mut all =
+                Vec::with_capacity(head.len() + more.iter().map(Bytes::len).sum::<usize>());
+            all.extend_from_slice(&head);
             for part in &more {
                 all.extend_from_slice(part);
             }
