@@ -187,15 +187,26 @@ impl Inbound {
         }
     }
 
-    fn promote(&mut self, conn: u64, member: NodeId) {
+    /// `conn` said hello as `member`. False when the member already has a newer connection
+    /// (whose hello was read first): then this one is closed instead.
+    fn promote(&mut self, conn: u64, member: NodeId) -> bool {
         let Some(at) = self.pending.iter().position(|(c, _)| *c == conn) else {
-            return;
+            return false;
         };
-        if let Some((_, task)) = self.pending.remove(at)
-            && let Some((_, older)) = self.members.insert(member, (conn, task))
+        let Some((_, task)) = self.pending.remove(at) else {
+            return false;
+        };
+        if self
+            .members
+            .get(&member)
+            .is_some_and(|(newer, _)| *newer > conn)
         {
+            return false;
+        }
+        if let Some((_, older)) = self.members.insert(member, (conn, task)) {
             older.abort();
         }
+        true
     }
 
     fn forget(&mut self, conn: u64) {
@@ -261,7 +272,7 @@ async fn serve_inbound<M: WireMessage>(
     config: &TransportConfig,
     http_addrs: &RwLock<HashMap<NodeId, String>>,
     on_message: &Handler<M>,
-    said_hello: impl FnOnce(NodeId),
+    said_hello: impl FnOnce(NodeId) -> bool,
 ) -> Result<(), FrameError> {
     tune(&stream);
     let mut stream = stream;
@@ -292,7 +303,10 @@ async fn serve_inbound<M: WireMessage>(
         return Err(FrameError::BadHello("peer id is not a member"));
     }
     let from = hello.node_id;
-    said_hello(from);
+    if !said_hello(from) {
+        debug!(from, "the member has a newer connection; closing this one");
+        return Err(FrameError::Closed);
+    }
     let mut reader = BufReader::with_capacity(256 * 1024, stream);
     if let Ok(mut m) = http_addrs.write() {
         m.insert(from, hello.http_addr);
