@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Two builds of Lockstep, alternated: each round starts a fresh 3-node cluster of build A, drives
+# its leader with wrk for DUR s, then the same with build B. Prints per run the throughput, p50,
+# p99, the nodes' CPU per task (from /proc) and their peak RSS, so a change is judged on pairs
+# measured minutes apart on this shared machine rather than on two separate runs.
+#
+#   bench/ab.sh <bin-dir-A> <bin-dir-B>          # 4 pairs, 8 s each, 256 connections
+#   PAIRS=6 DUR=10 CONNS=64 NODES=1 bench/ab.sh old/release new/release
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -eq 2 ] || { echo "usage: bench/ab.sh <bin-dir-A> <bin-dir-B>" >&2; exit 1; }
+A=$1 B=$2
+PAIRS=${PAIRS:-4}
+DUR=${DUR:-8}
+CONNS=${CONNS:-256}
+LOCKSTEP_BIN_DIR=$A # only the guest is built here; each run names its binaries
+. bench/lib.sh
+build
+cpu_ticks() { # the nodes' user + system time, in clock ticks
+  local t=0 i
+  for i in $(seq 1 "$NODES"); do
+    read -r u s < <(cut -d' ' -f14,15 "/proc/${LS_PID[$i]}/stat")
+    t=$((t + u + s))
+  done
+  echo "$t"
+}
+one() { # label bin-dir
+  BIN=$2
+  start_cluster 770 780 "${NODES:-3}"
+  local c0 c1 rps p50 p99 err rss=""
+  c0=$(cpu_ticks)
+  read -r rps p50 p99 err <<<"$(run "$LS/v1/machines/counter/tasks" '{"add":1}       ' "$CONNS")"
+  c1=$(cpu_ticks)
+  for i in $(seq 1 "$NODES"); do
+    rss+="$(awk '/VmHWM/ {printf "%d", $2 / 1024}' "/proc/${LS_PID[$i]}/status") "
+    stop_lockstep "$i"
+  done
+  rm -rf "$WORK"/ls*
+  printf '%s  %7s tasks/s  p50 %6s ms  p99 %6s ms  errors %s  nodes %5.2f us CPU/task  peak RSS MiB %s\n' \
+    "$1" "$rps" "$p50" "$p99" "$err" \
+    "$(echo "($c1 - $c0) * 1000000 / $(getconf CLK_TCK) / ($rps * $DUR)" | bc -l)" "$rss"
+}
+for p in $(seq 1 "$PAIRS"); do
+  one "A $p" "$A"
+  one "B $p" "$B"
+done
