@@ -211,14 +211,9 @@ where
         None => Bytes::new(),
         Some(only) if more.is_empty() => only,
         Some(head) => {
-            // Exactly the body's size: the budget counts these bytes, not spare capacity.
-            let mut all =
-                Vec::with_capacity(head.len() + more.iter().map(Bytes::len).sum::<usize>());
-            all.extend_from_slice(&head);
-            for part in &more {
-                all.extend_from_slice(part);
-            }
-            Bytes::from(all)
+            // `concat` allocates exactly the body's size: the budget counts no spare capacity.
+            more.insert(0, head);
+            Bytes::from(more.concat())
         }
     };
     Ok((body, permit))

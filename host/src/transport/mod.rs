@@ -190,10 +190,8 @@ impl Inbound {
     /// `conn` said hello as `member`. False when the member already has a newer connection
     /// (whose hello was read first): then this one is closed instead.
     fn promote(&mut self, conn: u64, member: NodeId) -> bool {
-        let Some(at) = self.pending.iter().position(|(c, _)| *c == conn) else {
-            return false;
-        };
-        let Some((_, task)) = self.pending.remove(at) else {
+        let at = self.pending.iter().position(|(c, _)| *c == conn);
+        let Some((_, task)) = at.and_then(|at| self.pending.remove(at)) else {
             return false;
         };
         if self

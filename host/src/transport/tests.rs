@@ -28,16 +28,22 @@ async fn pair_with(
     cluster_b: &str,
     limits_b: &str,
 ) -> (PeerTransport<Ping>, PeerTransport<Ping>, Inbox, String) {
+    let (la, lb, peers) = two_members().await;
+    let b_addr = peers[&2].clone();
+    let a = PeerTransport::start(config(&peers, 1, "c", "limits"), la, |_, _| {});
+    let (b, inbox) = recording(config(&peers, 2, cluster_b, limits_b), lb);
+    (a, b, inbox, b_addr)
+}
+
+/// Listeners for members 1 and 2, and the peer map naming them.
+async fn two_members() -> (TcpListener, TcpListener, BTreeMap<NodeId, String>) {
     let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let lb = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let peers = BTreeMap::from([
         (1, la.local_addr().unwrap().to_string()),
         (2, lb.local_addr().unwrap().to_string()),
     ]);
-    let b_addr = peers[&2].clone();
-    let a = PeerTransport::start(config(&peers, 1, "c", "limits"), la, |_, _| {});
-    let (b, inbox) = recording(config(&peers, 2, cluster_b, limits_b), lb);
-    (a, b, inbox, b_addr)
+    (la, lb, peers)
 }
 
 fn config(
@@ -177,12 +183,7 @@ async fn peer_sockets_give_up_on_a_silent_peer() {
 
 #[tokio::test]
 async fn a_flood_of_silent_connections_cannot_keep_peers_out() {
-    let la = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let lb = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let peers = BTreeMap::from([
-        (1, la.local_addr().unwrap().to_string()),
-        (2, lb.local_addr().unwrap().to_string()),
-    ]);
+    let (la, lb, peers) = two_members().await;
     let (b, inbox) = recording(config(&peers, 2, "c", "limits"), lb);
     let mut held = tokio::task::JoinSet::new();
     for _ in 0..40 {
