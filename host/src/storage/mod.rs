@@ -17,6 +17,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
+mod file;
+
+use file::LogFile;
+
 use crate::raft::{HardState, LogEntry, LogRead, LogWrite};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -68,7 +72,7 @@ impl LogStore {
         }
         let db = Database::builder()
             .set_cache_size(LOG_CACHE_BYTES)
-            .create(path)
+            .create_with_backend(LogFile::open(path)?)
             .with_context(|| format!("opening redb log {}", path.display()))?;
         let txn = db.begin_write()?;
         {
