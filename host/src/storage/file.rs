@@ -384,15 +384,21 @@ mod tests {
         }
     }
 
+    /// An empty log file in a directory of its own (dropped with the directory guard).
+    fn new_file() -> anyhow::Result<(tempfile::TempDir, std::path::PathBuf, LogFile)> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("f");
+        let f = LogFile::open(&path)?;
+        Ok((dir, path, f))
+    }
+
     fn allocated(path: &Path) -> std::io::Result<u64> {
         Ok(std::fs::metadata(path)?.blocks() * 512)
     }
 
     #[test]
     fn grown_space_is_written_with_zeros_around_what_redb_wrote() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("f");
-        let f = LogFile::open(&path)?;
+        let (_dir, path, f) = new_file()?;
         f.set_len(CHUNK / 2)?;
         f.wait_filled();
         f.write(0, b"head")?;
@@ -436,9 +442,7 @@ mod tests {
 
     #[test]
     fn shrinking_and_growing_again_fills_the_new_space() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("f");
-        let f = LogFile::open(&path)?;
+        let (_dir, path, f) = new_file()?;
         f.set_len(4 * CHUNK)?;
         f.wait_filled();
         f.set_len(CHUNK / 2)?;
@@ -451,9 +455,7 @@ mod tests {
 
     #[test]
     fn the_filler_stays_within_reach_of_redbs_writes() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("f");
-        let f = LogFile::open(&path)?;
+        let (_dir, path, f) = new_file()?;
         let len = 4 * AHEAD;
         f.set_len(len)?;
         f.wait_filled();
