@@ -196,3 +196,38 @@ impl From<ReadError> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overloaded_leader_says_retry_later() {
+        let r = ApiError::from(ProposeError::Overloaded).into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            r.headers().get(header::RETRY_AFTER).map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
+        let r = ApiError::from(ProposeError::OutcomeUnknown).into_response();
+        assert!(
+            r.headers().get(header::RETRY_AFTER).is_none(),
+            "retrying an outcome_unknown could apply a task twice"
+        );
+    }
+
+    #[test]
+    fn a_failed_read_says_retry_later_in_a_documented_code() {
+        for (e, code) in [
+            (ReadError::LeadershipLost, "no_leader"),
+            (ReadError::NotLeader { leader: None }, "no_leader"),
+            (ReadError::ShuttingDown, "shutting_down"),
+        ] {
+            let r = ApiError::from(e).into_response();
+            assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert!(r.headers().contains_key(header::RETRY_AFTER), "{code}");
+            let body = format!("{:?}", r.body());
+            assert!(body.contains(code), "{code}: {body}");
+        }
+    }
+}
