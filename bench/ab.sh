@@ -2,7 +2,8 @@
 # Two builds of Lockstep, alternated: each round starts a fresh 3-node cluster of build A, drives
 # its leader with wrk for DUR s, then the same with build B. Prints per run the throughput, p50,
 # p99, the nodes' CPU per task (from /proc) and their peak RSS, so a change is judged on pairs
-# measured minutes apart on this shared machine rather than on two separate runs.
+# measured minutes apart on this shared machine rather than on two separate runs. Ends with each
+# build's medians and how many pairs B won.
 #
 #   bench/ab.sh <bin-dir-A> <bin-dir-B>          # 4 pairs, 8 s each, 256 connections
 #   PAIRS=6 DUR=10 CONNS=64 NODES=1 bench/ab.sh old/release new/release
@@ -40,7 +41,24 @@ one() { # label bin-dir
     "$1" "$rps" "$p50" "$p99" "$err" \
     "$(echo "($c1 - $c0) * 1000000 / $(getconf CLK_TCK) / ($rps * $DUR)" | bc -l)" "$rss"
 }
+RUNS=$(mktemp)
 for p in $(seq 1 "$PAIRS"); do
-  one "A $p" "$A"
-  one "B $p" "$B"
+  one "A $p" "$A" | tee -a "$RUNS"
+  one "B $p" "$B" | tee -a "$RUNS"
 done
+# The verdict: medians of each build and how many pairs B won, on throughput and on CPU per task.
+awk '
+  function median(v, n,   i, j, t) {
+    for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] > v[j]; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
+    return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+  }
+  /^[AB] [0-9]+ / { rps[$1, $2] = $3; cpu[$1, $2] = $14 }
+  END {
+    for (p = 1; rps["A", p] != ""; p++) {
+      ra[p] = rps["A", p]; rb[p] = rps["B", p]; ca[p] = cpu["A", p]; cb[p] = cpu["B", p]
+      fast += rb[p] > ra[p]; lean += cb[p] < ca[p]; n = p
+    }
+    printf "median  A %.0f  B %.0f tasks/s (B/A %.3f, B faster in %d of %d pairs)\n", median(ra, n), median(rb, n), median(rb, n) / median(ra, n), fast, n
+    printf "median  A %.2f  B %.2f us CPU/task (B leaner in %d of %d pairs)\n", median(ca, n), median(cb, n), lean, n
+  }' "$RUNS"
+rm -f "$RUNS"
