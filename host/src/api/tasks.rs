@@ -26,13 +26,16 @@ const TERM_HEADER: header::HeaderName = header::HeaderName::from_static("lockste
 enum Admitted {
     /// This node does not lead: nothing will be proposed here.
     Redirect(Response<Body>),
-    Task {
-        term: Option<u64>,
-        uri: hyper::Uri,
-        body: Bytes,
-        /// The body's bytes in the node's budget, until proposed.
-        read: body::BodyPermit,
-    },
+    Task(Admission),
+}
+
+/// A request this leader will propose from.
+struct Admission {
+    term: Option<u64>,
+    uri: hyper::Uri,
+    body: Bytes,
+    /// The body's bytes in the node's budget, until proposed.
+    read: body::BodyPermit,
 }
 
 /// What `submit` and `submit_batch` share: the name, the leader check, the expected term, the
@@ -53,12 +56,12 @@ async fn admit(
     if !machine_known(state, name) {
         return Err(ApiError::not_found(format!("no machine named {name:?}")));
     }
-    Ok(Admitted::Task {
+    Ok(Admitted::Task(Admission {
         term,
         uri,
         body,
         read,
-    })
+    }))
 }
 
 pub(super) async fn submit(
@@ -66,20 +69,15 @@ pub(super) async fn submit(
     name: &str,
     req: Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
-    let (term, uri, payload, read) = match admit(state, name, req, MAX_TASK_BYTES).await? {
+    let task = match admit(state, name, req, MAX_TASK_BYTES).await? {
         Admitted::Redirect(r) => return Ok(r),
-        Admitted::Task {
-            term,
-            uri,
-            body,
-            read,
-        } => (term, uri, body, read),
+        Admitted::Task(a) => a,
     };
-    let entry = Command::encode_task(name, &payload);
-    drop((payload, read));
-    let applied = match state.node.propose(entry, term).await {
+    let entry = Command::encode_task(name, &task.body);
+    drop((task.body, task.read));
+    let applied = match state.node.propose(entry, task.term).await {
         Ok(a) => a,
-        Err(ProposeError::NotLeader { leader }) => return Ok(redirect(state, leader, &uri)),
+        Err(ProposeError::NotLeader { leader }) => return Ok(redirect(state, leader, &task.uri)),
         Err(e) => return Err(e.into()),
     };
     // Committed either way: a guest's failure is an outcome at a log position too.
@@ -123,23 +121,18 @@ pub(super) async fn submit_batch(
     name: &str,
     req: Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
-    let (term, uri, body, read) = match admit(state, name, req, MAX_BATCH_BYTES).await? {
+    let batch = match admit(state, name, req, MAX_BATCH_BYTES).await? {
         Admitted::Redirect(r) => return Ok(r),
-        Admitted::Task {
-            term,
-            uri,
-            body,
-            read,
-        } => (term, uri, body, read),
+        Admitted::Task(a) => a,
     };
-    let tasks = parse_batch(&body)?;
+    let tasks = parse_batch(&batch.body)?;
     let entries: Vec<Bytes> = tasks
         .iter()
         .map(|t| Command::encode_task(name, t.get().as_bytes()))
         .collect();
     drop(tasks);
-    drop((body, read));
-    let results = state.node.propose_many(entries, term).await;
+    drop((batch.body, batch.read));
+    let results = state.node.propose_many(entries, batch.term).await;
     // Refused as a whole, nothing proposed: one answer (a redirect, a 409, a 503 with
     // Retry-After) rather than a 200 full of them.
     if let Some(Err(
@@ -153,7 +146,7 @@ pub(super) async fn submit_batch(
         )
     {
         return match first {
-            ProposeError::NotLeader { leader } => Ok(redirect(state, *leader, &uri)),
+            ProposeError::NotLeader { leader } => Ok(redirect(state, *leader, &batch.uri)),
             refused => Err(refused.clone().into()),
         };
     }
