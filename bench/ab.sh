@@ -41,10 +41,13 @@ one() { # label bin-dir
     "$1" "$rps" "$p50" "$p99" "$err" \
     "$(echo "($c1 - $c0) * 1000000 / $(getconf CLK_TCK) / ($rps * $DUR)" | bc -l)" "$rss"
 }
-RUNS=$(mktemp)
+# Not through a pipe: `one` must run in this shell, so that `cleanup` knows the nodes it started.
+RUNS=$WORK/runs
 for p in $(seq 1 "$PAIRS"); do
-  one "A $p" "$A" | tee -a "$RUNS"
-  one "B $p" "$B" | tee -a "$RUNS"
+  one "A $p" "$A" >>"$RUNS"
+  tail -n1 "$RUNS"
+  one "B $p" "$B" >>"$RUNS"
+  tail -n1 "$RUNS"
 done
 # The verdict: medians of each build and how many pairs B won, on throughput and on CPU per task.
 awk '
@@ -52,13 +55,13 @@ awk '
     for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] > v[j]; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
     return n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
   }
-  /^[AB] [0-9]+ / { rps[$1, $2] = $3; cpu[$1, $2] = $14 }
+  /^[AB] [0-9]+ / && $4 == "tasks/s" && $16 == "CPU/task" { rps[$1, $2] = $3; cpu[$1, $2] = $14 }
   END {
-    for (p = 1; rps["A", p] != ""; p++) {
+    for (p = 1; rps["A", p] != "" && rps["B", p] != ""; p++) {
       ra[p] = rps["A", p]; rb[p] = rps["B", p]; ca[p] = cpu["A", p]; cb[p] = cpu["B", p]
       fast += rb[p] > ra[p]; lean += cb[p] < ca[p]; n = p
     }
+    if (!n) { print "no complete pair to judge"; exit }
     printf "median  A %.0f  B %.0f tasks/s (B/A %.3f, B faster in %d of %d pairs)\n", median(ra, n), median(rb, n), median(rb, n) / median(ra, n), fast, n
     printf "median  A %.2f  B %.2f us CPU/task (B leaner in %d of %d pairs)\n", median(ca, n), median(cb, n), lean, n
   }' "$RUNS"
-rm -f "$RUNS"

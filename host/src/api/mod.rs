@@ -3,7 +3,8 @@
 //!
 //! `server` accepts and bounds connections, `route` (here) dispatches a request, `tasks` takes
 //! tasks in, `machines` deploys and reads machines, `body` reads request bodies within the
-//! node's budget, and `error` is every refusal's status and stable code.
+//! node's budget, `error` is every refusal's status and stable code, and `metrics` renders
+//! `/metrics`.
 
 mod body;
 pub mod error;

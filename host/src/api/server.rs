@@ -20,6 +20,7 @@ const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// Longest that data this node sent may stay unacknowledged (also a zero window: a client that
 /// stops reading its responses) before the kernel drops the connection.
 const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Serves HTTP/1.1 on `listener` until the task is dropped, at most `max_connections` at once.
 /// At the cap the node stops accepting: further clients (health checks too) wait in the
 /// kernel's listen backlog until a connection closes, as behind Go's `LimitListener`, which etcd
