@@ -126,6 +126,14 @@ impl Fill {
         self.wake.notify_all();
     }
 
+    /// How far the filler may go now: the file's end, and no more than `AHEAD` past redb's
+    /// highest write.
+    fn limit(&self, state: &FillState) -> u64 {
+        state
+            .end
+            .min(self.high.load(Ordering::Acquire).saturating_add(AHEAD))
+    }
+
     fn run(&self, mut zeros: Zeros) {
         let mut unsynced = 0;
         loop {
@@ -135,9 +143,7 @@ impl Fill {
                     return;
                 }
                 let at = self.filled.load(Ordering::Acquire);
-                let limit = state
-                    .end
-                    .min(self.high.load(Ordering::Acquire).saturating_add(AHEAD));
+                let limit = self.limit(&state);
                 #[cfg(test)]
                 let limit = if state.hold { 0 } else { limit };
                 if at < limit {
@@ -369,9 +375,7 @@ mod tests {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 let state = self.fill.lock();
-                let limit = state
-                    .end
-                    .min(self.fill.high.load(Ordering::Acquire) + AHEAD);
+                let limit = self.fill.limit(&state);
                 let filled = self.fill.filled.load(Ordering::Acquire);
                 assert!(!state.stopped, "the filler stopped");
                 if filled >= limit && state.busy.is_none() {
