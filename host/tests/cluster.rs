@@ -269,3 +269,82 @@ async fn single_member_cluster_serves_alone_and_restarts() {
         node.shutdown().await;
     }
 }
+
+/// A machine that breaks (panics) on the payload `boom`.
+struct Brittle;
+
+impl StateMachine for Brittle {
+    type Output = ();
+    fn apply(&mut self, batch: Vec<Entry>) -> Vec<()> {
+        for e in &batch {
+            assert!(e.payload != "boom", "the machine broke");
+        }
+        vec![(); batch.len()]
+    }
+}
+
+/// A pipeline thread that panics stops its node: the node must not stay up looking healthy
+/// while it can no longer apply anything (`serve` exits on it, `/healthz` answers 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_on_the_state_machine_thread_stops_the_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = LogStore::open(&dir.path().join("log.redb")).expect("open log");
+    let net = LocalNetwork::new();
+    let node =
+        Node::start(RaftConfig::new(7, vec![7]), log, net.transport(7), Brittle).expect("start");
+    let mut elected = false;
+    for _ in 0..200 {
+        match node.propose(Bytes::from_static(b"fine"), None).await {
+            Ok(_) => {
+                elected = true;
+                break;
+            }
+            Err(ProposeError::NotLeader { .. }) => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(elected, "a lone member elects itself");
+    assert!(!node.is_stopped());
+
+    // Committed, then the machine broke while applying it: nobody can say it took effect.
+    let broke = node.propose(Bytes::from_static(b"boom"), None).await;
+    assert!(
+        matches!(broke, Err(ProposeError::OutcomeUnknown)),
+        "{broke:?}"
+    );
+    for _ in 0..500 {
+        if node.is_stopped() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        node.is_stopped(),
+        "the node stops once its FSM thread is gone"
+    );
+    let after = node.propose(Bytes::from_static(b"fine"), None).await;
+    assert!(
+        matches!(after, Err(ProposeError::ShuttingDown)),
+        "{after:?}"
+    );
+    let read = node.read(false, |_: &mut Brittle| ()).await;
+    assert!(matches!(read, Err(ReadError::ShuttingDown)), "{read:?}");
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn member_id_0_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = LogStore::open(&dir.path().join("log.redb")).expect("open log");
+    let net = LocalNetwork::new();
+    let refused = Node::start(
+        RaftConfig::new(1, vec![0, 1, 2]),
+        log,
+        net.transport(1),
+        Journal::default(),
+    );
+    let err = refused.err().expect("a member 0 is refused");
+    assert!(err.to_string().contains("id 0 is reserved"), "{err}");
+}

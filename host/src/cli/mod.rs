@@ -131,6 +131,9 @@ fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, String> {
             .trim()
             .parse()
             .map_err(|_| format!("{id:?} is not a node id"))?;
+        if id == 0 {
+            return Err("node id 0 is reserved (ids start at 1)".into());
+        }
         if peers.insert(id, addr.trim().to_owned()).is_some() {
             return Err(format!("node id {id} appears twice"));
         }
@@ -309,8 +312,9 @@ pub async fn run_until_stopped(running: node::RunningNode) -> anyhow::Result<()>
     let node = running.node.clone();
     tokio::select! {
         _ = shutdown_signal() => {}
-        // A failed log commit stops the pipeline: exit so a supervisor restarts the node from
-        // its data directory instead of leaving a process that only looks alive.
+        // A failed log commit or a panicked pipeline thread stops the pipeline: exit so a
+        // supervisor restarts the node from its data directory instead of leaving a process
+        // that only looks alive.
         _ = async {
             while !node.is_stopped() {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
@@ -348,7 +352,7 @@ pub async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
-    use super::{Cli, Cmd, parse_advertise};
+    use super::{Cli, Cmd, parse_advertise, parse_peers};
     use clap::Parser;
 
     fn serve(extra: &[&str]) -> Result<Cli, clap::Error> {
@@ -367,6 +371,18 @@ mod tests {
             "1=127.0.0.1:2",
         ];
         Cli::try_parse_from(base.iter().chain(extra))
+    }
+
+    #[test]
+    fn peers_take_ids_from_1() {
+        let peers = parse_peers("1=127.0.0.1:2, 2=127.0.0.1:3").expect("two peers");
+        assert_eq!(peers.keys().copied().collect::<Vec<_>>(), [1, 2]);
+        let err = parse_peers("0=127.0.0.1:2,1=127.0.0.1:3").expect_err("id 0 accepted");
+        assert!(err.contains("id 0 is reserved"), "{err}");
+        assert!(
+            parse_peers("1=a:1,1=b:2").is_err(),
+            "a repeated id accepted"
+        );
     }
 
     #[test]

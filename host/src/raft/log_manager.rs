@@ -104,7 +104,7 @@ impl<SM: StateMachine> DiskQueue<SM> {
             if let Err(e) = self.store.write(&batch, &mut scratch) {
                 // redb refuses everything after an I/O error; acking anything now could lie.
                 tracing::error!(error = %e, "log commit failed; stopping the node");
-                let _ = self.events.send(Event::DiskFailed);
+                let _ = self.events.send(Event::Failed);
                 return;
             }
             let took = started.elapsed();

@@ -127,7 +127,8 @@ pub(crate) enum Event<SM: StateMachine> {
         index: u64,
         term: u64,
     },
-    DiskFailed,
+    /// A pipeline thread failed (a log commit, or a panic): the node stops.
+    Failed,
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -166,7 +167,11 @@ impl<SM: StateMachine> Node<SM> {
         transport: Arc<dyn Transport>,
         mut sm: SM,
     ) -> anyhow::Result<Node<SM>> {
-        anyhow::ensure!(config.id != 0, "node id 0 is reserved");
+        // 0 is the core's "voted for nobody": a member 0 could collect a second vote in a term.
+        anyhow::ensure!(
+            !config.members.contains(&0) && config.id != 0,
+            "node id 0 is reserved (ids start at 1)"
+        );
         anyhow::ensure!(
             config.members.contains(&config.id),
             "node {} is not among the members",
@@ -242,18 +247,26 @@ impl<SM: StateMachine> Node<SM> {
             max_entries: config.max_write_entries,
             max_bytes: config.max_write_bytes,
         };
+        let guard = StopOnPanic(events_tx.clone());
         let disk_thread = std::thread::Builder::new()
             .name(format!("log-manager-{}", config.id))
-            .spawn(move || disk.run())?;
+            .spawn(move || {
+                let _guard = guard;
+                disk.run()
+            })?;
         let fsm = FsmCaller {
             sm,
             rx: fsm_rx,
             applied: applied_at,
             metrics,
         };
+        let guard = StopOnPanic(events_tx.clone());
         let fsm_thread = std::thread::Builder::new()
             .name(format!("fsm-caller-{}", config.id))
-            .spawn(move || fsm.run())?;
+            .spawn(move || {
+                let _guard = guard;
+                fsm.run()
+            })?;
 
         let tick = (config.heartbeat_interval / 5)
             .clamp(Duration::from_millis(1), Duration::from_millis(20));
@@ -414,7 +427,7 @@ impl<SM: StateMachine> Node<SM> {
         }
     }
 
-    /// True once the node stopped (shutdown, or a failed log commit).
+    /// True once the node stopped (shutdown, a failed log commit, a pipeline thread's panic).
     pub fn is_stopped(&self) -> bool {
         self.inner.shared.stopped.load(Ordering::Acquire)
     }
@@ -465,6 +478,8 @@ impl<SM: StateMachine> CoreLoop<SM> {
     }
 
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Event<SM>>) {
+        // However this task ends (a panic drops it mid-poll), the node reads as stopped.
+        let _stopped = MarkStopped(self.shared.clone());
         let mut ticker = tokio::time::interval(self.tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut events = Vec::with_capacity(4096);
@@ -510,7 +525,7 @@ impl<SM: StateMachine> CoreLoop<SM> {
                     Event::Read(job) => reads.push(job),
                     Event::Peer { from, msg } => self.core.step(from, msg),
                     Event::Persisted { id, index, term } => self.core.persisted(id, index, term),
-                    Event::DiskFailed => failed = true,
+                    Event::Failed => failed = true,
                     Event::Shutdown(tx) => shutdown = Some(tx),
                 }
             }
@@ -764,7 +779,7 @@ impl<SM: StateMachine> CoreLoop<SM> {
                 }
                 Event::Read(job) => job(Err(ReadError::ShuttingDown)),
                 Event::Shutdown(tx) => waiters.push(tx),
-                Event::Peer { .. } | Event::Persisted { .. } | Event::DiskFailed => {}
+                Event::Peer { .. } | Event::Persisted { .. } | Event::Failed => {}
             }
         }
         let _ = self.disk.send(DiskTask::Stop);
@@ -780,6 +795,29 @@ impl<SM: StateMachine> CoreLoop<SM> {
         for w in waiters {
             let _ = w.send(());
         }
+    }
+}
+
+/// Lives on a pipeline thread (disk queue, FSM caller) and stops the node if that thread
+/// panics: without the thread the node can no longer make a write durable or apply one, and
+/// must not go on looking alive.
+struct StopOnPanic<SM: StateMachine>(mpsc::UnboundedSender<Event<SM>>);
+
+impl<SM: StateMachine> Drop for StopOnPanic<SM> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("a pipeline thread panicked; stopping the node");
+            let _ = self.0.send(Event::Failed);
+        }
+    }
+}
+
+/// Marks the node stopped when the core loop ends, normally or not.
+struct MarkStopped(Arc<Shared>);
+
+impl Drop for MarkStopped {
+    fn drop(&mut self) {
+        self.0.stopped.store(true, Ordering::Release);
     }
 }
 
