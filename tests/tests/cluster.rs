@@ -379,6 +379,18 @@ fn bad_input_gets_clear_errors_and_the_cluster_stays_healthy() {
     assert_eq!(r.error_code().as_deref(), Some("method_not_allowed"));
     let r = l.get("/v1/machines/chaos/tasks/what").unwrap();
     assert_eq!(r.status, 404, "{}", r.text());
+    // HEAD is answered as GET, without the body: what health checkers often send.
+    let mut raw = TcpStream::connect(c.nodes[leader].http).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    raw.write_all(b"HEAD /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut head = String::new();
+    raw.read_to_string(&mut head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.ends_with("\r\n\r\n"),
+        "a HEAD answer has no body: {head:?}"
+    );
 
     let r = l
         .post("/v1/machines/chaos/tasks", br#"{"spin":true}"#)

@@ -309,7 +309,7 @@ mod tests {
             .expect_err("40 s of silence");
         assert_eq!(err.status, StatusCode::REQUEST_TIMEOUT);
         assert!(
-            err.message.starts_with("none of the request body"),
+            err.message.starts_with("the request body stalled"),
             "{}",
             err.message
         );

@@ -51,7 +51,10 @@ impl ApiError {
         Self::new(
             StatusCode::REQUEST_TIMEOUT,
             "timeout",
-            format!("none of the request body arrived for {} s", after.as_secs()),
+            format!(
+                "the request body stalled: no more of it arrived for {} s",
+                after.as_secs()
+            ),
         )
     }
 

@@ -78,7 +78,12 @@ async fn route(state: &ApiState, req: Request<RequestBody>) -> Result<Response<B
         .zip(path.trim_matches('/').split('/'))
         .map(|(slot, seg)| *slot = seg)
         .count();
-    match (req.method().clone(), &segs[..n]) {
+    // HEAD is GET without the body (hyper leaves it out): what health checkers often send.
+    let method = match req.method() {
+        &Method::HEAD => Method::GET,
+        m => m.clone(),
+    };
+    match (method, &segs[..n]) {
         (Method::GET, ["healthz"]) if state.node.is_stopped() => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "stopped",

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng, rngs::SmallRng};
 
 use super::NodeId;
 use super::ballot_box::BallotBox;
-use super::message::{EntryKind, LogEntry, Message};
+use super::message::{EntryKind, LogEntry, MAX_WIRE_NUMBER, Message};
 
 /// The core's own view of the configuration (times in milliseconds of the injected clock).
 #[derive(Clone, Debug)]
@@ -119,6 +119,13 @@ pub enum ProposeRefused {
 
 /// Reports in a row of a last index below a follower's match that mean it lost its log.
 const LOST_LOG_REPORTS: u8 = 3;
+
+/// Terms no cluster reaches by elections: half the wire's range. A message may bring one in
+/// only within `MAX_TERM_STEP` of the receiver's term, so a forged term cannot push a cluster
+/// to the top of the range (where the next election's term would not decode), while elections
+/// above it still go through: 2^41 forged steps stand between `MAX_TERM` and the top.
+pub const MAX_TERM: u64 = MAX_WIRE_NUMBER / 2;
+const MAX_TERM_STEP: u64 = 1 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ProgressState {
@@ -471,6 +478,11 @@ impl RaftCore {
             return;
         }
         let mterm = msg.term();
+        if mterm > MAX_TERM && mterm.saturating_sub(self.term) > MAX_TERM_STEP {
+            // A forged or corrupt term: adopted, it could leave the next elections' terms
+            // past what peers decode, and the cluster without a leader for good.
+            return;
+        }
         if mterm > self.term {
             match msg {
                 Message::PreVote { .. } => {}
@@ -1394,6 +1406,55 @@ mod tests {
         }
         flush(c);
         assert!(c.is_leader());
+    }
+
+    #[test]
+    fn a_forged_term_cannot_push_the_cluster_past_decodable_terms() {
+        let heartbeat = |term| Message::Heartbeat {
+            term,
+            commit: 0,
+            seq: 1,
+        };
+        let mut c = core(1, 3, &[1], 1);
+        c.step(2, heartbeat(MAX_WIRE_NUMBER));
+        assert_eq!(c.term(), 1, "the top of the range is not adopted");
+        assert!(flush(&mut c).is_empty(), "nor answered");
+        c.step(2, heartbeat(MAX_TERM + 1));
+        assert_eq!(c.term(), 1, "nor anything above MAX_TERM from far below it");
+        c.step(2, heartbeat(MAX_TERM));
+        assert_eq!(
+            c.term(),
+            MAX_TERM,
+            "MAX_TERM itself is a term like any other"
+        );
+        c.step(2, heartbeat(MAX_TERM + MAX_TERM_STEP + 1));
+        assert_eq!(
+            c.term(),
+            MAX_TERM,
+            "above it, a term moves in bounded steps only"
+        );
+        c.step(2, heartbeat(MAX_TERM + 3));
+        assert_eq!(c.term(), MAX_TERM + 3, "as the elections after it do");
+        // This node's own next election is decodable by its peers.
+        c.tick(10_000, 0);
+        c.step(
+            2,
+            Message::PreVoteResp {
+                term: c.term() + 1,
+                granted: true,
+            },
+        );
+        let out = flush(&mut c);
+        let votes: Vec<_> = out
+            .iter()
+            .filter(|(_, m)| matches!(m, Message::Vote { .. }))
+            .collect();
+        assert!(!votes.is_empty(), "{out:?}");
+        for (_, m) in votes {
+            let mut buf = Vec::new();
+            m.encode(&mut buf);
+            assert_eq!(Message::decode(&buf).as_ref(), Ok(m));
+        }
     }
 
     #[test]
