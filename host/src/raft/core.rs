@@ -1006,6 +1006,18 @@ impl RaftCore {
             tracing::warn!(from, prev_index, "dropping a malformed append");
             return;
         }
+        // A follower whose machine lags behind its commit takes no more entries while its tail
+        // holds `max_unapplied_bytes` (the leader bounds only its own): dropped unanswered, the
+        // append is sent again later, as if lost. Otherwise a slow machine (say, under a flood
+        // of local queries) would let the tail, and the state-machine queue sharing its
+        // payloads, grow without bound. Only while something committed is unapplied, which the
+        // machine works off by itself: a tail full of a deposed leader's entries still truncates.
+        if !entries.is_empty()
+            && self.mem_bytes >= self.cfg.max_unapplied_bytes
+            && self.applied < self.commit
+        {
+            return;
+        }
         if prev_index > self.last_index || self.term_at(prev_index) != prev_term {
             // Below our commit the entries are known to match: the leader just lags behind.
             if prev_index >= self.commit {
@@ -1406,6 +1418,63 @@ mod tests {
         }
         flush(c);
         assert!(c.is_leader());
+    }
+
+    #[test]
+    fn a_follower_behind_on_applying_takes_no_entries_until_it_catches_up() {
+        let append = |term: u64, prev_index: u64, prev_term: u64, new: &[u64], commit: u64| {
+            Message::Append {
+                term,
+                prev_index,
+                prev_term,
+                commit,
+                seq: prev_index,
+                entries: new
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &t)| entry(prev_index + 1 + k as u64, t))
+                    .collect(),
+            }
+        };
+        let answered = |out: &[(NodeId, Message)]| {
+            out.iter()
+                .any(|(to, m)| *to == 1 && matches!(m, Message::AppendResp { success: true, .. }))
+        };
+        let mut c = core(2, 3, &[1], 1);
+        c.cfg.max_unapplied_bytes = 3;
+        c.step(1, append(1, 1, 1, &[1, 1, 1], 4));
+        assert!(answered(&flush(&mut c)));
+        assert_eq!((c.last_index(), c.commit_index()), (4, 4));
+        // Four bytes committed and none applied: more entries are dropped, unanswered.
+        c.step(1, append(1, 4, 1, &[1, 1], 4));
+        assert!(flush(&mut c).is_empty());
+        assert_eq!(c.last_index(), 4);
+        // Heartbeats still go through (no election while the machine catches up).
+        c.step(
+            1,
+            Message::Heartbeat {
+                term: 1,
+                commit: 4,
+                seq: 9,
+            },
+        );
+        assert!(!flush(&mut c).is_empty());
+        c.set_applied(4);
+        c.step(1, append(1, 4, 1, &[1, 1], 4));
+        assert!(answered(&flush(&mut c)));
+        assert_eq!(c.last_index(), 6);
+
+        // A full tail of entries nobody committed (a deposed leader's) still gives way to
+        // the new leader's: the machine has nothing left to apply.
+        let mut c = core(2, 3, &[1, 1, 1, 1], 1);
+        c.cfg.max_unapplied_bytes = 2;
+        c.step(3, append(2, 1, 1, &[2], 0));
+        assert!(
+            flush(&mut c)
+                .iter()
+                .any(|(to, m)| *to == 3 && matches!(m, Message::AppendResp { success: true, .. }))
+        );
+        assert_eq!((c.last_index(), c.term_at(2)), (2, 2));
     }
 
     #[test]

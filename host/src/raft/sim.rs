@@ -5,11 +5,13 @@
 //! partitions of any shape (one-way included); disks that make writes durable after a delay and
 //! lose whatever was not durable on a crash; crashes of any node (all at once included) and
 //! restarts that rebuild from the disk, each with its own wall clock (seconds apart, stepping
-//! on restart); clients writing and reading a small key-value machine
-//! through the same completion bookkeeping as the runtime. It checks: at most one leader per
-//! term, committed entries (timestamps included) never change, timestamps never go back along
-//! the committed log, equal state at equal applied index, linearizability of
-//! the history per key, and that no acknowledged write is lost.
+//! on restart); state machines that apply what is committed after a delay, now and then a long
+//! one (as the FSM caller's thread lags the commit index); clients writing and reading a small
+//! key-value machine through the same completion bookkeeping as the runtime. It checks: at most
+//! one leader per term, committed entries (timestamps included) never change, timestamps never
+//! go back along the committed log, equal state at equal applied index, linearizability of the
+//! history per key, that no acknowledged write is lost, and that once healed every replica
+//! applies the whole committed log.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashSet};
@@ -116,6 +118,12 @@ struct SimNode {
     disk_busy: bool,
     kv: BTreeMap<u64, u64>,
     applied: u64,
+    /// The state-machine queue: committed up to here, applied once `ApplyDone` fires (as on
+    /// the FSM caller's thread, which lags the commit index, sometimes by much).
+    apply_to: u64,
+    apply_busy: bool,
+    /// Reads whose read index is not applied yet: (index, history op).
+    reads_waiting: Vec<(u64, usize)>,
     state_hash: u64,
     /// This incarnation's wall clock runs this far ahead of the simulation's (drawn at each
     /// boot: a restart may step the clock back by seconds).
@@ -135,6 +143,10 @@ enum Ev {
         bytes: Vec<u8>,
     },
     DiskDone {
+        node: usize,
+        inc: u64,
+    },
+    ApplyDone {
         node: usize,
         inc: u64,
     },
@@ -240,6 +252,9 @@ impl Sim {
                 disk_busy: false,
                 kv: BTreeMap::new(),
                 applied: 0,
+                apply_to: 0,
+                apply_busy: false,
+                reads_waiting: Vec::new(),
                 state_hash: 0,
                 clock_skew_ms: 0,
                 pending: BTreeMap::new(),
@@ -312,6 +327,8 @@ impl Sim {
         n.kv.clear();
         n.clock_skew_ms = clock_skew_ms;
         n.applied = 0;
+        n.apply_to = commit;
+        n.apply_busy = false;
         n.state_hash = 0;
         n.checked = 0;
         let mut term_runs: Vec<(u64, u64)> = Vec::new();
@@ -354,6 +371,7 @@ impl Sim {
         }
         self.run_until(end + 4_000)?;
         self.final_reads()?;
+        self.check_caught_up()?;
         self.check_linearizable()?;
         self.check_acked_writes()?;
         let ops_ok = self.history.iter().filter(|o| o.ret.is_some()).count();
@@ -397,6 +415,11 @@ impl Sim {
             Ev::DiskDone { node, inc } => {
                 if self.nodes[node].incarnation == inc {
                     self.disk_done(node)?;
+                }
+            }
+            Ev::ApplyDone { node, inc } => {
+                if self.nodes[node].incarnation == inc {
+                    self.apply_done(node)?;
                 }
             }
             Ev::Tick { node, inc } => {
@@ -543,7 +566,12 @@ impl Sim {
         n.disk_busy = false;
         // Callers of a crashed node learn nothing: writes indeterminate, reads void.
         let pending: Vec<usize> = n.pending.values().map(|&(_, op)| op).collect();
-        let reads: Vec<usize> = n.reads.values().copied().collect();
+        let reads: Vec<usize> = n
+            .reads
+            .values()
+            .copied()
+            .chain(n.reads_waiting.drain(..).map(|(_, op)| op))
+            .collect();
         n.pending.clear();
         n.reads.clear();
         for op in pending {
@@ -611,37 +639,22 @@ impl Sim {
                 }
             }
             if let Some(commit) = ready.commit {
-                let Some(core) = self.nodes[i].core.as_ref() else {
-                    return Ok(());
-                };
-                let from = self.nodes[i].applied + 1;
-                let entries = core
-                    .entries(from, commit)
-                    .ok_or("entries for apply unavailable")?;
-                if entries.len() as u64 != commit + 1 - from {
-                    return Err(format!(
-                        "node {id}: committed entries {from}..={commit} missing"
-                    ));
-                }
-                self.apply_committed(i, &entries)?;
-                if let Some(core) = self.nodes[i].core.as_mut() {
-                    core.set_applied(commit);
+                let n = &mut self.nodes[i];
+                n.apply_to = n.apply_to.max(commit);
+                if !n.apply_busy {
+                    n.apply_busy = true;
+                    let inc = n.incarnation;
+                    let at = self.apply_latency();
+                    self.schedule(at, Ev::ApplyDone { node: i, inc });
                 }
             }
             for (rid, index) in ready.reads_ready {
                 if let Some(op) = self.nodes[i].reads.remove(&rid) {
-                    if self.nodes[i].applied < index {
-                        return Err(format!(
-                            "read index {index} above applied {}",
-                            self.nodes[i].applied
-                        ));
-                    }
-                    let key = self.history[op].key;
-                    let v = self.nodes[i].kv.get(&key).copied();
-                    self.history[op].read = v;
-                    self.finish_op(op, Some(self.clock), false);
+                    // As on the FSM caller: the read runs once its index is applied.
+                    self.nodes[i].reads_waiting.push((index, op));
                 }
             }
+            self.serve_reads(i);
         }
     }
 
@@ -650,6 +663,56 @@ impl Sim {
             self.rng.gen_range(10..40)
         } else {
             self.rng.gen_range(1..4)
+        }
+    }
+
+    /// Mostly prompt; now and then a machine that falls far behind its commit index.
+    fn apply_latency(&mut self) -> u64 {
+        if self.rng.gen_bool(0.05) {
+            self.rng.gen_range(20..150)
+        } else {
+            self.rng.gen_range(0..3)
+        }
+    }
+
+    /// The state-machine queue's turn: applies everything committed since it last ran.
+    fn apply_done(&mut self, i: usize) -> Result<(), String> {
+        let n = &mut self.nodes[i];
+        n.apply_busy = false;
+        let (from, to, id) = (n.applied + 1, n.apply_to, n.id);
+        let Some(core) = n.core.as_ref() else {
+            return Ok(());
+        };
+        if from <= to {
+            let entries = core
+                .entries(from, to)
+                .ok_or("entries for apply unavailable")?;
+            if entries.len() as u64 != to + 1 - from {
+                return Err(format!(
+                    "node {id}: committed entries {from}..={to} missing"
+                ));
+            }
+            self.apply_committed(i, &entries)?;
+            if let Some(core) = self.nodes[i].core.as_mut() {
+                core.set_applied(to);
+            }
+        }
+        self.serve_reads(i);
+        self.drain(i)
+    }
+
+    /// Answers the reads whose index is applied, in the order they became ready.
+    fn serve_reads(&mut self, i: usize) {
+        let applied = self.nodes[i].applied;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.nodes[i].reads_waiting)
+            .into_iter()
+            .partition(|&(index, _)| index <= applied);
+        self.nodes[i].reads_waiting = waiting;
+        for (_, op) in ready {
+            let key = self.history[op].key;
+            let v = self.nodes[i].kv.get(&key).copied();
+            self.history[op].read = v;
+            self.finish_op(op, Some(self.clock), false);
         }
     }
 
@@ -866,6 +929,23 @@ impl Sim {
     }
 
     /// After healing: every client reads every key through the leader (into the history).
+    /// Liveness: healed and quiet, every replica applies the whole committed log, however far
+    /// behind it fell (crashed, partitioned, or its machine slow to apply).
+    fn check_caught_up(&mut self) -> Result<(), String> {
+        let t = self.now + 1_000;
+        self.run_until(t)?;
+        let committed = self.committed.len() as u64;
+        for n in &self.nodes {
+            if n.applied != committed {
+                return Err(format!(
+                    "node {} applied {} of {committed} committed entries after the quiet phase",
+                    n.id, n.applied
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn final_reads(&mut self) -> Result<(), String> {
         for c in 0..self.clients.len() {
             self.clients[c].epoch += 1;
