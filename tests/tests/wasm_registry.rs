@@ -99,6 +99,33 @@ fn a_truncated_component_is_invalid() {
 }
 
 #[test]
+fn modules_no_machine_runs_are_let_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = WasmEngine::new(Limits::default()).unwrap();
+    let registry = ModuleRegistry::open(&engine, dir.path()).unwrap();
+    let counter = registry.add(&guests::read(guests::COUNTER)).unwrap();
+    let m = Machine::new(&registry, &counter.digest).unwrap();
+    assert_eq!(registry.artifact_hits(), 0, "kept in memory from add");
+    let kv = registry.add(&guests::read(guests::KV)).unwrap();
+    // counter runs in `m`: kept. kv runs nowhere, but nothing newer has come since.
+    Machine::new(&registry, &counter.digest).unwrap();
+    Machine::new(&registry, &kv.digest).unwrap();
+    assert_eq!(registry.artifact_hits(), 0);
+    // counter's last machine goes; the next module loaded lets it go (kv too: unused).
+    drop(m);
+    let chaos = registry.add(&guests::read(guests::CHAOS)).unwrap();
+    Machine::new(&registry, &chaos.digest).unwrap();
+    assert_eq!(registry.artifact_hits(), 0);
+    Machine::new(&registry, &counter.digest).unwrap();
+    assert_eq!(
+        registry.artifact_hits(),
+        1,
+        "counter reloaded from its artifact"
+    );
+    assert_eq!(registry.compilations(), 3, "and not compiled again");
+}
+
+#[test]
 fn modules_are_stored_once_and_the_artifact_is_reused() {
     let dir = tempfile::tempdir().unwrap();
     let engine = WasmEngine::new(Limits::default()).unwrap();

@@ -171,12 +171,19 @@ impl ModuleRegistry {
             .cloned()
     }
 
+    /// Keeps `module` in memory, first letting go of those nobody holds any more (no machine
+    /// runs them: deleted, upgraded away, or refused after `add`). A cluster upgraded daily
+    /// would otherwise keep every version's machine code for good; a module let go reloads from
+    /// its artifact if it is wanted again.
     fn remember(&self, module: LoadedModule) -> Arc<LoadedModule> {
         let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        loaded
-            .entry(module.digest.clone())
-            .or_insert_with(|| Arc::new(module))
-            .clone()
+        if let Some(known) = loaded.get(&module.digest) {
+            return known.clone();
+        }
+        loaded.retain(|_, m| Arc::strong_count(m) > 1);
+        let module = Arc::new(module);
+        loaded.insert(module.digest.clone(), module.clone());
+        module
     }
 
     fn prepare(&self, digest: &str, component: Component) -> Result<LoadedModule, ModuleError> {
