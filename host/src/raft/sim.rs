@@ -135,6 +135,15 @@ struct SimNode {
     checked: u64,
 }
 
+impl SimNode {
+    /// Drops a caller who gave up: nothing answers it any more.
+    fn forget(&mut self, op: usize) {
+        self.pending.retain(|_, (_, o)| *o != op);
+        self.reads.retain(|_, o| *o != op);
+        self.reads_waiting.retain(|&(_, o)| o != op);
+    }
+}
+
 #[derive(Debug)]
 enum Ev {
     Deliver {
@@ -599,12 +608,15 @@ impl Sim {
             }
             let ready = core.take_ready();
             let (id, term, is_leader) = (core.id(), core.term(), core.is_leader());
+            let commit_index = core.commit_index();
             if ready.stepped_down {
-                // Proposals of a term this node no longer leads: outcome unknown.
+                // Proposals of a term this node no longer leads: outcome unknown, unless already
+                // handed to the state machine, which answers them (as `fail_pending` in node.rs).
+                let shipped = self.nodes[i].apply_to;
                 let failed: Vec<u64> = self.nodes[i]
                     .pending
                     .iter()
-                    .filter(|(_, (t, _))| !is_leader || *t != term)
+                    .filter(|&(&idx, &(t, _))| idx > shipped && (!is_leader || t != term))
                     .map(|(&idx, _)| idx)
                     .collect();
                 for idx in failed {
@@ -649,6 +661,11 @@ impl Sim {
                 }
             }
             for (rid, index) in ready.reads_ready {
+                if index > commit_index {
+                    return Err(format!(
+                        "node {id}: read released at {index}, above its commit {commit_index}"
+                    ));
+                }
                 if let Some(op) = self.nodes[i].reads.remove(&rid) {
                     // As on the FSM caller: the read runs once its index is applied.
                     self.nodes[i].reads_waiting.push((index, op));
@@ -854,8 +871,7 @@ impl Sim {
                 return Ok(());
             }
             // Timed out: forget the completion; a write stays indeterminate.
-            self.nodes[node].pending.retain(|_, (_, o)| *o != op);
-            self.nodes[node].reads.retain(|_, o| *o != op);
+            self.nodes[node].forget(op);
             let void = self.history[op].kind == OpKind::Get;
             self.finish_op(op, None, void);
             return Ok(());
@@ -928,17 +944,24 @@ impl Sim {
         }
     }
 
-    /// After healing: every client reads every key through the leader (into the history).
-    /// Liveness: healed and quiet, every replica applies the whole committed log, however far
-    /// behind it fell (crashed, partitioned, or its machine slow to apply).
+    /// Liveness: healed and quiet, every replica knows the whole committed log and has applied
+    /// it, however far behind it fell (crashed, partitioned, or its machine slow to apply).
     fn check_caught_up(&mut self) -> Result<(), String> {
         let t = self.now + 1_000;
         self.run_until(t)?;
-        let committed = self.committed.len() as u64;
+        let commit = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.core.as_ref().map(|c| c.commit_index()))
+            .max()
+            .unwrap_or(0)
+            .max(self.committed.len() as u64);
         for n in &self.nodes {
-            if n.applied != committed {
+            let known = n.core.as_ref().map_or(0, |c| c.commit_index());
+            if known != commit || n.applied != commit {
                 return Err(format!(
-                    "node {} applied {} of {committed} committed entries after the quiet phase",
+                    "node {} knows {known} and applied {} of {commit} committed entries after \
+                     the quiet phase",
                     n.id, n.applied
                 ));
             }
@@ -946,12 +969,12 @@ impl Sim {
         Ok(())
     }
 
+    /// After healing: every client reads every key through the leader (into the history).
     fn final_reads(&mut self) -> Result<(), String> {
         for c in 0..self.clients.len() {
             self.clients[c].epoch += 1;
             if let Some((op, node)) = self.clients[c].current.take() {
-                self.nodes[node].pending.retain(|_, (_, o)| *o != op);
-                self.nodes[node].reads.retain(|_, o| *o != op);
+                self.nodes[node].forget(op);
                 let void = self.history[op].kind == OpKind::Get;
                 self.finish_op(op, None, void);
                 self.clients[c].epoch += 1;
@@ -992,7 +1015,7 @@ impl Sim {
                     done = true;
                     break;
                 }
-                self.nodes[li].reads.remove(&rid);
+                self.nodes[li].forget(op);
                 self.history[op].ret = Some(u64::MAX);
             }
             if !done {
