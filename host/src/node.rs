@@ -38,6 +38,8 @@ pub struct NodeConfig {
     pub max_connections: usize,
     /// See `RaftConfig::max_unapplied_bytes`.
     pub max_unapplied_bytes: usize,
+    /// A file holding the secret every member's peer hello must prove (`--peer-secret-file`).
+    pub peer_secret_file: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -118,6 +120,10 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
          say which one with --advertise-http HOST:PORT",
         cfg.http_addr
     );
+    let peer_secret = match &cfg.peer_secret_file {
+        Some(path) => read_peer_secret(path)?,
+        None => Vec::new(),
+    };
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
     let raft_listener = TcpListener::bind(cfg.raft_addr)
@@ -159,6 +165,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
             peers: cfg.peers.clone(),
             max_frame_bytes: TransportConfig::DEFAULT_MAX_FRAME,
             queue_depth: 8192,
+            peer_secret,
         },
         raft_listener,
         move |from, msg| {
@@ -204,6 +211,21 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     })
 }
 
+/// The file's bytes, without the line end an editor or `echo` leaves.
+fn read_peer_secret(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    let mut secret = std::fs::read(path)
+        .with_context(|| format!("reading the peer secret file {}", path.display()))?;
+    while secret.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        secret.pop();
+    }
+    anyhow::ensure!(
+        !secret.is_empty(),
+        "the peer secret file {} is empty",
+        path.display()
+    );
+    Ok(secret)
+}
+
 impl RunningNode {
     /// Stops serving HTTP, then resolves every pending task and stops the pipeline.
     pub async fn shutdown(mut self) {
@@ -223,7 +245,23 @@ impl RunningNode {
 
 #[cfg(test)]
 mod tests {
-    use super::raft_addr_matches;
+    use super::{raft_addr_matches, read_peer_secret};
+
+    #[test]
+    fn a_peer_secret_file_loses_its_line_end_and_may_not_be_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("secret");
+        std::fs::write(&file, "s3cret\r\n").expect("write");
+        assert_eq!(read_peer_secret(&file).expect("a secret"), b"s3cret");
+        std::fs::write(&file, "\n").expect("write");
+        let err = read_peer_secret(&file).expect_err("an empty secret");
+        assert!(err.to_string().contains("is empty"), "{err}");
+        let err = read_peer_secret(&dir.path().join("missing")).expect_err("no file");
+        assert!(
+            err.to_string().contains("reading the peer secret file"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn raft_must_be_this_nodes_entry_in_peers() {

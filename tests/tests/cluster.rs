@@ -420,32 +420,46 @@ fn bad_input_gets_clear_errors_and_the_cluster_stays_healthy() {
     }
 
     // On every raft port: random bytes, a small frame that is not a hello, an oversized length
-    // prefix, and a frame over the limit after a valid hello. Each connection is closed at once
-    // (well before the 5 s hello timeout), and the node stays healthy.
-    let hello = lockstep::transport::frame::Hello {
-        cluster_id: c.cluster_status(0).expect("status")["cluster_id"]
-            .as_str()
-            .expect("cluster id")
-            .to_owned(),
-        node_id: 2,
-        http_addr: "127.0.0.1:1".into(),
-        apply_limits: lockstep::wasm::Limits::default().describe(),
-    }
-    .encode();
-    let mut after_hello = (hello.len() as u32).to_be_bytes().to_vec();
-    after_hello.extend_from_slice(&hello);
-    after_hello.extend_from_slice(&(512u32 << 20).to_be_bytes());
+    // prefix, and a frame over the limit after a valid hello. Each connection is greeted with
+    // the node's challenge, then closed at once (well before the 5 s hello timeout), and the
+    // node stays healthy.
+    let cluster_id = c.cluster_status(0).expect("status")["cluster_id"]
+        .as_str()
+        .expect("cluster id")
+        .to_owned();
+    let after_hello = |nonce: &[u8; 32]| {
+        let mut hello = lockstep::transport::frame::Hello {
+            cluster_id: cluster_id.clone(),
+            node_id: 2,
+            http_addr: "127.0.0.1:1".into(),
+            apply_limits: lockstep::wasm::Limits::default().describe(),
+            proof: [0; 32],
+        };
+        hello.seal(b"", nonce);
+        let mut wire = Vec::new();
+        lockstep::transport::frame::put_frame(&mut wire, &hello.encode());
+        wire.extend_from_slice(&(512u32 << 20).to_be_bytes());
+        wire
+    };
     for n in &c.nodes {
-        for junk in [
-            &b"\x13\x37garbage\xff\xfe\x00\x01 random bytes"[..],
-            b"\x00\x00\x00\x08GARBAGE!",
-            &[0xff, 0xff, 0xff, 0xff, 1, 2, 3],
-            &after_hello,
-        ] {
+        for case in 0..4 {
             let mut s = TcpStream::connect(n.raft).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut len = [0u8; 4];
+            s.read_exact(&mut len).expect("the challenge");
+            let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+            s.read_exact(&mut body).expect("the challenge");
+            let nonce = lockstep::transport::frame::Challenge::decode(&body)
+                .expect("a challenge")
+                .nonce;
+            let junk = match case {
+                0 => b"\x13\x37garbage\xff\xfe\x00\x01 random bytes".to_vec(),
+                1 => b"\x00\x00\x00\x08GARBAGE!".to_vec(),
+                2 => vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3],
+                _ => after_hello(&nonce),
+            };
             // The node may close before it has read everything: a failed write is fine too.
-            let _ = s.write_all(junk);
+            let _ = s.write_all(&junk);
             let mut buf = [0u8; 16];
             match s.read(&mut buf) {
                 Ok(0) => {}
@@ -928,4 +942,88 @@ fn a_node_refuses_to_reapply_its_log_under_other_limits() {
     let _ = node.kill();
     let _ = node.wait();
     assert!(up.is_some(), "refused its own limits");
+}
+
+/// With `--peer-secret-file` the members work as before, and a caller that knows all but the
+/// secret (the cluster id is public at /v1/cluster) is refused before anything it sends counts;
+/// the same bytes proven with the secret are believed, so the proof is what keeps it out.
+#[test]
+fn a_caller_without_the_peer_secret_cannot_pose_as_a_member() {
+    use lockstep::raft::Message;
+    use lockstep::transport::frame::{Challenge, Hello, put_frame};
+
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("peer-secret");
+    std::fs::write(&path, "correct horse battery staple\n").expect("write the secret");
+    let path = path.to_string_lossy().into_owned();
+    let c = TestCluster::start_with_args(3, &["--peer-secret-file", &path]);
+    let leader = c.wait_for_leader(Duration::from_secs(10));
+    c.deploy_guest("counter", guests::COUNTER);
+    let r = c
+        .client(leader)
+        .post("/v1/machines/counter/tasks", br#"{"add":1}"#)
+        .expect("a task");
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let follower = (leader + 1) % c.nodes.len();
+    let status = c.cluster_status(follower).expect("follower status");
+    let cluster_id = status["cluster_id"]
+        .as_str()
+        .expect("cluster id")
+        .to_owned();
+    let term = status["term"].as_u64().expect("term");
+    // Poses as the leader and announces a newer term: a heartbeat the follower would follow.
+    let pose = |secret: &[u8]| {
+        let mut s = TcpStream::connect(c.nodes[follower].raft).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).expect("the challenge");
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut body).expect("the challenge");
+        let nonce = Challenge::decode(&body).expect("a challenge").nonce;
+        let mut hello = Hello {
+            cluster_id: cluster_id.clone(),
+            node_id: c.nodes[leader].id,
+            http_addr: "impostor.example:80".into(),
+            apply_limits: lockstep::wasm::Limits::default().describe(),
+            proof: [0; 32],
+        };
+        hello.seal(secret, &nonce);
+        let mut wire = Vec::new();
+        put_frame(&mut wire, &hello.encode());
+        let mut msg = Vec::new();
+        Message::Heartbeat {
+            term: term + 5,
+            commit: 0,
+            seq: 1,
+        }
+        .encode(&mut msg);
+        put_frame(&mut wire, &msg);
+        s.write_all(&wire).expect("send");
+        s
+    };
+    let mut refused = pose(b"a guess");
+    let mut rest = Vec::new();
+    assert!(
+        matches!(refused.read_to_end(&mut rest), Ok(0) | Err(_)),
+        "the node closes the connection"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let status = c.cluster_status(follower).expect("follower status");
+    assert!(
+        status["term"].as_u64().is_some_and(|t| t < term + 5),
+        "the impostor's term was not taken: {status}"
+    );
+
+    let _believed = pose(b"correct horse battery staple");
+    let moved = wait_until(Duration::from_secs(5), || {
+        c.cluster_status(follower)?["term"]
+            .as_u64()
+            .filter(|&t| t >= term + 5)
+    });
+    assert!(
+        moved.is_some(),
+        "with the secret, the same hello is believed"
+    );
 }

@@ -96,6 +96,10 @@ pub struct ServeArgs {
     /// Cluster identity checked on every peer connection (default: derived from --peers).
     #[arg(long)]
     pub cluster_id: Option<String>,
+    /// A file holding a secret shared by every member: a peer must prove it holds it before
+    /// anything it sends is believed. Without it anyone who reaches --raft can pose as a member.
+    #[arg(long)]
+    pub peer_secret_file: Option<PathBuf>,
     /// Fuel each task may burn before it fails with out_of_fuel (the same on every member).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub fuel_per_task: Option<u64>,
@@ -180,6 +184,7 @@ impl ServeArgs {
             limits,
             max_connections: self.max_connections as usize,
             max_unapplied_bytes: self.max_unapplied_mib as usize * 1024 * 1024,
+            peer_secret_file: self.peer_secret_file.clone(),
         }
     }
 }

@@ -124,8 +124,9 @@ const LOST_LOG_REPORTS: u8 = 3;
 /// only within `MAX_TERM_STEP` of the receiver's term, so a forged term cannot push a cluster
 /// to the top of the range (where the next election's term would not decode), while elections
 /// above it still go through: 2^41 forged steps stand between `MAX_TERM` and the top. This
-/// limits the damage of an unauthenticated peer port, it cannot undo it: after a forged jump to
-/// `MAX_TERM` and an election, a member that was far behind cannot follow any more.
+/// limits what a forged message can do (a peer port without `--peer-secret-file`), it cannot
+/// undo it: after a forged jump to `MAX_TERM` and an election, a member that was far behind
+/// cannot follow any more.
 pub const MAX_TERM: u64 = MAX_WIRE_NUMBER / 2;
 const MAX_TERM_STEP: u64 = 1 << 20;
 

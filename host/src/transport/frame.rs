@@ -1,17 +1,21 @@
 //! Wire format of the peer transport.
 //!
 //! A connection carries length-prefixed frames: a big-endian `u32` length, then that many bytes.
-//! The first frame is a [`Hello`]; every later frame is one encoded Raft message. A length above
-//! the limit, a short read or a bad hello closes the connection: nothing in a frame is trusted.
+//! The accepting side speaks first, a [`Challenge`] with a fresh nonce; the dialing side answers
+//! with a [`Hello`] that proves, over that nonce, it holds the cluster's peer secret; every later
+//! frame (dialer to acceptor) is one encoded Raft message. A length above the limit, a short read
+//! or a bad hello closes the connection: nothing in a frame is trusted.
 
 use std::io;
 
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Marks a Lockstep peer connection, so garbage is refused before any length is believed.
 pub const MAGIC: [u8; 4] = *b"LKSP";
 /// Bumped on any incompatible change of the frame or message encoding.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 /// A hello carries two short strings and an id: anything larger is not a hello.
 pub const MAX_HELLO_BYTES: u32 = 4 * 1024;
 
@@ -72,8 +76,34 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     Ok(())
 }
 
-/// The first frame on every connection: who is calling, from which cluster, and where its HTTP
-/// API listens (so any node can send a client to the leader).
+/// The acceptor's first frame: a nonce the caller's hello must prove the peer secret over, fresh
+/// for every connection, so a hello overheard on one cannot be replayed on another.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Challenge {
+    pub nonce: [u8; 32],
+}
+
+impl Challenge {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(5 + self.nonce.len());
+        out.extend_from_slice(&MAGIC);
+        out.push(PROTOCOL_VERSION);
+        out.extend_from_slice(&self.nonce);
+        out
+    }
+
+    pub fn decode(mut b: &[u8]) -> Result<Self, FrameError> {
+        check_version(&mut b)?;
+        let nonce = *take::<32>(&mut b)?;
+        if !b.is_empty() {
+            return Err(FrameError::BadHello("trailing bytes"));
+        }
+        Ok(Challenge { nonce })
+    }
+}
+
+/// The caller's answer: who it is, from which cluster, where its HTTP API listens (so any node
+/// can send a client to the leader), and the proof that it holds the cluster's peer secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hello {
     pub cluster_id: String,
@@ -81,10 +111,13 @@ pub struct Hello {
     pub http_addr: String,
     /// The limits the peer applies entries under (`Limits::describe`): members must agree.
     pub apply_limits: String,
+    /// HMAC-SHA256, keyed by the peer secret, over the challenge's nonce and the fields above.
+    pub proof: [u8; 32],
 }
 
 impl Hello {
-    pub fn encode(&self) -> Vec<u8> {
+    /// The fields the proof covers, encoded (everything but the proof).
+    fn fields(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(32 + self.cluster_id.len() + self.http_addr.len());
         out.extend_from_slice(&MAGIC);
         out.push(PROTOCOL_VERSION);
@@ -95,21 +128,38 @@ impl Hello {
         out
     }
 
+    fn mac(&self, secret: &[u8], nonce: &[u8; 32]) -> Hmac<Sha256> {
+        // HMAC takes keys of any length, the empty one included.
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        mac.update(nonce);
+        mac.update(&self.fields());
+        mac
+    }
+
+    /// Sets the proof for `nonce` under `secret` (empty: no secret configured).
+    pub fn seal(&mut self, secret: &[u8], nonce: &[u8; 32]) {
+        self.proof = self.mac(secret, nonce).finalize().into_bytes().into();
+    }
+
+    /// Whether the proof was made for `nonce` with `secret` (compared in constant time).
+    pub fn proves(&self, secret: &[u8], nonce: &[u8; 32]) -> bool {
+        self.mac(secret, nonce).verify_slice(&self.proof).is_ok()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = self.fields();
+        out.extend_from_slice(&self.proof);
+        out
+    }
+
     pub fn decode(mut b: &[u8]) -> Result<Self, FrameError> {
-        if *take::<4>(&mut b)? != MAGIC {
-            return Err(FrameError::BadHello("not a lockstep peer"));
-        }
-        let version = take::<1>(&mut b)?[0];
-        if version != PROTOCOL_VERSION {
-            return Err(FrameError::Refused(format!(
-                "peer speaks protocol version {version}, this node {PROTOCOL_VERSION}: every \
-                 member must run the same lockstep release"
-            )));
-        }
+        check_version(&mut b)?;
         let node_id = u64::from_be_bytes(*take::<8>(&mut b)?);
         let cluster_id = take_str(&mut b)?;
         let http_addr = take_str(&mut b)?;
         let apply_limits = take_str(&mut b)?;
+        let proof = *take::<32>(&mut b)?;
         if !b.is_empty() {
             return Err(FrameError::BadHello("trailing bytes"));
         }
@@ -118,8 +168,23 @@ impl Hello {
             node_id,
             http_addr,
             apply_limits,
+            proof,
         })
     }
+}
+
+fn check_version(b: &mut &[u8]) -> Result<(), FrameError> {
+    if *take::<4>(b)? != MAGIC {
+        return Err(FrameError::BadHello("not a lockstep peer"));
+    }
+    let version = take::<1>(b)?[0];
+    if version != PROTOCOL_VERSION {
+        return Err(FrameError::Refused(format!(
+            "peer speaks protocol version {version}, this node {PROTOCOL_VERSION}: every member \
+             must run the same lockstep release"
+        )));
+    }
+    Ok(())
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) {
@@ -148,13 +213,47 @@ mod tests {
 
     #[test]
     fn hello_roundtrips() {
-        let h = Hello {
+        let mut h = Hello {
             cluster_id: "c1".into(),
             node_id: 7,
             http_addr: "127.0.0.1:8080".into(),
             apply_limits: "fuel 1".into(),
+            proof: [0; 32],
         };
+        h.seal(b"secret", &[9; 32]);
         assert_eq!(Hello::decode(&h.encode()).ok(), Some(h));
+        let c = Challenge { nonce: [5; 32] };
+        assert_eq!(Challenge::decode(&c.encode()).ok(), Some(c));
+    }
+
+    #[test]
+    fn a_hello_proves_the_secret_for_its_nonce_only() {
+        let mut h = Hello {
+            cluster_id: "c1".into(),
+            node_id: 7,
+            http_addr: "127.0.0.1:8080".into(),
+            apply_limits: "fuel 1".into(),
+            proof: [0; 32],
+        };
+        let nonce = [1; 32];
+        h.seal(b"secret", &nonce);
+        assert!(h.proves(b"secret", &nonce));
+        assert!(!h.proves(b"another", &nonce), "another secret");
+        assert!(!h.proves(b"", &nonce), "no secret");
+        assert!(
+            !h.proves(b"secret", &[2; 32]),
+            "replayed on another connection"
+        );
+        let mut posing = h.clone();
+        posing.node_id = 8;
+        assert!(
+            !posing.proves(b"secret", &nonce),
+            "the fields are covered too"
+        );
+        // Without a secret on either side, the hello still proves the empty one.
+        h.seal(b"", &nonce);
+        assert!(h.proves(b"", &nonce));
+        assert!(!h.proves(b"secret", &nonce));
     }
 
     #[test]
@@ -164,12 +263,20 @@ mod tests {
             node_id: 7,
             http_addr: "x".into(),
             apply_limits: String::new(),
+            proof: [3; 32],
         }
         .encode();
         for n in 0..bytes.len() {
             assert!(Hello::decode(&bytes[..n]).is_err(), "prefix {n} accepted");
         }
         assert!(Hello::decode(b"GET / HTTP/1.1\r\n\r\n").is_err());
+        let bytes = Challenge { nonce: [4; 32] }.encode();
+        for n in 0..bytes.len() {
+            assert!(
+                Challenge::decode(&bytes[..n]).is_err(),
+                "prefix {n} accepted"
+            );
+        }
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use frame::{FrameError, Hello, MAX_HELLO_BYTES, put_frame, put_frame_with, read_frame};
+use frame::{Challenge, FrameError, Hello, MAX_HELLO_BYTES, put_frame, put_frame_with, read_frame};
 
 pub type NodeId = u64;
 
@@ -67,6 +67,9 @@ pub struct TransportConfig {
     pub max_frame_bytes: u32,
     /// Messages queued per peer before new ones are dropped.
     pub queue_depth: usize,
+    /// What every member's hello must prove it holds (`--peer-secret-file`); empty: no secret,
+    /// and anyone who can reach the port and knows the cluster id passes.
+    pub peer_secret: Vec<u8>,
 }
 
 impl TransportConfig {
@@ -275,15 +278,25 @@ async fn serve_inbound<M: WireMessage>(
     tune(&stream);
     let mut stream = stream;
     let mut buf = Vec::new();
+    let nonce: [u8; 32] = rand::random();
+    put_frame(&mut buf, &Challenge { nonce }.encode());
     // A silent connection must not hold a task forever. The hello is read unbuffered: a
     // stranger gets no large buffer before it has said who it is.
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        read_frame(&mut stream, MAX_HELLO_BYTES, &mut buf),
-    )
+    tokio::time::timeout(Duration::from_secs(5), async {
+        stream.write_all(&buf).await?;
+        read_frame(&mut stream, MAX_HELLO_BYTES, &mut buf).await
+    })
     .await
     .map_err(|_| FrameError::BadHello("no hello within 5 s"))??;
     let hello = Hello::decode(&buf)?;
+    // First, before anything in the hello is believed or answered to.
+    if !hello.proves(&config.peer_secret, &nonce) {
+        return Err(FrameError::Refused(format!(
+            "a caller posing as node {} does not hold this cluster's peer secret: start every \
+             member with the same --peer-secret-file",
+            hello.node_id
+        )));
+    }
     if hello.cluster_id != config.cluster_id {
         return Err(FrameError::Refused(format!(
             "node {} belongs to cluster {:?}, this one is {:?}",
@@ -322,13 +335,14 @@ async fn dial_loop<M: WireMessage>(
     config: Arc<TransportConfig>,
     mut rx: mpsc::Receiver<M>,
 ) {
-    let hello = Hello {
+    let mut hello = Hello {
         cluster_id: config.cluster_id.clone(),
         node_id: config.node_id,
         http_addr: config.http_addr.clone(),
         apply_limits: config.apply_limits.clone(),
-    }
-    .encode();
+        proof: [0; 32],
+    };
+    let mut buf = Vec::new();
     let mut backoff = Duration::from_millis(20);
     let mut out = Vec::with_capacity(64 * 1024);
     loop {
@@ -344,8 +358,30 @@ async fn dial_loop<M: WireMessage>(
             }
         };
         tune(&stream);
+        // The peer speaks first: a nonce for this connection, which the hello proves the
+        // secret over.
+        let challenge = tokio::time::timeout(
+            Duration::from_secs(5),
+            read_frame(&mut stream, MAX_HELLO_BYTES, &mut buf),
+        )
+        .await;
+        let nonce = match challenge {
+            Ok(Ok(())) => Challenge::decode(&buf).map(|c| c.nonce),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(FrameError::BadHello("no challenge within 5 s")),
+        };
+        let nonce = match nonce {
+            Ok(nonce) => nonce,
+            Err(e) => {
+                debug!(%addr, error = %e, "the peer did not greet this node");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+                continue;
+            }
+        };
+        hello.seal(&config.peer_secret, &nonce);
         out.clear();
-        put_frame(&mut out, &hello);
+        put_frame(&mut out, &hello.encode());
         if stream.write_all(&out).await.is_err() {
             tokio::time::sleep(backoff).await;
             continue;

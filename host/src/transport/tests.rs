@@ -60,6 +60,7 @@ fn config(
         peers: peers.clone(),
         max_frame_bytes: 1024,
         queue_depth: 1024,
+        peer_secret: Vec::new(),
     }
 }
 
@@ -106,8 +107,14 @@ async fn delivers_in_order_and_learns_http_addresses() {
 #[tokio::test]
 async fn garbage_and_oversized_frames_close_only_their_connection() {
     let (a, _b, inbox, b_addr) = pair("c").await;
-    // Random bytes, then a valid-looking hello followed by a length prefix far over the limit.
+    // Random bytes, then a valid hello followed by a length prefix far over the limit. The node
+    // greets each with its challenge, then closes it.
+    let mut buf = Vec::new();
     let mut junk = TcpStream::connect(&b_addr).await.unwrap();
+    read_frame(&mut junk, MAX_HELLO_BYTES, &mut buf)
+        .await
+        .unwrap();
+    assert!(Challenge::decode(&buf).is_ok());
     junk.write_all(b"\x00\x00\x00\x10GARBAGEGARBAGE!!")
         .await
         .unwrap();
@@ -115,13 +122,19 @@ async fn garbage_and_oversized_frames_close_only_their_connection() {
     assert_eq!(junk.read_to_end(&mut rest).await.unwrap_or(0), 0);
 
     let mut big = TcpStream::connect(&b_addr).await.unwrap();
+    read_frame(&mut big, MAX_HELLO_BYTES, &mut buf)
+        .await
+        .unwrap();
+    let nonce = Challenge::decode(&buf).unwrap().nonce;
     let mut wire = Vec::new();
-    let hello = Hello {
+    let mut hello = Hello {
         cluster_id: "c".into(),
         node_id: 1,
         http_addr: "x".into(),
         apply_limits: "limits".into(),
+        proof: [0; 32],
     };
+    hello.seal(b"", &nonce);
     put_frame(&mut wire, &hello.encode());
     wire.extend_from_slice(&u32::MAX.to_be_bytes());
     big.write_all(&wire).await.unwrap();
@@ -158,6 +171,34 @@ async fn a_peer_applying_under_other_limits_is_refused() {
     assert_refused(a, inbox).await;
 }
 
+/// Members 1 and 2 with these peer secrets; 2's inbox.
+async fn with_secrets(a: &[u8], b: &[u8]) -> (PeerTransport<Ping>, PeerTransport<Ping>, Inbox) {
+    let (la, lb, peers) = two_members().await;
+    let mut ca = config(&peers, 1, "c", "limits");
+    ca.peer_secret = a.to_vec();
+    let mut cb = config(&peers, 2, "c", "limits");
+    cb.peer_secret = b.to_vec();
+    let ta = PeerTransport::start(ca, la, |_, _| {});
+    let (tb, inbox) = recording(cb, lb);
+    (ta, tb, inbox)
+}
+
+#[tokio::test]
+async fn members_with_the_same_secret_talk_and_others_are_refused() {
+    let (a, _b, inbox) = with_secrets(b"s3cret", b"s3cret").await;
+    for _ in 0..100 {
+        a.send(2, Ping(1));
+        if wait_for(&inbox, 1).await {
+            break;
+        }
+    }
+    assert!(inbox.lock().unwrap().contains(&(1, 1)));
+    let (a, _b, inbox) = with_secrets(b"guess", b"s3cret").await;
+    assert_refused(a, inbox).await;
+    let (a, _b, inbox) = with_secrets(b"", b"s3cret").await;
+    assert_refused(a, inbox).await;
+}
+
 #[tokio::test]
 async fn peer_sockets_give_up_on_a_silent_peer() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -189,11 +230,12 @@ async fn a_flood_of_silent_connections_cannot_keep_peers_out() {
     for _ in 0..40 {
         let mut s = TcpStream::connect(&peers[&2]).await.unwrap();
         // Each silent connection reports whether the node closed it within a second (well
-        // inside the 5 s a connection has for its hello).
+        // inside the 5 s a connection has for its hello); the challenge may come first.
         held.spawn(async move {
-            let mut byte = [0u8; 1];
-            let read = tokio::time::timeout(Duration::from_secs(1), s.read(&mut byte)).await;
-            (matches!(read, Ok(Ok(0) | Err(_))), s)
+            let mut greeting = Vec::new();
+            let read =
+                tokio::time::timeout(Duration::from_secs(1), s.read_to_end(&mut greeting)).await;
+            (read.is_ok(), s)
         });
     }
     let mut closed = 0;
