@@ -165,7 +165,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
             peers: cfg.peers.clone(),
             max_frame_bytes: TransportConfig::DEFAULT_MAX_FRAME,
             queue_depth: 8192,
-            peer_secret,
+            peer_secret: crate::transport::PeerSecret(peer_secret),
         },
         raft_listener,
         move |from, msg| {
@@ -211,7 +211,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     })
 }
 
-/// The file's bytes, without the line end an editor or `echo` leaves.
+/// The file's bytes, without the line ends an editor or `echo` leaves.
 fn read_peer_secret(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     let mut secret = std::fs::read(path)
         .with_context(|| format!("reading the peer secret file {}", path.display()))?;

@@ -445,13 +445,7 @@ fn bad_input_gets_clear_errors_and_the_cluster_stays_healthy() {
         for case in 0..4 {
             let mut s = TcpStream::connect(n.raft).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            let mut len = [0u8; 4];
-            s.read_exact(&mut len).expect("the challenge");
-            let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-            s.read_exact(&mut body).expect("the challenge");
-            let nonce = lockstep::transport::frame::Challenge::decode(&body)
-                .expect("a challenge")
-                .nonce;
+            let nonce = read_challenge(&mut s);
             let junk = match case {
                 0 => b"\x13\x37garbage\xff\xfe\x00\x01 random bytes".to_vec(),
                 1 => b"\x00\x00\x00\x08GARBAGE!".to_vec(),
@@ -950,7 +944,7 @@ fn a_node_refuses_to_reapply_its_log_under_other_limits() {
 #[test]
 fn a_caller_without_the_peer_secret_cannot_pose_as_a_member() {
     use lockstep::raft::Message;
-    use lockstep::transport::frame::{Challenge, Hello, put_frame};
+    use lockstep::transport::frame::{Hello, put_frame};
 
     let _serial = serial();
     let dir = tempfile::tempdir().expect("temp dir");
@@ -977,11 +971,7 @@ fn a_caller_without_the_peer_secret_cannot_pose_as_a_member() {
     let pose = |secret: &[u8]| {
         let mut s = TcpStream::connect(c.nodes[follower].raft).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut len = [0u8; 4];
-        s.read_exact(&mut len).expect("the challenge");
-        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-        s.read_exact(&mut body).expect("the challenge");
-        let nonce = Challenge::decode(&body).expect("a challenge").nonce;
+        let nonce = read_challenge(&mut s);
         let mut hello = Hello {
             cluster_id: cluster_id.clone(),
             node_id: c.nodes[leader].id,
@@ -1026,4 +1016,15 @@ fn a_caller_without_the_peer_secret_cannot_pose_as_a_member() {
         moved.is_some(),
         "with the secret, the same hello is believed"
     );
+}
+
+/// The nonce of the challenge a node greets each peer connection with.
+fn read_challenge(s: &mut TcpStream) -> [u8; 32] {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).expect("the challenge's length");
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body).expect("the challenge");
+    lockstep::transport::frame::Challenge::decode(&body)
+        .expect("a challenge")
+        .nonce
 }

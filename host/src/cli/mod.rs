@@ -96,8 +96,9 @@ pub struct ServeArgs {
     /// Cluster identity checked on every peer connection (default: derived from --peers).
     #[arg(long)]
     pub cluster_id: Option<String>,
-    /// A file holding a secret shared by every member: a peer must prove it holds it before
-    /// anything it sends is believed. Without it anyone who reaches --raft can pose as a member.
+    /// A file holding a secret shared by every member: a caller on --raft must prove it holds
+    /// it when it connects (the messages that follow are not signed). Without it anyone who
+    /// reaches --raft can pose as a member.
     #[arg(long)]
     pub peer_secret_file: Option<PathBuf>,
     /// Fuel each task may burn before it fails with out_of_fuel (the same on every member).

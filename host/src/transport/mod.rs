@@ -69,7 +69,18 @@ pub struct TransportConfig {
     pub queue_depth: usize,
     /// What every member's hello must prove it holds (`--peer-secret-file`); empty: no secret,
     /// and anyone who can reach the port and knows the cluster id passes.
-    pub peer_secret: Vec<u8>,
+    pub peer_secret: PeerSecret,
+}
+
+/// The cluster's peer secret, kept out of any `Debug` output of the configuration.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct PeerSecret(pub Vec<u8>);
+
+impl std::fmt::Debug for PeerSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = if self.0.is_empty() { "none" } else { "set" };
+        write!(f, "PeerSecret({set})")
+    }
 }
 
 impl TransportConfig {
@@ -164,8 +175,8 @@ impl<M: WireMessage> PeerTransport<M> {
     }
 }
 
-/// Inbound connections that have not said hello yet. A peer sends its hello as soon as it
-/// connects, so beyond this many the oldest is closed: a flood of silent connections can
+/// Inbound connections that have not said hello yet. A peer sends its hello as soon as it has
+/// the node's challenge, so beyond this many the oldest is closed: a flood of silent connections can
 /// neither use up the node's file descriptors nor keep a real peer out (it would have to open
 /// this many connections within a peer's first round trip).
 const MAX_PENDING_INBOUND: usize = 16;
@@ -290,12 +301,20 @@ async fn serve_inbound<M: WireMessage>(
     .map_err(|_| FrameError::BadHello("no hello within 5 s"))??;
     let hello = Hello::decode(&buf)?;
     // First, before anything in the hello is believed or answered to.
-    if !hello.proves(&config.peer_secret, &nonce) {
-        return Err(FrameError::Refused(format!(
-            "a caller posing as node {} does not hold this cluster's peer secret: start every \
-             member with the same --peer-secret-file",
-            hello.node_id
-        )));
+    if !hello.proves(&config.peer_secret.0, &nonce) {
+        return Err(FrameError::Refused(if config.peer_secret.0.is_empty() {
+            format!(
+                "a caller posing as node {} proves a peer secret this node was not given: start \
+                 every member with the same --peer-secret-file, or none",
+                hello.node_id
+            )
+        } else {
+            format!(
+                "a caller posing as node {} does not hold this node's peer secret: start every \
+                 member with the same --peer-secret-file",
+                hello.node_id
+            )
+        }));
     }
     if hello.cluster_id != config.cluster_id {
         return Err(FrameError::Refused(format!(
@@ -373,13 +392,19 @@ async fn dial_loop<M: WireMessage>(
         let nonce = match nonce {
             Ok(nonce) => nonce,
             Err(e) => {
-                debug!(%addr, error = %e, "the peer did not greet this node");
+                if matches!(e, FrameError::Refused(_)) {
+                    warn!(%addr, error = %e, "the peer's greeting is not this node's protocol");
+                } else {
+                    debug!(%addr, error = %e, "the peer did not greet this node");
+                }
+                // As after a failed dial: what queued meanwhile is stale.
+                while rx.try_recv().is_ok() {}
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
                 continue;
             }
         };
-        hello.seal(&config.peer_secret, &nonce);
+        hello.seal(&config.peer_secret.0, &nonce);
         out.clear();
         put_frame(&mut out, &hello.encode());
         if stream.write_all(&out).await.is_err() {

@@ -60,7 +60,7 @@ fn config(
         peers: peers.clone(),
         max_frame_bytes: 1024,
         queue_depth: 1024,
-        peer_secret: Vec::new(),
+        peer_secret: PeerSecret::default(),
     }
 }
 
@@ -175,9 +175,9 @@ async fn a_peer_applying_under_other_limits_is_refused() {
 async fn with_secrets(a: &[u8], b: &[u8]) -> (PeerTransport<Ping>, PeerTransport<Ping>, Inbox) {
     let (la, lb, peers) = two_members().await;
     let mut ca = config(&peers, 1, "c", "limits");
-    ca.peer_secret = a.to_vec();
+    ca.peer_secret = PeerSecret(a.to_vec());
     let mut cb = config(&peers, 2, "c", "limits");
-    cb.peer_secret = b.to_vec();
+    cb.peer_secret = PeerSecret(b.to_vec());
     let ta = PeerTransport::start(ca, la, |_, _| {});
     let (tb, inbox) = recording(cb, lb);
     (ta, tb, inbox)
