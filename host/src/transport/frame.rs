@@ -211,15 +211,19 @@ fn take_str(b: &mut &[u8]) -> Result<String, FrameError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn hello_roundtrips() {
-        let mut h = Hello {
+    fn hello() -> Hello {
+        Hello {
             cluster_id: "c1".into(),
             node_id: 7,
             http_addr: "127.0.0.1:8080".into(),
             apply_limits: "fuel 1".into(),
             proof: [0; 32],
-        };
+        }
+    }
+
+    #[test]
+    fn hello_roundtrips() {
+        let mut h = hello();
         h.seal(b"secret", &[9; 32]);
         assert_eq!(Hello::decode(&h.encode()).ok(), Some(h));
         let c = Challenge { nonce: [5; 32] };
@@ -228,13 +232,7 @@ mod tests {
 
     #[test]
     fn a_hello_proves_the_secret_for_its_nonce_only() {
-        let mut h = Hello {
-            cluster_id: "c1".into(),
-            node_id: 7,
-            http_addr: "127.0.0.1:8080".into(),
-            apply_limits: "fuel 1".into(),
-            proof: [0; 32],
-        };
+        let mut h = hello();
         let nonce = [1; 32];
         h.seal(b"secret", &nonce);
         assert!(h.proves(b"secret", &nonce));
