@@ -247,11 +247,8 @@ impl<SM: StateMachine> Node<SM> {
             max_entries: config.max_write_entries,
             max_bytes: config.max_write_bytes,
         };
-        let guard = StopOnPanic(events_tx.clone());
-        let disk_thread = std::thread::Builder::new()
-            .name(format!("log-manager-{}", config.id))
-            .spawn(move || {
-                let _guard = guard;
+        let disk_thread =
+            spawn_pipeline_thread(format!("log-manager-{}", config.id), &events_tx, || {
                 disk.run()
             })?;
         let fsm = FsmCaller {
@@ -260,11 +257,8 @@ impl<SM: StateMachine> Node<SM> {
             applied: applied_at,
             metrics,
         };
-        let guard = StopOnPanic(events_tx.clone());
-        let fsm_thread = std::thread::Builder::new()
-            .name(format!("fsm-caller-{}", config.id))
-            .spawn(move || {
-                let _guard = guard;
+        let fsm_thread =
+            spawn_pipeline_thread(format!("fsm-caller-{}", config.id), &events_tx, || {
                 fsm.run()
             })?;
 
@@ -798,9 +792,21 @@ impl<SM: StateMachine> CoreLoop<SM> {
     }
 }
 
-/// Lives on a pipeline thread (disk queue, FSM caller) and stops the node if that thread
-/// panics: without the thread the node can no longer make a write durable or apply one, and
-/// must not go on looking alive.
+/// Starts a pipeline thread (disk queue, FSM caller) that stops the node if it panics: without
+/// it the node can no longer make a write durable or apply one, and must not go on looking alive.
+fn spawn_pipeline_thread<SM: StateMachine>(
+    name: String,
+    events: &mpsc::UnboundedSender<Event<SM>>,
+    run: impl FnOnce() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let guard = StopOnPanic(events.clone());
+    std::thread::Builder::new().name(name).spawn(move || {
+        let _guard = guard;
+        run()
+    })
+}
+
+/// Sends `Event::Failed` when dropped by a panicking thread.
 struct StopOnPanic<SM: StateMachine>(mpsc::UnboundedSender<Event<SM>>);
 
 impl<SM: StateMachine> Drop for StopOnPanic<SM> {

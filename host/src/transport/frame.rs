@@ -86,8 +86,7 @@ pub struct Challenge {
 impl Challenge {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(5 + self.nonce.len());
-        out.extend_from_slice(&MAGIC);
-        out.push(PROTOCOL_VERSION);
+        put_version(&mut out);
         out.extend_from_slice(&self.nonce);
         out
     }
@@ -119,8 +118,7 @@ impl Hello {
     /// The fields the proof covers, encoded (everything but the proof).
     fn fields(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(32 + self.cluster_id.len() + self.http_addr.len());
-        out.extend_from_slice(&MAGIC);
-        out.push(PROTOCOL_VERSION);
+        put_version(&mut out);
         out.extend_from_slice(&self.node_id.to_be_bytes());
         put_str(&mut out, &self.cluster_id);
         put_str(&mut out, &self.http_addr);
@@ -171,6 +169,12 @@ impl Hello {
             proof,
         })
     }
+}
+
+/// What every greeting starts with: the magic and the protocol version (`check_version`).
+fn put_version(out: &mut Vec<u8>) {
+    out.extend_from_slice(&MAGIC);
+    out.push(PROTOCOL_VERSION);
 }
 
 fn check_version(b: &mut &[u8]) -> Result<(), FrameError> {

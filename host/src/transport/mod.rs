@@ -377,19 +377,7 @@ async fn dial_loop<M: WireMessage>(
             }
         };
         tune(&stream);
-        // The peer speaks first: a nonce for this connection, which the hello proves the
-        // secret over.
-        let challenge = tokio::time::timeout(
-            Duration::from_secs(5),
-            read_frame(&mut stream, MAX_HELLO_BYTES, &mut buf),
-        )
-        .await;
-        let nonce = match challenge {
-            Ok(Ok(())) => Challenge::decode(&buf).map(|c| c.nonce),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(FrameError::BadHello("no challenge within 5 s")),
-        };
-        let nonce = match nonce {
+        let nonce = match read_challenge(&mut stream, &mut buf).await {
             Ok(nonce) => nonce,
             Err(e) => {
                 if matches!(e, FrameError::Refused(_)) {
@@ -440,6 +428,17 @@ async fn dial_loop<M: WireMessage>(
             backoff = Duration::from_millis(20);
         }
     }
+}
+
+/// The peer speaks first: a nonce for this connection, which the hello proves the secret over.
+async fn read_challenge(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<[u8; 32], FrameError> {
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        read_frame(stream, MAX_HELLO_BYTES, buf),
+    )
+    .await
+    .map_err(|_| FrameError::BadHello("no challenge within 5 s"))??;
+    Ok(Challenge::decode(buf)?.nonce)
 }
 
 /// Connects to `addr` (HOST:PORT), trying each address it resolves to for at most
