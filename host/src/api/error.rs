@@ -11,6 +11,28 @@ use crate::wasm::ModuleError;
 
 pub type Body = Full<Bytes>;
 
+/// A caller's input quoted in an error message, cut short: a 10 KB path or method is not worth
+/// sending back whole.
+pub struct Clipped<'a>(pub &'a str);
+
+impl Clipped<'_> {
+    const SHOWN: usize = 80;
+}
+
+impl std::fmt::Display for Clipped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.0;
+        if s.len() <= Self::SHOWN {
+            return write!(f, "{s:?}");
+        }
+        let mut cut = Self::SHOWN;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        write!(f, "{:?}… ({} bytes)", &s[..cut], s.len())
+    }
+}
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -203,6 +225,15 @@ impl From<ReadError> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn echoed_input_is_clipped() {
+        assert_eq!(Clipped("/v1/x").to_string(), r#""/v1/x""#);
+        let long = "é".repeat(5_000);
+        let shown = Clipped(&long).to_string();
+        assert!(shown.len() < 200, "{shown}");
+        assert!(shown.ends_with("… (10000 bytes)"), "{shown}");
+    }
 
     #[test]
     fn an_overloaded_leader_says_retry_later() {

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::body::{RequestBody, read_body};
 use super::{
-    ApiError, ApiState, Body, MAX_MODULE_BYTES, MAX_TASK_BYTES, check_name, json_response,
+    ApiError, ApiState, Body, Clipped, MAX_MODULE_BYTES, MAX_TASK_BYTES, check_name, json_response,
     leader_or_redirect, query_param, redirect,
 };
 use crate::machines::{Command, Effect, MachineSet};
@@ -124,7 +124,8 @@ pub(super) async fn query(
         Some("local") => false,
         Some(other) => {
             return Err(ApiError::bad_request(format!(
-                "consistency must be linearizable or local, not {other:?}"
+                "consistency must be linearizable or local, not {}",
+                Clipped(&other)
             )));
         }
     };

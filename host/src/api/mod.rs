@@ -24,7 +24,7 @@ use crate::machines::{Catalog, MachineSet, validate_name};
 use crate::raft::{Node, NodeId, Role};
 use crate::wasm::ModuleRegistry;
 use body::{BodyBudget, RequestBody};
-pub use error::{ApiError, Body};
+pub use error::{ApiError, Body, Clipped};
 use machines::{delete, deploy, describe, list, query};
 pub use server::serve;
 use tasks::{submit, submit_batch};
@@ -111,9 +111,16 @@ async fn route(state: &ApiState, req: Request<RequestBody>) -> Result<Response<B
         ) => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
-            format!("{} is not allowed on {path}", req.method()),
+            format!(
+                "{} is not allowed on {}",
+                Clipped(req.method().as_str()),
+                Clipped(path)
+            ),
         )),
-        _ => Err(ApiError::not_found(format!("no route for {path}"))),
+        _ => Err(ApiError::not_found(format!(
+            "no route for {}",
+            Clipped(path)
+        ))),
     }
 }
 

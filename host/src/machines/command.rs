@@ -45,8 +45,14 @@ pub fn validate_name(name: &str) -> Result<(), CommandError> {
     if ok {
         Ok(())
     } else {
+        // A long name is not echoed back whole.
+        let shown = if name.len() <= 2 * MAX_NAME_LEN {
+            format!("{name:?}")
+        } else {
+            format!("a name of {} bytes", name.len())
+        };
         Err(CommandError::BadName(format!(
-            "{name:?}: use 1 to {MAX_NAME_LEN} of [A-Za-z0-9._-], not starting with '.'"
+            "{shown}: use 1 to {MAX_NAME_LEN} of [A-Za-z0-9._-], not starting with '.'"
         )))
     }
 }
@@ -182,5 +188,10 @@ mod tests {
         assert!(validate_name("../etc").is_err());
         assert!(validate_name("a b").is_err());
         assert!(validate_name(&"x".repeat(65)).is_err());
+        let refused = validate_name(&"x".repeat(10_000)).expect_err("too long");
+        assert!(
+            refused.to_string().contains("a name of 10000 bytes"),
+            "not echoed whole: {refused}"
+        );
     }
 }
