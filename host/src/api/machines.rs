@@ -125,7 +125,7 @@ pub(super) async fn query(
         Some(other) => {
             return Err(ApiError::bad_request(format!(
                 "consistency must be linearizable or local, not {}",
-                Clipped(&other)
+                Clipped(other)
             )));
         }
     };
