@@ -161,7 +161,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
                 .advertise_http
                 .clone()
                 .unwrap_or_else(|| http_addr.to_string()),
-            apply_limits: cfg.limits.describe(),
+            apply_limits: engine.apply_identity(),
             peers: cfg.peers.clone(),
             max_frame_bytes: TransportConfig::DEFAULT_MAX_FRAME,
             queue_depth: 8192,

@@ -436,7 +436,9 @@ fn bad_input_gets_clear_errors_and_the_cluster_stays_healthy() {
             cluster_id: cluster_id.clone(),
             node_id: 2,
             http_addr: "127.0.0.1:1".into(),
-            apply_limits: lockstep::wasm::Limits::default().describe(),
+            apply_limits: lockstep::wasm::WasmEngine::new(lockstep::wasm::Limits::default())
+                .expect("engine")
+                .apply_identity(),
             proof: [0; 32],
         };
         hello.seal(b"", nonce);
@@ -980,7 +982,9 @@ fn a_caller_without_the_peer_secret_cannot_pose_as_a_member() {
             cluster_id: cluster_id.clone(),
             node_id: c.nodes[leader].id,
             http_addr: "impostor.example:80".into(),
-            apply_limits: lockstep::wasm::Limits::default().describe(),
+            apply_limits: lockstep::wasm::WasmEngine::new(lockstep::wasm::Limits::default())
+                .expect("engine")
+                .apply_identity(),
             proof: [0; 32],
         };
         hello.seal(secret, &nonce);

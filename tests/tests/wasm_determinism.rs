@@ -128,3 +128,60 @@ fn the_unmetered_fast_path_gives_the_same_results() {
     let results = check_invariance(guests::CHAOS, &log);
     assert!(results.iter().filter(|r| r.is_err()).count() >= 40);
 }
+
+/// Outputs stay in the guest's memory until its call returns, so in one call an entry has less
+/// headroom the more its neighbours returned: here ten answers of 900 KB each. An entry that
+/// fails for want of memory (or fuel) beside others is therefore applied again on its own, and
+/// that outcome is its result: the `put` below must not fail in the one grouping and succeed in
+/// the other (it did, before).
+#[test]
+fn an_entry_short_of_memory_beside_large_outputs_is_tried_alone() {
+    let big = "b".repeat(900_000);
+    let mut log = vec![entry(
+        1,
+        format!(r#"{{"put": {{"key": "big", "value": "{big}"}}}}"#),
+    )];
+    for i in 2..=11 {
+        log.push(entry(
+            i,
+            r#"{"cas": {"key": "big", "from": "nope", "to": "x"}}"#.to_string(),
+        ));
+    }
+    let put = "p".repeat(2_500_000);
+    log.push(entry(
+        12,
+        format!(r#"{{"put": {{"key": "p", "value": "{put}"}}}}"#),
+    ));
+    let limits = Limits {
+        memory_bytes: 16 << 20,
+        max_batch_bytes: 8 << 20,
+        fuel_per_entry: 200_000_000,
+        ..test_limits()
+    };
+    let mut outcomes = Vec::new();
+    for sizes in [vec![1; log.len()], vec![log.len()]] {
+        let fx = Fixture::new(limits.clone());
+        let mut machine = fx.machine(guests::KV);
+        let results = apply_in(&mut machine, &log, &sizes);
+        outcomes.push((results, machine.snapshot().expect("snapshot")));
+    }
+    // Each result as its size or error code: the values are too long to print.
+    let brief = |results: &Results| -> Vec<String> {
+        results
+            .iter()
+            .map(|r| match r {
+                Ok(b) => format!("{} bytes", b.len()),
+                Err(e) => e.code().to_string(),
+            })
+            .collect()
+    };
+    let (alone, together) = (&outcomes[0], &outcomes[1]);
+    assert!(alone.0[11].is_ok(), "{:?}", brief(&alone.0));
+    assert_eq!(
+        brief(&alone.0),
+        brief(&together.0),
+        "results differ between groupings"
+    );
+    assert!(alone.0 == together.0, "results differ between groupings");
+    assert!(alone.1 == together.1, "states differ between groupings");
+}

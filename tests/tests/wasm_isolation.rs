@@ -347,3 +347,68 @@ fn a_machine_that_cannot_recover_fails_its_tasks_and_still_takes_an_upgrade() {
         "still broken"
     );
 }
+
+/// Fuel counts the guest's instructions, not the host's work inside a call: a host call must
+/// cost the host about as little as the instructions that make it. A guest asking the host to
+/// copy 64 MiB in one call, in a loop, would otherwise hold every replica for hours.
+#[test]
+fn a_host_call_cannot_make_the_host_work_far_beyond_the_fuel_paid() {
+    let fx = Fixture::new(test_limits());
+    let mut m = fx.machine(guests::CHAOS);
+    let out = m.apply(entries([
+        r#"{"write_kb": 4}"#,
+        r#"{"write_kb": 1024}"#,
+        r#"{"random_bytes": 4096}"#,
+        r#"{"random_bytes": 67108864}"#,
+        r#"{"print_kb": 256}"#,
+        r#"{"add": 1}"#,
+    ]));
+    assert_eq!(show(&out[0]), r#"{"failed":false,"written_kb":4}"#);
+    let err = out[1].as_ref().unwrap_err();
+    assert_eq!(err.code(), "guest_trap");
+    assert!(err.to_string().contains("check-write"), "{err}");
+    assert_eq!(show(&out[2]), r#"{"random_bytes":4096}"#);
+    let err = out[3].as_ref().unwrap_err();
+    assert_eq!(err.code(), "guest_trap");
+    assert!(err.to_string().contains("exceeds limit"), "{err}");
+    // std writes what `check-write` grants, so an honest print of any size goes through.
+    assert_eq!(show(&out[4]), r#"{"printed_kb":256}"#);
+    assert_eq!(show(&out[5]), r#"{"value":1}"#);
+}
+
+/// A machine allowed more memory than wasmtime's default per-call copy (128 MiB) can still be
+/// snapshotted (for recovery and upgrades): what one call may copy out is its memory's worth.
+#[test]
+fn a_state_larger_than_128_mib_still_snapshots() {
+    let fx = Fixture::new(Limits {
+        memory_bytes: 640 << 20,
+        ..test_limits()
+    });
+    let mut m = fx.machine(guests::KV);
+    let value = "x".repeat(1_000_000);
+    let puts: Vec<String> = (0..140)
+        .map(|i| format!(r#"{{"put": {{"key": "k{i}", "value": "{value}"}}}}"#))
+        .collect();
+    let out = m.apply(entries(puts));
+    assert!(
+        out.iter().all(|r| r.is_ok()),
+        "{:?}",
+        out.iter().find(|r| r.is_err())
+    );
+    let snapshot = m.snapshot().expect("a snapshot of 140 MB");
+    assert!(snapshot.len() > 140_000_000, "{}", snapshot.len());
+}
+
+/// A reader asking for the state's digest must not move the base a later recovery restores:
+/// here that base would be a snapshot that cannot be restored, and this replica alone would
+/// break at the next trap while the others apply on.
+#[test]
+fn reading_the_state_does_not_move_the_recovery_base() {
+    let fx = Fixture::new(test_limits());
+    let mut m = fx.machine(guests::CHAOS);
+    m.apply(entries([r#"{"add": 1}"#, r#"{"poison": true}"#]));
+    m.read_snapshot().expect("a poisoned state still snapshots");
+    let out = m.apply(entries([r#"{"trap": true}"#, r#"{"add": 5}"#]));
+    assert_eq!(out[0].as_ref().map_err(|e| e.code()), Err("guest_trap"));
+    assert_eq!(show(&out[1]), r#"{"value":6}"#);
+}

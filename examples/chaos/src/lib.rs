@@ -6,7 +6,9 @@
 //! `{"add": n}` counts, `{"ignore_begin_batch": true}` makes it call `begin-entry` for every
 //! entry from then on (as modules built before `begin-batch` did), `{"log": n}` prints n lines
 //! to stderr, `{"refuel": n}` calls the host's `end-batch` n times, working in between (a guest
-//! trying to refill its fuel), `{"poison": true}` makes every later snapshot unrestorable.
+//! trying to refill its fuel), `{"poison": true}` makes every later snapshot unrestorable,
+//! `{"write_kb": n}` writes n KiB to stdout in one raw `output-stream.write` (ignoring
+//! `check-write`), `{"print_kb": n}` prints n KiB with one `print!`, `{"random_bytes": n}` asks `get-random-bytes` for n bytes.
 //! Queries return the counter.
 
 use std::hint::black_box;
@@ -63,6 +65,33 @@ pub enum Command {
     Log(u64),
     Refuel(u64),
     Poison(bool),
+    WriteKb(u32),
+    PrintKb(u32),
+    RandomBytes(u64),
+}
+
+/// WASI as the component sees it, without bindings: std imports these very functions.
+mod raw {
+    #[link(wasm_import_module = "wasi:cli/stdout@0.2.0")]
+    unsafe extern "C" {
+        #[link_name = "get-stdout"]
+        pub fn get_stdout() -> i32;
+    }
+
+    #[link(wasm_import_module = "wasi:io/streams@0.2.0")]
+    unsafe extern "C" {
+        /// `write: func(contents: list<u8>) -> result<_, stream-error>`, the result through
+        /// a return area.
+        #[link_name = "[method]output-stream.write"]
+        pub fn write(stream: i32, ptr: *const u8, len: usize, ret: *mut u8);
+    }
+
+    #[link(wasm_import_module = "wasi:random/random@0.2.0")]
+    unsafe extern "C" {
+        /// `get-random-bytes: func(len: u64) -> list<u8>`, the list through a return area.
+        #[link_name = "get-random-bytes"]
+        pub fn get_random_bytes(len: u64, ret: *mut usize);
+    }
 }
 
 /// Not a loop in disguise: the work after the call keeps it from becoming a tail call.
@@ -137,6 +166,36 @@ impl StateMachine for Chaos {
             Command::Poison(_) => {
                 self.poisoned = true;
                 json!({ "poisoned": true })
+            }
+            Command::WriteKb(kb) => {
+                let bytes = vec![b'x'; kb as usize * 1024];
+                let mut ret = [0u8; 12];
+                // SAFETY: the canonical ABI of the import: a list as pointer and length, and
+                // a 12-byte return area for `result<_, stream-error>`.
+                let failed = unsafe {
+                    raw::write(
+                        raw::get_stdout(),
+                        bytes.as_ptr(),
+                        bytes.len(),
+                        ret.as_mut_ptr(),
+                    );
+                    ret[0] != 0
+                };
+                json!({ "written_kb": kb, "failed": failed })
+            }
+            Command::PrintKb(kb) => {
+                print!("{}", "x".repeat(kb as usize * 1024));
+                json!({ "printed_kb": kb })
+            }
+            Command::RandomBytes(len) => {
+                let mut ret = [0usize; 2];
+                // SAFETY: the canonical ABI of the import: the list comes back as pointer and
+                // length in the return area, allocated through our `cabi_realloc`.
+                let got = unsafe {
+                    raw::get_random_bytes(len, ret.as_mut_ptr());
+                    Vec::from_raw_parts(ret[0] as *mut u8, ret[1], ret[1])
+                };
+                json!({ "random_bytes": got.len() })
             }
             Command::Refuel(calls) => {
                 let mut n = 0u64;

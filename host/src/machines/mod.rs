@@ -138,7 +138,7 @@ impl MachineSet {
             .get_mut(machine)
             .ok_or_else(|| Failure::NotFound(machine.to_owned()))?;
         let state_digest = if state_digest {
-            let snap = d.machine.snapshot()?;
+            let snap = d.machine.read_snapshot()?;
             Some(hex::encode(Sha256::digest(&snap)))
         } else {
             None

@@ -47,6 +47,17 @@ impl WasmEngine {
         &self.limits
     }
 
+    /// What members compare at the hello before applying one log: every limit, and the
+    /// engine's key (the wasmtime release and the code it compiles for this CPU: a stack
+    /// overflow counts native bytes, and a release may price fuel anew).
+    pub fn apply_identity(&self) -> String {
+        format!(
+            "{}, engine {}",
+            self.limits.describe(),
+            self.compatibility_key()
+        )
+    }
+
     /// A stable hex name for this engine's artifact compatibility (wasmtime version, target,
     /// and every setting that changes compiled code).
     pub(crate) fn compatibility_key(&self) -> String {

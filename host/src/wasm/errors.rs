@@ -53,6 +53,16 @@ pub enum GuestError {
 
 impl GuestError {
     /// The HTTP API's stable error code.
+    /// Whether the failure may depend on what else the call held: memory is shared with the
+    /// other entries' payloads and outputs, and a guest copying its outputs around pays fuel
+    /// for theirs. Such an entry is tried again alone before it fails.
+    pub fn depends_on_neighbours(&self) -> bool {
+        matches!(
+            self,
+            GuestError::MemoryLimit { .. } | GuestError::OutOfFuel { .. }
+        )
+    }
+
     pub fn code(&self) -> &'static str {
         match self {
             GuestError::Guest(_) => "guest_error",

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use wasmtime::component::{Linker, ResourceTable};
 use wasmtime::{ResourceLimiter, StoreContextMut};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView};
 
 use super::Limits;
@@ -24,6 +24,14 @@ const WASI_POLL: &str = "wasi:io/poll@0.2.12";
 const WASI_MONOTONIC_CLOCK: &str = "wasi:clocks/monotonic-clock@0.2.12";
 /// The guest's stderr keeps this much of the call's latest output: enough for a panic message.
 const STDERR_CAPACITY: usize = 16 << 10;
+/// Most bytes one write to stdout or stderr may carry (what `check-write` grants; std writes
+/// 4 KiB at a time). Fuel counts the guest's instructions, not the host's work in a call, so
+/// every host call must cost the host about as little as the instructions that make it: a
+/// loop of 60 MiB writes for a few fuel each would hold every replica for hours.
+const WRITE_PERMIT: usize = 4096;
+/// Most bytes one `get-random-bytes` call may ask for, for the same reason (wasmtime-wasi
+/// allows 64 MiB).
+const MAX_RANDOM_BYTES: u64 = 4096;
 /// Linear memories, tables and instances a machine may create. Its components need a handful;
 /// each memory reserves address space, so thousands would exhaust the node.
 const MAX_MEMORIES: usize = 16;
@@ -121,6 +129,7 @@ pub(crate) struct StderrTail(Arc<Mutex<VecDeque<u8>>>);
 
 impl StderrTail {
     fn append(&self, bytes: &[u8]) {
+        let bytes = &bytes[bytes.len().saturating_sub(STDERR_CAPACITY)..];
         let mut tail = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         tail.extend(bytes);
         let excess = tail.len().saturating_sub(STDERR_CAPACITY);
@@ -143,6 +152,7 @@ impl StderrTail {
 #[wasmtime_wasi::async_trait]
 impl OutputStream for StderrTail {
     fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        permitted(&bytes)?;
         self.append(&bytes);
         Ok(())
     }
@@ -152,7 +162,77 @@ impl OutputStream for StderrTail {
     }
 
     fn check_write(&mut self) -> StreamResult<usize> {
-        Ok(STDERR_CAPACITY)
+        Ok(WRITE_PERMIT)
+    }
+}
+
+/// A write beyond what `check-write` granted traps, as WASI says it must (wasmtime-wasi leaves
+/// the check to the stream). Deterministic: it depends on that write alone.
+fn permitted(bytes: &[u8]) -> StreamResult<()> {
+    if bytes.len() > WRITE_PERMIT {
+        return Err(StreamError::trap(&format!(
+            "a write of {} bytes to stdout or stderr (`check-write` grants {WRITE_PERMIT})",
+            bytes.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The guest's stdout: discarded, with the same permit as stderr.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Discard;
+
+#[wasmtime_wasi::async_trait]
+impl OutputStream for Discard {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        permitted(&bytes)
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(WRITE_PERMIT)
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for Discard {
+    async fn ready(&mut self) {}
+}
+
+impl tokio::io::AsyncWrite for Discard {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl IsTerminal for Discard {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for Discard {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(*self)
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(*self)
     }
 }
 
@@ -325,7 +405,9 @@ impl HostState {
         // No preopened directories, no environment, no arguments, no network, no stdin:
         // only what std needs to run, with every source of nondeterminism replaced.
         let wasi = WasiCtxBuilder::new()
+            .stdout(Discard)
             .stderr(stderr.clone())
+            .max_random_size(MAX_RANDOM_BYTES)
             .wall_clock(EntryWallClock(inputs.clone()))
             .monotonic_clock(EntryMonotonicClock(inputs.clone()))
             .secure_random(EntryRandom::new(inputs.clone(), 0x7365_6375_7265))
@@ -524,16 +606,22 @@ mod tests {
     }
 
     #[test]
-    fn stderr_keeps_the_latest_output_and_never_refuses_a_write() {
+    fn stderr_keeps_the_latest_output_and_never_refuses_a_permitted_write() {
         let mut tail = StderrTail::default();
         for _ in 0..100 {
             OutputStream::write(&mut tail, Bytes::from(vec![b'x'; 1000])).expect("a write");
-            assert_eq!(tail.check_write().ok(), Some(STDERR_CAPACITY));
+            assert_eq!(tail.check_write().ok(), Some(WRITE_PERMIT));
         }
         tail.append(b"panicked at the end");
         let kept = tail.contents();
         assert_eq!(kept.len(), STDERR_CAPACITY);
         assert!(kept.ends_with(b"panicked at the end"));
+        // Beyond the permit a write traps; the tail of a long append is all it keeps.
+        let over = Bytes::from(vec![b'y'; WRITE_PERMIT + 1]);
+        assert!(OutputStream::write(&mut tail, over.clone()).is_err());
+        assert!(OutputStream::write(&mut Discard, over).is_err());
+        tail.append(&vec![b'z'; 10 * STDERR_CAPACITY]);
+        assert_eq!(tail.contents(), vec![b'z'; STDERR_CAPACITY]);
         tail.clear();
         assert!(tail.contents().is_empty());
     }

@@ -9,7 +9,10 @@
 //! recomputed: the guest is deterministic), fails `k` alone, and goes on after it. Entries that
 //! fail never enter the log, so the state is that of the log without them. A failure outside
 //! any entry (lowering a large batch into a nearly full memory, say) is retried by halves down
-//! to single entries, so an entry fails only if it fails on its own.
+//! to single entries, so an entry fails only if it fails on its own. So is an entry that ran
+//! out of memory or fuel beside others: their payloads and outputs share its memory until the
+//! call returns, so it is applied again in a call of its own, and that is its result (replay
+//! after a recovery does the same).
 //!
 //! The common, failure-free path moves the batch's entries into the log (the metered path
 //! clones them, a cheap `Bytes` clone per entry); the base is refreshed once the log weighs
@@ -100,6 +103,11 @@ impl Exports {
 /// Sets up a new store: memory cap, and fuel for instantiation (a new store has none).
 pub(crate) fn prime_store(store: &mut Store<HostState>, limits: &Limits) {
     store.limiter(|state| &mut state.cap);
+    // What one lift may copy out of the guest (a host call's arguments, an export's results):
+    // at most its memory's worth. wasmtime's default, 128 MiB, would refuse the snapshot of a
+    // machine allowed more memory than that, and lets one call of a 64 MiB machine copy the
+    // same bytes many times over.
+    store.set_hostcall_fuel(limits.memory_bytes);
     // Cannot fail: fuel is enabled on every engine this crate builds.
     let _ = store.set_fuel(limits.fuel_per_snapshot);
 }
@@ -303,12 +311,16 @@ fn classify(error: wasmtime::Error, state: &HostState, limits: &Limits, budget: 
     GuestError::Trap(error.root_cause().to_string())
 }
 
-/// Where the next `on-apply` call starting at `start` ends: at most `max_bytes` of payload,
-/// at least one entry.
+/// Most entries in one `on-apply` call: the list itself (32 bytes an entry, and 12 for its
+/// result) takes guest memory too, so a run of empty payloads is bounded by count.
+const MAX_CALL_ENTRIES: usize = 4096;
+
+/// Where the next `on-apply` call starting at `start` ends: at most `max_bytes` of payload and
+/// `MAX_CALL_ENTRIES` entries, at least one entry.
 fn chunk_end(entries: &[Entry], start: usize, max_bytes: usize) -> usize {
     let mut bytes = 0usize;
     let mut end = start;
-    while end < entries.len() {
+    while end < entries.len() && end - start < MAX_CALL_ENTRIES {
         bytes = bytes.saturating_add(entries[end].payload.len());
         if bytes > max_bytes && end > start {
             break;
@@ -421,6 +433,15 @@ impl Machine {
         }
     }
 
+    /// The whole state, for a reader (`?digest=1`): unlike [`Machine::snapshot`] it leaves the
+    /// base for recovery where it was. Where the base sits decides what a later recovery
+    /// replays, so it must move only with the log, never because one node was asked a
+    /// question (a snapshot that cannot be restored would then break this replica alone).
+    pub fn read_snapshot(&mut self) -> Result<Vec<u8>, GuestError> {
+        self.check_broken()?;
+        self.live.snapshot().inspect_err(|_| self.recover())
+    }
+
     /// Replaces the state with `snapshot`. On failure the machine keeps its previous state.
     pub fn restore(&mut self, snapshot: &[u8]) -> Result<(), GuestError> {
         let mut live = Live::new(&self.module, &self.limits)?;
@@ -497,7 +518,15 @@ impl Machine {
                     match failure.position {
                         Some(k) => {
                             self.apply_chunk_metered(&chunk[..k], results);
-                            results.push(Err(failure.error));
+                            if chunk.len() > 1 && failure.error.depends_on_neighbours() {
+                                // Its neighbours' payloads and outputs shared its memory (and
+                                // their bytes its fuel, where the guest copied them): what it
+                                // does alone is its result, on every replica whatever the
+                                // grouping.
+                                self.apply_chunk_metered(&chunk[k..=k], results);
+                            } else {
+                                results.push(Err(failure.error));
+                            }
                             chunk = &chunk[k + 1..];
                         }
                         None if chunk.len() > 1 => {
@@ -551,15 +580,25 @@ impl Machine {
     /// Replaces the poisoned store: fresh instance, base snapshot, replay log.
     fn recover(&mut self) {
         self.recoveries += 1;
+        // Replay entries that failed beside others and are replayed alone, as the live path
+        // retries them (positions in the replay log, ascending).
+        let mut alone = Vec::new();
         loop {
-            match self.rebuild() {
+            match self.rebuild(&alone) {
                 Ok(live) => {
                     self.live = live;
                     return;
                 }
-                // An entry that succeeded before fails on replay: only possible near a limit,
-                // where a fresh allocator or hash table differs from the original one. Drop it
-                // (its effect is lost, as if it had failed) rather than lose the machine.
+                Err(Some((position, error)))
+                    if error.depends_on_neighbours() && !alone.contains(&position) =>
+                {
+                    alone.push(position);
+                    alone.sort_unstable();
+                }
+                // An entry that succeeded before fails on replay, even alone: only possible
+                // near a limit, where a fresh allocator or hash table differs from the original
+                // one. Drop it (its effect is lost, as if it had failed) rather than lose the
+                // machine.
                 Err(Some((position, error))) => {
                     tracing::error!(
                         digest = %self.module.digest,
@@ -569,6 +608,11 @@ impl Machine {
                     );
                     let dropped = self.replay.remove(position);
                     self.replay_weight -= log_weight(&dropped);
+                    // Later positions move down by one.
+                    alone.retain(|&p| p != position);
+                    for p in alone.iter_mut().filter(|p| **p > position) {
+                        *p -= 1;
+                    }
                 }
                 Err(None) => return,
             }
@@ -577,7 +621,7 @@ impl Machine {
 
     /// `Err(Some(position))`: replay entry `position` failed; `Err(None)`: the machine is now
     /// marked broken.
-    fn rebuild(&mut self) -> Result<Live, Option<(usize, GuestError)>> {
+    fn rebuild(&mut self, alone: &[usize]) -> Result<Live, Option<(usize, GuestError)>> {
         let mut live = match Live::new(&self.module, &self.limits) {
             Ok(live) => live,
             Err(error) => return Err(self.mark_broken(error)),
@@ -587,7 +631,11 @@ impl Machine {
         }
         let mut start = 0;
         while start < self.replay.len() {
-            let end = chunk_end(&self.replay, start, self.limits.max_batch_bytes);
+            let mut end = chunk_end(&self.replay, start, self.limits.max_batch_bytes);
+            // An entry to replay alone ends the call before it, or is the call.
+            if let Some(&p) = alone.iter().find(|&&p| p >= start && p < end) {
+                end = if p == start { p + 1 } else { p };
+            }
             match live.on_apply(&self.replay[start..end], true) {
                 Ok(_) => start = end,
                 Err(Failure {
