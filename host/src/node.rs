@@ -149,6 +149,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         .with_context(|| format!("opening the log in {}", cfg.data_dir.display()))?;
     log.bind_cluster(&cluster_id)?;
     log.bind_limits(&cfg.limits.flags())?;
+    log.bind_members(&cfg.peers.keys().copied().collect::<Vec<_>>())?;
 
     // Inbound messages may arrive before the node exists; those are dropped like any loss.
     let inbox: Arc<OnceLock<Node<MachineSet>>> = Arc::new(OnceLock::new());

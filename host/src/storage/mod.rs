@@ -30,6 +30,7 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const IDENTITY: TableDefinition<&str, &str> = TableDefinition::new("identity");
 const IDENTITY_CLUSTER: &str = "cluster";
 const IDENTITY_LIMITS: &str = "limits";
+const IDENTITY_MEMBERS: &str = "members";
 
 const META_TERM: &str = "term";
 const META_VOTE: &str = "vote";
@@ -108,6 +109,23 @@ impl LogStore {
                  started with `{limits}`. Applying it again under other limits would change the \
                  outcome of tasks already committed (an acknowledged write could vanish, a \
                  failed task take effect): start it with `{bound}`"
+            )
+        })
+    }
+
+    /// Ties this log to the ids of the cluster's members. `--cluster-id` lets members move to
+    /// new addresses; it must not let a node restart into another membership: a member
+    /// started alone as a cluster of one elects itself, commits entries the real cluster never
+    /// saw, and its log can no longer be reconciled with theirs.
+    pub fn bind_members(&self, members: &[u64]) -> anyhow::Result<()> {
+        let mut ids = members.to_vec();
+        ids.sort_unstable();
+        let ids = ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+        self.bind(IDENTITY_MEMBERS, &ids, |bound| {
+            format!(
+                "this data directory's log belongs to a cluster of members {bound}, and this node \
+                 was started with members {ids}. Lockstep does not change membership: start it \
+                 with --peers naming the members {bound} (their addresses may change)"
             )
         })
     }
@@ -331,6 +349,11 @@ mod tests {
             "{refused}"
         );
         s.bind_cluster("a")?;
+        // And the member ids, in any order.
+        s.bind_members(&[3, 1, 2])?;
+        s.bind_members(&[1, 2, 3])?;
+        let refused = s.bind_members(&[2]).expect_err("another membership");
+        assert!(refused.to_string().contains("members 1,2,3"), "{refused}");
         Ok(())
     }
 
