@@ -4,7 +4,10 @@
 //! Entries are stored in rows of consecutive entries (`log`: index of the first entry → the
 //! entries encoded back to back), one row per append: a group commit inserts a few B-tree rows
 //! instead of one per entry, which is most of the CPU of a commit. Rows never overlap;
-//! truncation rewrites the row it cuts and deletes the later ones.
+//! truncation rewrites the row it cuts and deletes the later ones. Each row ends with a CRC-32
+//! of its entries, checked whenever it is read (restart, catch-up): redb checks its own
+//! checksums only when it repairs a file after a crash, and a damaged entry must stop the node,
+//! not be applied as another.
 //!
 //! One writer (the log manager's disk thread) group-commits many [`LogWrite`]s per transaction
 //! with `Durability::Immediate`; readers (replicators reaching below the in-memory tail, restart)
@@ -15,7 +18,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 
 mod file;
 
@@ -37,6 +42,10 @@ const META_VOTE: &str = "vote";
 const META_COMMIT: &str = "commit";
 /// Entries below this index were compacted into a snapshot (always 0 until snapshots exist).
 const META_FIRST_INDEX: &str = "first_index";
+/// Set (1) in logs whose rows end with a CRC-32 of their entries: every log begun by this
+/// release. A log begun before keeps its rows as they are, unchecked.
+const META_ROW_CHECKSUMS: &str = "row_checksums";
+const CHECKSUM_LEN: usize = 4;
 
 /// The durable state a node restarts from.
 #[derive(Debug, Clone, Default)]
@@ -60,6 +69,8 @@ const LOG_CACHE_BYTES: usize = 4 << 20;
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// Whether rows carry a checksum (`META_ROW_CHECKSUMS`).
+    checksummed: bool,
 }
 
 impl LogStore {
@@ -76,12 +87,53 @@ impl LogStore {
             .create_with_backend(LogFile::open(path)?)
             .with_context(|| format!("opening redb log {}", path.display()))?;
         let txn = db.begin_write()?;
-        {
-            txn.open_table(LOG)?;
-            txn.open_table(META)?;
-        }
+        let checksummed = {
+            let log = txn.open_table(LOG)?;
+            let mut meta = txn.open_table(META)?;
+            let flag = meta.get(META_ROW_CHECKSUMS)?.map(|v| v.value());
+            match flag {
+                Some(flag) => flag == 1,
+                None if log.is_empty()? => {
+                    meta.insert(META_ROW_CHECKSUMS, 1)?;
+                    true
+                }
+                None => false,
+            }
+        };
         txn.commit()?;
-        Ok(LogStore { db: Arc::new(db) })
+        Ok(LogStore {
+            db: Arc::new(db),
+            checksummed,
+        })
+    }
+
+    /// Ends a row with the checksum of its entries, when this log's rows carry one.
+    fn seal(&self, row: &mut Vec<u8>) {
+        if self.checksummed {
+            let crc = crc32fast::hash(row);
+            row.extend_from_slice(&crc.to_le_bytes());
+        }
+    }
+
+    /// The entries of the row at `index`, its checksum checked: a row damaged on disk (a bit
+    /// flip, a torn sector) is refused, never applied as if it were another entry.
+    fn entries_of<'a>(&self, index: u64, row: &'a [u8]) -> anyhow::Result<&'a [u8]> {
+        if !self.checksummed {
+            return Ok(row);
+        }
+        let split = row
+            .len()
+            .checked_sub(CHECKSUM_LEN)
+            .with_context(|| format!("log row {index} is too short for its checksum"))?;
+        let (entries, crc) = row.split_at(split);
+        let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+        anyhow::ensure!(
+            crc32fast::hash(entries) == stored,
+            "log row {index} is damaged: its checksum does not match (the disk corrupted it); \
+             this node's log cannot be trusted: restore the data directory or start the node \
+             afresh with an empty one, to be replicated again"
+        );
+        Ok(entries)
     }
 
     /// Ties this log to `cluster_id` at the first start; afterwards refuses any other id, so a
@@ -179,7 +231,7 @@ impl LogStore {
                 k.value()
             );
             let mut bad = None;
-            LogEntry::decode_all(v.value(), |e| {
+            LogEntry::decode_all(self.entries_of(k.value(), v.value())?, |e| {
                 if e.index != expected {
                     bad.get_or_insert(e.index);
                 }
@@ -211,8 +263,8 @@ impl LogStore {
         };
         let mut full = false;
         for item in log.range(start..hi)? {
-            let (_, v) = item?;
-            LogEntry::decode_all(v.value(), |e| {
+            let (k, v) = item?;
+            LogEntry::decode_all(self.entries_of(k.value(), v.value())?, |e| {
                 if full || e.index < lo || e.index >= hi {
                     return;
                 }
@@ -246,10 +298,11 @@ impl LogStore {
             for w in writes {
                 if let Some(from) = w.truncate_from {
                     if let Some(start) = row_start.take() {
+                        self.seal(scratch);
                         log.insert(start, scratch.as_slice())?;
                         scratch.clear();
                     }
-                    truncate(&mut log, from)?;
+                    self.truncate(&mut log, from)?;
                 }
                 for e in &w.entries {
                     row_start.get_or_insert(e.index);
@@ -261,6 +314,7 @@ impl LogStore {
                 commit = commit.max(w.commit);
             }
             if let Some(start) = row_start {
+                self.seal(scratch);
                 log.insert(start, scratch.as_slice())?;
             }
             if let Some(hs) = hard {
@@ -286,30 +340,33 @@ impl LogRead for LogStore {
     }
 }
 
-/// Deletes every entry from index `from` on: the row holding `from` is cut, later rows go.
-fn truncate(log: &mut redb::Table<u64, &[u8]>, from: u64) -> anyhow::Result<()> {
-    let cut = match log.range(..from)?.next_back() {
-        Some(row) => {
-            let (k, v) = row?;
-            let mut kept = Vec::new();
-            let mut cut = false;
-            LogEntry::decode_all(v.value(), |e| {
-                if e.index < from {
-                    e.encode(&mut kept);
-                } else {
-                    cut = true;
-                }
-            })
-            .context("corrupt log row")?;
-            cut.then_some((k.value(), kept))
+impl LogStore {
+    /// Deletes every entry from index `from` on: the row holding `from` is cut, later rows go.
+    fn truncate(&self, log: &mut redb::Table<u64, &[u8]>, from: u64) -> anyhow::Result<()> {
+        let cut = match log.range(..from)?.next_back() {
+            Some(row) => {
+                let (k, v) = row?;
+                let mut kept = Vec::new();
+                let mut cut = false;
+                LogEntry::decode_all(self.entries_of(k.value(), v.value())?, |e| {
+                    if e.index < from {
+                        e.encode(&mut kept);
+                    } else {
+                        cut = true;
+                    }
+                })
+                .context("corrupt log row")?;
+                cut.then_some((k.value(), kept))
+            }
+            None => None,
+        };
+        if let Some((k, mut kept)) = cut {
+            self.seal(&mut kept);
+            log.insert(k, kept.as_slice())?;
         }
-        None => None,
-    };
-    if let Some((k, kept)) = cut {
-        log.insert(k, kept.as_slice())?;
+        log.retain_in(from.., |_, _| false)?;
+        Ok(())
     }
-    log.retain_in(from.., |_, _| false)?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -427,6 +484,44 @@ mod tests {
         assert_eq!(r.last_index, 4);
         assert_eq!(r.term_runs, vec![(1, 1), (4, 2)]);
         assert_eq!(s.read(4, 5, usize::MAX)?, vec![entry(4, 2)]);
+        Ok(())
+    }
+
+    /// A byte of an entry damaged on disk while the node was down (a clean stop: redb checks
+    /// its own checksums only when repairing after a crash) is found at the next start, not
+    /// applied as if it were another entry.
+    #[test]
+    fn a_row_damaged_on_disk_is_refused() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("log.redb");
+        let marked = |index: u64| LogEntry {
+            payload: Bytes::from(format!("payload-{index:08}-marker")),
+            ..entry(index, 1)
+        };
+        {
+            let s = LogStore::open(&path)?;
+            let w = LogWrite {
+                entries: (1..=3).map(marked).collect(),
+                ..Default::default()
+            };
+            s.write(&[w], &mut Vec::new())?;
+            assert_eq!(s.recover()?.last_index, 3);
+        }
+        let mut file = std::fs::read(&path)?;
+        let needle = b"payload-00000002-marker";
+        let mut flipped = 0;
+        for at in 0..file.len().saturating_sub(needle.len()) {
+            if &file[at..at + needle.len()] == needle {
+                file[at + 10] ^= 0x01;
+                flipped += 1;
+            }
+        }
+        assert!(flipped > 0, "the entry is in the file");
+        std::fs::write(&path, &file)?;
+        let s = LogStore::open(&path)?;
+        let refused = s.recover().expect_err("a damaged row");
+        assert!(refused.to_string().contains("is damaged"), "{refused:#}");
+        assert!(s.read(1, 4, usize::MAX).is_err());
         Ok(())
     }
 
