@@ -185,3 +185,42 @@ fn an_entry_short_of_memory_beside_large_outputs_is_tried_alone() {
     assert!(alone.0 == together.0, "results differ between groupings");
     assert!(alone.1 == together.1, "states differ between groupings");
 }
+
+/// A recovery restores the base snapshot and replays what was applied since, in a fresh
+/// instance. Whatever the snapshot does not carry (here std's count of `HashMap`s created, which
+/// seeds the next one's order) then follows where the base was taken, so the base must move at
+/// the same entry on every replica, not at the end of whatever batch crossed the threshold.
+#[test]
+fn the_recovery_base_moves_at_the_same_entry_whatever_the_grouping() {
+    let pad = format!(r#"{{"pad": "{}"}}"#, "x".repeat(8_000));
+    let order = r#"{"hash_order": true}"#.to_string();
+    let mut payloads = vec![order.clone()];
+    payloads.extend(std::iter::repeat_n(pad.clone(), 100));
+    payloads.push(order.clone());
+    // The replay log passes 1 MiB in here: the base moves.
+    payloads.extend(std::iter::repeat_n(pad, 100));
+    payloads.push(order.clone());
+    payloads.push(r#"{"trap": true}"#.to_string());
+    payloads.push(order);
+    let log = lockstep_tests::entries(payloads);
+    let n = log.len();
+    let mut reference: Option<Results> = None;
+    for sizes in [vec![1; n], vec![n], random_sizes(n, 50, 3)] {
+        let fx = Fixture::new(test_limits());
+        let mut machine = fx.machine(guests::CHAOS);
+        let results = apply_in(&mut machine, &log, &sizes);
+        assert_eq!(
+            results[n - 2].as_ref().map_err(|e| e.code()),
+            Err("guest_trap")
+        );
+        match &reference {
+            None => reference = Some(results),
+            Some(r) => assert!(
+                r[n - 1] == results[n - 1],
+                "after the recovery: {:?} vs {:?}",
+                r[n - 1],
+                results[n - 1]
+            ),
+        }
+    }
+}

@@ -265,3 +265,78 @@ fn a_module_is_stored_even_when_its_artifact_cannot_be() {
     let mut m = Machine::new(&registry, &info.digest).unwrap();
     assert!(m.apply(lockstep_tests::entries([r#"{"add": 1}"#]))[0].is_ok());
 }
+
+/// A deploy this node cannot store (its disk, not the module) must not become the entry's
+/// outcome here alone: the node stops instead, through the state-machine thread's panic guard,
+/// rather than aborting the process with a core dump.
+#[test]
+fn a_deploy_the_node_cannot_store_stops_it_instead_of_recording_a_refusal() {
+    use bytes::Bytes;
+    use lockstep::machines::{Command, MachineSet};
+    use lockstep::state_machine::{Entry, StateMachine};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let modules = dir.path().join("modules");
+    let engine = WasmEngine::new(Limits::default()).expect("engine");
+    let registry = ModuleRegistry::open(&engine, &modules).expect("registry");
+    let mut set = MachineSet::new(std::sync::Arc::new(registry));
+    // The modules directory becomes a file: storing the module fails.
+    std::fs::remove_dir_all(&modules).expect("remove");
+    std::fs::write(&modules, b"not a directory").expect("write");
+    let deploy = Entry {
+        index: 1,
+        term: 1,
+        timestamp_ms: 0,
+        payload: Command::Deploy {
+            machine: "c".into(),
+            module: Bytes::from(guests::read(guests::COUNTER)),
+        }
+        .encode(),
+    };
+    let stopped =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| set.apply(vec![deploy])));
+    let panic = stopped.expect_err("the node stops");
+    let message = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .unwrap_or_default();
+    assert!(message.contains("module storage failed"), "{message}");
+}
+
+/// An upgrade whose new module cannot take the old state says so, not that the module failed
+/// to start (the module is valid), and the machine keeps running the old one.
+#[test]
+fn an_upgrade_that_cannot_carry_the_state_says_so() {
+    use bytes::Bytes;
+    use lockstep::machines::{Command, Effect, Failure, MachineSet};
+    use lockstep::state_machine::{Entry, StateMachine};
+
+    let fx = Fixture::new(Limits::default());
+    let registry = ModuleRegistry::open(
+        &WasmEngine::new(Limits::default()).expect("engine"),
+        fx.dir.path(),
+    )
+    .expect("registry");
+    let mut set = MachineSet::new(std::sync::Arc::new(registry));
+    let deploy = |index: u64, path: &str| Entry {
+        index,
+        term: 1,
+        timestamp_ms: 0,
+        payload: Command::Deploy {
+            machine: "m".into(),
+            module: Bytes::from(guests::read(path)),
+        }
+        .encode(),
+    };
+    let out = set.apply(vec![deploy(1, guests::COUNTER), deploy(2, guests::KV)]);
+    assert!(matches!(out[0], Ok(Effect::Deployed { version: 1, .. })));
+    match &out[1] {
+        Err(Failure::InvalidModule(message)) => assert!(
+            message.contains("could not carry the machine's state over"),
+            "{message}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let status = set.status("m", false).expect("still there");
+    assert_eq!(status.version, 1);
+}

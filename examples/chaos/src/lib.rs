@@ -7,7 +7,8 @@
 //! entry from then on (as modules built before `begin-batch` did), `{"log": n}` prints n lines
 //! to stderr, `{"refuel": n}` calls the host's `end-batch` n times, working in between (a guest
 //! trying to refill its fuel), `{"poison": true}` makes every later snapshot unrestorable,
-//! `{"write_kb": n}` writes n KiB to stdout in one raw `output-stream.write` (ignoring
+//! `{"hash_order": true}` reports the iteration order of a fresh std `HashMap` (which follows
+//! how many the instance created before), `{"write_kb": n}` writes n KiB to stdout in one raw `output-stream.write` (ignoring
 //! `check-write`), `{"print_kb": n}` prints n KiB with one `print!`, `{"random_bytes": n}` asks `get-random-bytes` for n bytes.
 //! Queries return the counter.
 
@@ -65,6 +66,7 @@ pub enum Command {
     Log(u64),
     Refuel(u64),
     Poison(bool),
+    HashOrder(bool),
     WriteKb(u32),
     PrintKb(u32),
     RandomBytes(u64),
@@ -166,6 +168,10 @@ impl StateMachine for Chaos {
             Command::Poison(_) => {
                 self.poisoned = true;
                 json!({ "poisoned": true })
+            }
+            Command::HashOrder(_) => {
+                let map: std::collections::HashMap<u32, ()> = (0..16).map(|k| (k, ())).collect();
+                json!({ "order": map.keys().copied().collect::<Vec<_>>() })
             }
             Command::WriteKb(kb) => {
                 let bytes = vec![b'x'; kb as usize * 1024];

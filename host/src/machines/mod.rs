@@ -159,7 +159,15 @@ impl MachineSet {
             Some(d) => {
                 d.machine
                     .upgrade(&self.registry, &digest)
-                    .map_err(refused_machine)?;
+                    .map_err(|e| match e {
+                        // The module is valid; the state did not carry over (the old module's
+                        // snapshot, or the new one's restore of it, failed).
+                        MachineError::Guest(g) => Failure::InvalidModule(format!(
+                            "the upgrade could not carry the machine's state over to the new \
+                             module: {g}"
+                        )),
+                        other => refused_machine(other),
+                    })?;
                 d.digest = digest.clone();
                 d.version += 1;
                 (d.version, false)
@@ -230,11 +238,13 @@ impl MachineSet {
 
 /// A module refused for what it is fails the deploy on every replica alike. A storage error is
 /// this node's alone: recording it as the entry's outcome would let this replica diverge, so
-/// the node stops (as for a failed log commit) and re-applies the log when restarted.
+/// the node stops, as for a failed log commit, and re-applies the log when restarted. The panic
+/// does it: the state-machine thread's guard then stops the pipeline (`/healthz` 503, `serve`
+/// exits with an error), and at start the replay's failure is start's error.
 fn refused(e: ModuleError) -> Failure {
     if let ModuleError::Storage(what) = &e {
         tracing::error!(error = %what, "module storage failed while applying a deploy: stopping");
-        std::process::abort();
+        panic!("module storage failed while applying a deploy: {what}");
     }
     Failure::InvalidModule(e.to_string())
 }

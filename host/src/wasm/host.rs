@@ -120,10 +120,10 @@ impl ResourceLimiter for MemoryCap {
     }
 }
 
-/// The guest's stderr. Every write succeeds, so whether a guest's print fails can never depend
-/// on how much it printed since its store was built (which differs between replicas: rebuilds,
-/// restarts). Only the latest `STDERR_CAPACITY` bytes of the current call are kept, for the
-/// panic message.
+/// The guest's stderr (and, a second one that nothing reads, its stdout). Every permitted write
+/// succeeds, so whether a guest's print fails can never depend on how much it printed since
+/// its store was built (which differs between replicas: rebuilds, restarts). Only the latest
+/// `STDERR_CAPACITY` bytes of the current call are kept, for the panic message.
 #[derive(Clone, Default)]
 pub(crate) struct StderrTail(Arc<Mutex<VecDeque<u8>>>);
 
@@ -176,64 +176,6 @@ fn permitted(bytes: &[u8]) -> StreamResult<()> {
         )));
     }
     Ok(())
-}
-
-/// The guest's stdout: discarded, with the same permit as stderr.
-#[derive(Clone, Copy, Default)]
-pub(crate) struct Discard;
-
-#[wasmtime_wasi::async_trait]
-impl OutputStream for Discard {
-    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
-        permitted(&bytes)
-    }
-
-    fn flush(&mut self) -> StreamResult<()> {
-        Ok(())
-    }
-
-    fn check_write(&mut self) -> StreamResult<usize> {
-        Ok(WRITE_PERMIT)
-    }
-}
-
-#[wasmtime_wasi::async_trait]
-impl Pollable for Discard {
-    async fn ready(&mut self) {}
-}
-
-impl tokio::io::AsyncWrite for Discard {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl IsTerminal for Discard {
-    fn is_terminal(&self) -> bool {
-        false
-    }
-}
-
-impl StdoutStream for Discard {
-    fn p2_stream(&self) -> Box<dyn OutputStream> {
-        Box::new(*self)
-    }
-
-    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
-        Box::new(*self)
-    }
 }
 
 #[wasmtime_wasi::async_trait]
@@ -405,7 +347,8 @@ impl HostState {
         // No preopened directories, no environment, no arguments, no network, no stdin:
         // only what std needs to run, with every source of nondeterminism replaced.
         let wasi = WasiCtxBuilder::new()
-            .stdout(Discard)
+            // stdout gets a tail of its own that nothing reads: the same permit as stderr.
+            .stdout(StderrTail::default())
             .stderr(stderr.clone())
             .max_random_size(MAX_RANDOM_BYTES)
             .wall_clock(EntryWallClock(inputs.clone()))
@@ -618,8 +561,7 @@ mod tests {
         assert!(kept.ends_with(b"panicked at the end"));
         // Beyond the permit a write traps; the tail of a long append is all it keeps.
         let over = Bytes::from(vec![b'y'; WRITE_PERMIT + 1]);
-        assert!(OutputStream::write(&mut tail, over.clone()).is_err());
-        assert!(OutputStream::write(&mut Discard, over).is_err());
+        assert!(OutputStream::write(&mut tail, over).is_err());
         tail.append(&vec![b'z'; 10 * STDERR_CAPACITY]);
         assert_eq!(tail.contents(), vec![b'z'; STDERR_CAPACITY]);
         tail.clear();

@@ -16,7 +16,9 @@
 //!
 //! The common, failure-free path moves the batch's entries into the log (the metered path
 //! clones them, a cheap `Bytes` clone per entry); the base is refreshed once the log weighs
-//! about twice the snapshot (at least 1 MiB), so recovery replays a bounded amount.
+//! about twice the snapshot (at least 1 MiB), so recovery replays a bounded amount. It moves
+//! after the entry that makes the log that heavy, wherever the batch ends: what a snapshot does
+//! not carry (a hash seed's counter, say) then restarts from the same entry on every replica.
 //!
 //! # The unmetered fast path
 //!
@@ -391,6 +393,7 @@ impl Machine {
         let mut rest = batch.into_iter();
         while !rest.as_slice().is_empty() {
             let end = chunk_end(rest.as_slice(), 0, self.limits.max_batch_bytes);
+            let end = self.until_rebase(&rest.as_slice()[..end]);
             match self.try_unmetered(&rest.as_slice()[..end]) {
                 Some(mut outputs) => {
                     results.append(&mut outputs);
@@ -401,9 +404,32 @@ impl Machine {
                     rest.nth(end - 1);
                 }
             }
+            self.maybe_rebase();
         }
-        self.maybe_rebase();
         results
+    }
+
+    /// How many entries of `chunk` to apply before the base may be due to move: the call ends
+    /// at the entry whose weight would make the replay log due, so the base moves after the
+    /// same entry on every replica, however the entries were batched. (An entry that fails
+    /// weighs nothing; the next call's end is then counted again from what was logged.)
+    fn until_rebase(&self, chunk: &[Entry]) -> usize {
+        let due = self.rebase_due();
+        let mut weight = self.replay_weight;
+        for (i, entry) in chunk.iter().enumerate() {
+            weight += log_weight(entry);
+            if weight >= due {
+                return i + 1;
+            }
+        }
+        chunk.len()
+    }
+
+    /// The replay log's weight at which the base moves.
+    fn rebase_due(&self) -> usize {
+        REBASE_MIN_BYTES
+            .max(self.base.len().saturating_mul(2))
+            .max(self.rebase_backoff)
     }
 
     /// Answers a read-only query.
@@ -554,10 +580,7 @@ impl Machine {
         if self.broken.is_some() {
             return;
         }
-        let due = REBASE_MIN_BYTES
-            .max(self.base.len().saturating_mul(2))
-            .max(self.rebase_backoff);
-        if self.replay_weight < due {
+        if self.replay_weight < self.rebase_due() {
             return;
         }
         match self.live.snapshot() {
