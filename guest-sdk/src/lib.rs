@@ -101,7 +101,9 @@
 //!   and random work too, and the host makes them return entry-derived values, but the
 //!   context says so explicitly.)
 //! - Prefer `BTreeMap` to `HashMap` for anything whose iteration order reaches an output or a
-//!   snapshot.
+//!   snapshot. A std `HashMap`'s order follows how many the instance created before it, and
+//!   that count is not part of your state: it restarts when one replica rebuilds its instance
+//!   after a failure (from your snapshot and a replay) while the others do not.
 //! - A panic, an endless loop (out of fuel) or an allocation past the memory cap fails that
 //!   entry alone; the host rolls the state back to just before it. Don't rely on it for
 //!   control flow: it costs a snapshot restore and a replay.

@@ -160,11 +160,11 @@ impl MachineSet {
                 d.machine
                     .upgrade(&self.registry, &digest)
                     .map_err(|e| match e {
-                        // The module is valid; the state did not carry over (the old module's
-                        // snapshot, or the new one's restore of it, failed).
+                        // The module is valid; the machine did not move to it (the old
+                        // module's snapshot, the new one's start or its restore failed).
                         MachineError::Guest(g) => Failure::InvalidModule(format!(
                             "the upgrade could not carry the machine's state over to the new \
-                             module: {g}"
+                             module (kept the old one): {g}"
                         )),
                         other => refused_machine(other),
                     })?;

@@ -47,6 +47,15 @@ const META_FIRST_INDEX: &str = "first_index";
 const META_ROW_CHECKSUMS: &str = "row_checksums";
 const CHECKSUM_LEN: usize = 4;
 
+/// A log row whose checksum does not match: the disk corrupted it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "log row {0} is damaged: its checksum does not match (the disk corrupted it); this node's \
+     log cannot be trusted: restore the data directory or start the node afresh with an empty \
+     one, to be replicated again"
+)]
+pub struct DamagedRow(pub u64);
+
 /// The durable state a node restarts from.
 #[derive(Debug, Clone, Default)]
 pub struct Recovered {
@@ -127,12 +136,9 @@ impl LogStore {
             .with_context(|| format!("log row {index} is too short for its checksum"))?;
         let (entries, crc) = row.split_at(split);
         let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
-        anyhow::ensure!(
-            crc32fast::hash(entries) == stored,
-            "log row {index} is damaged: its checksum does not match (the disk corrupted it); \
-             this node's log cannot be trusted: restore the data directory or start the node \
-             afresh with an empty one, to be replicated again"
-        );
+        if crc32fast::hash(entries) != stored {
+            return Err(DamagedRow(index).into());
+        }
         Ok(entries)
     }
 
@@ -332,6 +338,12 @@ impl LogRead for LogStore {
     fn entries(&self, lo: u64, hi: u64, max_bytes: usize) -> Option<Vec<LogEntry>> {
         match self.read(lo, hi, max_bytes) {
             Ok(v) => Some(v),
+            // Retrying cannot mend it, and the node must not serve from this log: the core
+            // loop's panic stops the node (`MarkStopped`), as a failed commit does.
+            Err(e) if e.downcast_ref::<DamagedRow>().is_some() => {
+                tracing::error!(error = %e, "stopping the node");
+                panic!("{e}");
+            }
             Err(e) => {
                 tracing::error!(error = %e, lo, hi, "reading the log failed");
                 None
@@ -522,6 +534,14 @@ mod tests {
         let refused = s.recover().expect_err("a damaged row");
         assert!(refused.to_string().contains("is damaged"), "{refused:#}");
         assert!(s.read(1, 4, usize::MAX).is_err());
+        // Read while running (catch-up), it stops the node rather than being retried forever.
+        let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            LogRead::entries(&s, 1, 4, usize::MAX)
+        }));
+        assert!(
+            stopped.is_err(),
+            "a damaged row read by the core stops the node"
+        );
         Ok(())
     }
 

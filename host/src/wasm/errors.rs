@@ -52,7 +52,6 @@ pub enum GuestError {
 }
 
 impl GuestError {
-    /// The HTTP API's stable error code.
     /// Whether the failure may depend on what else the call held: memory is shared with the
     /// other entries' payloads and outputs, and a guest copying its outputs around pays fuel
     /// for theirs. Such an entry is tried again alone before it fails.
@@ -63,6 +62,7 @@ impl GuestError {
         )
     }
 
+    /// The HTTP API's stable error code.
     pub fn code(&self) -> &'static str {
         match self {
             GuestError::Guest(_) => "guest_error",

@@ -344,6 +344,9 @@ pub struct Machine {
     base: Bytes,
     replay: Vec<Entry>,
     replay_weight: usize,
+    /// Positions in the replay log of entries that failed beside others and succeeded alone:
+    /// replay applies them alone too (ascending; cleared with the log).
+    replay_alone: Vec<usize>,
     /// After a rebase snapshot failed (a state too large to serialize within the memory cap),
     /// the next attempt waits until the replay log weighs this much: every attempt that fails
     /// costs a rebuild, and retrying after every batch made each batch pay one.
@@ -369,6 +372,7 @@ impl Machine {
             base,
             replay: Vec::new(),
             replay_weight: 0,
+            replay_alone: Vec::new(),
             rebase_backoff: 0,
             recoveries: 0,
             always_meter: false,
@@ -549,7 +553,11 @@ impl Machine {
                                 // their bytes its fuel, where the guest copied them): what it
                                 // does alone is its result, on every replica whatever the
                                 // grouping.
+                                let position = self.replay.len();
                                 self.apply_chunk_metered(&chunk[k..=k], results);
+                                if self.replay.len() > position {
+                                    self.replay_alone.push(position);
+                                }
                             } else {
                                 results.push(Err(failure.error));
                             }
@@ -596,6 +604,7 @@ impl Machine {
     fn rebase(&mut self, base: Bytes) {
         self.base = base;
         self.replay.clear();
+        self.replay_alone.clear();
         self.replay_weight = 0;
         self.rebase_backoff = 0;
     }
@@ -603,20 +612,19 @@ impl Machine {
     /// Replaces the poisoned store: fresh instance, base snapshot, replay log.
     fn recover(&mut self) {
         self.recoveries += 1;
-        // Replay entries that failed beside others and are replayed alone, as the live path
-        // retries them (positions in the replay log, ascending).
-        let mut alone = Vec::new();
         loop {
-            match self.rebuild(&alone) {
+            match self.rebuild() {
                 Ok(live) => {
                     self.live = live;
                     return;
                 }
+                // Kept for later recoveries too, which would otherwise find it again at the
+                // cost of a rebuild each.
                 Err(Some((position, error)))
-                    if error.depends_on_neighbours() && !alone.contains(&position) =>
+                    if error.depends_on_neighbours() && !self.replay_alone.contains(&position) =>
                 {
-                    alone.push(position);
-                    alone.sort_unstable();
+                    self.replay_alone.push(position);
+                    self.replay_alone.sort_unstable();
                 }
                 // An entry that succeeded before fails on replay, even alone: only possible
                 // near a limit, where a fresh allocator or hash table differs from the original
@@ -632,8 +640,8 @@ impl Machine {
                     let dropped = self.replay.remove(position);
                     self.replay_weight -= log_weight(&dropped);
                     // Later positions move down by one.
-                    alone.retain(|&p| p != position);
-                    for p in alone.iter_mut().filter(|p| **p > position) {
+                    self.replay_alone.retain(|&p| p != position);
+                    for p in self.replay_alone.iter_mut().filter(|p| **p > position) {
                         *p -= 1;
                     }
                 }
@@ -644,7 +652,7 @@ impl Machine {
 
     /// `Err(Some(position))`: replay entry `position` failed; `Err(None)`: the machine is now
     /// marked broken.
-    fn rebuild(&mut self, alone: &[usize]) -> Result<Live, Option<(usize, GuestError)>> {
+    fn rebuild(&mut self) -> Result<Live, Option<(usize, GuestError)>> {
         let mut live = match Live::new(&self.module, &self.limits) {
             Ok(live) => live,
             Err(error) => return Err(self.mark_broken(error)),
@@ -656,7 +664,7 @@ impl Machine {
         while start < self.replay.len() {
             let mut end = chunk_end(&self.replay, start, self.limits.max_batch_bytes);
             // An entry to replay alone ends the call before it, or is the call.
-            if let Some(&p) = alone.iter().find(|&&p| p >= start && p < end) {
+            if let Some(&p) = self.replay_alone.iter().find(|&&p| p >= start && p < end) {
                 end = if p == start { p + 1 } else { p };
             }
             match live.on_apply(&self.replay[start..end], true) {
