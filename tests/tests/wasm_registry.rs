@@ -1,5 +1,8 @@
 //! Deploy-time validation and the on-disk artifact cache.
 
+use bytes::Bytes;
+use lockstep::machines::{Command, Effect, Failure, MachineSet};
+use lockstep::state_machine::{Entry, StateMachine};
 use lockstep::wasm::{Limits, Machine, ModuleError, ModuleRegistry, WasmEngine};
 use lockstep_tests::{Fixture, guests};
 
@@ -266,33 +269,39 @@ fn a_module_is_stored_even_when_its_artifact_cannot_be() {
     assert!(m.apply(lockstep_tests::entries([r#"{"add": 1}"#]))[0].is_ok());
 }
 
+/// The node's state machine over a registry in `modules`.
+fn machine_set(modules: &std::path::Path) -> MachineSet {
+    let engine = WasmEngine::new(Limits::default()).expect("engine");
+    let registry = ModuleRegistry::open(&engine, modules).expect("registry");
+    MachineSet::new(std::sync::Arc::new(registry))
+}
+
+/// The log entry deploying the guest at `path` as `machine`.
+fn deploy_entry(index: u64, machine: &str, path: &str) -> Entry {
+    Entry {
+        index,
+        term: 1,
+        timestamp_ms: 0,
+        payload: Command::Deploy {
+            machine: machine.into(),
+            module: Bytes::from(guests::read(path)),
+        }
+        .encode(),
+    }
+}
+
 /// A deploy this node cannot store (its disk, not the module) must not become the entry's
 /// outcome here alone: the node stops instead, through the state-machine thread's panic guard,
 /// rather than aborting the process with a core dump.
 #[test]
 fn a_deploy_the_node_cannot_store_stops_it_instead_of_recording_a_refusal() {
-    use bytes::Bytes;
-    use lockstep::machines::{Command, MachineSet};
-    use lockstep::state_machine::{Entry, StateMachine};
-
     let dir = tempfile::tempdir().expect("tempdir");
     let modules = dir.path().join("modules");
-    let engine = WasmEngine::new(Limits::default()).expect("engine");
-    let registry = ModuleRegistry::open(&engine, &modules).expect("registry");
-    let mut set = MachineSet::new(std::sync::Arc::new(registry));
+    let mut set = machine_set(&modules);
     // The modules directory becomes a file: storing the module fails.
     std::fs::remove_dir_all(&modules).expect("remove");
     std::fs::write(&modules, b"not a directory").expect("write");
-    let deploy = Entry {
-        index: 1,
-        term: 1,
-        timestamp_ms: 0,
-        payload: Command::Deploy {
-            machine: "c".into(),
-            module: Bytes::from(guests::read(guests::COUNTER)),
-        }
-        .encode(),
-    };
+    let deploy = deploy_entry(1, "c", guests::COUNTER);
     let stopped =
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| set.apply(vec![deploy])));
     let panic = stopped.expect_err("the node stops");
@@ -307,28 +316,12 @@ fn a_deploy_the_node_cannot_store_stops_it_instead_of_recording_a_refusal() {
 /// to start (the module is valid), and the machine keeps running the old one.
 #[test]
 fn an_upgrade_that_cannot_carry_the_state_says_so() {
-    use bytes::Bytes;
-    use lockstep::machines::{Command, Effect, Failure, MachineSet};
-    use lockstep::state_machine::{Entry, StateMachine};
-
-    let fx = Fixture::new(Limits::default());
-    let registry = ModuleRegistry::open(
-        &WasmEngine::new(Limits::default()).expect("engine"),
-        fx.dir.path(),
-    )
-    .expect("registry");
-    let mut set = MachineSet::new(std::sync::Arc::new(registry));
-    let deploy = |index: u64, path: &str| Entry {
-        index,
-        term: 1,
-        timestamp_ms: 0,
-        payload: Command::Deploy {
-            machine: "m".into(),
-            module: Bytes::from(guests::read(path)),
-        }
-        .encode(),
-    };
-    let out = set.apply(vec![deploy(1, guests::COUNTER), deploy(2, guests::KV)]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut set = machine_set(dir.path());
+    let out = set.apply(vec![
+        deploy_entry(1, "m", guests::COUNTER),
+        deploy_entry(2, "m", guests::KV),
+    ]);
     assert!(matches!(out[0], Ok(Effect::Deployed { version: 1, .. })));
     match &out[1] {
         Err(Failure::InvalidModule(message)) => assert!(

@@ -116,12 +116,20 @@ impl LogStore {
         })
     }
 
-    /// Ends a row with the checksum of its entries, when this log's rows carry one.
-    fn seal(&self, row: &mut Vec<u8>) {
+    /// Stores `row` (entries encoded back to back) as the row at `index`, ended with the
+    /// checksum of its entries when this log's rows carry one: every row goes in through here.
+    fn put_row(
+        &self,
+        log: &mut redb::Table<u64, &[u8]>,
+        index: u64,
+        row: &mut Vec<u8>,
+    ) -> anyhow::Result<()> {
         if self.checksummed {
             let crc = crc32fast::hash(row);
             row.extend_from_slice(&crc.to_le_bytes());
         }
+        log.insert(index, row.as_slice())?;
+        Ok(())
     }
 
     /// The entries of the row at `index`, its checksum checked: a row damaged on disk (a bit
@@ -304,8 +312,7 @@ impl LogStore {
             for w in writes {
                 if let Some(from) = w.truncate_from {
                     if let Some(start) = row_start.take() {
-                        self.seal(scratch);
-                        log.insert(start, scratch.as_slice())?;
+                        self.put_row(&mut log, start, scratch)?;
                         scratch.clear();
                     }
                     self.truncate(&mut log, from)?;
@@ -320,8 +327,7 @@ impl LogStore {
                 commit = commit.max(w.commit);
             }
             if let Some(start) = row_start {
-                self.seal(scratch);
-                log.insert(start, scratch.as_slice())?;
+                self.put_row(&mut log, start, scratch)?;
             }
             if let Some(hs) = hard {
                 meta.insert(META_TERM, hs.term)?;
@@ -373,8 +379,7 @@ impl LogStore {
             None => None,
         };
         if let Some((k, mut kept)) = cut {
-            self.seal(&mut kept);
-            log.insert(k, kept.as_slice())?;
+            self.put_row(log, k, &mut kept)?;
         }
         log.retain_in(from.., |_, _| false)?;
         Ok(())

@@ -120,14 +120,14 @@ impl ResourceLimiter for MemoryCap {
     }
 }
 
-/// The guest's stderr (and, a second one that nothing reads, its stdout). Every permitted write
-/// succeeds, so whether a guest's print fails can never depend on how much it printed since
-/// its store was built (which differs between replicas: rebuilds, restarts). Only the latest
-/// `STDERR_CAPACITY` bytes of the current call are kept, for the panic message.
+/// A guest's output stream: its stderr, and (a second one that nothing reads) its stdout. Every
+/// permitted write succeeds, so whether a guest's print fails can never depend on how much it
+/// printed since its store was built (which differs between replicas: rebuilds, restarts).
+/// Only the latest `STDERR_CAPACITY` bytes of the current call are kept, for the panic message.
 #[derive(Clone, Default)]
-pub(crate) struct StderrTail(Arc<Mutex<VecDeque<u8>>>);
+pub(crate) struct OutputTail(Arc<Mutex<VecDeque<u8>>>);
 
-impl StderrTail {
+impl OutputTail {
     fn append(&self, bytes: &[u8]) {
         let bytes = &bytes[bytes.len().saturating_sub(STDERR_CAPACITY)..];
         let mut tail = self.0.lock().unwrap_or_else(PoisonError::into_inner);
@@ -150,7 +150,7 @@ impl StderrTail {
 }
 
 #[wasmtime_wasi::async_trait]
-impl OutputStream for StderrTail {
+impl OutputStream for OutputTail {
     fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
         permitted(&bytes)?;
         self.append(&bytes);
@@ -179,11 +179,11 @@ fn permitted(bytes: &[u8]) -> StreamResult<()> {
 }
 
 #[wasmtime_wasi::async_trait]
-impl Pollable for StderrTail {
+impl Pollable for OutputTail {
     async fn ready(&mut self) {}
 }
 
-impl tokio::io::AsyncWrite for StderrTail {
+impl tokio::io::AsyncWrite for OutputTail {
     fn poll_write(
         self: Pin<&mut Self>,
         _: &mut Context<'_>,
@@ -202,13 +202,13 @@ impl tokio::io::AsyncWrite for StderrTail {
     }
 }
 
-impl IsTerminal for StderrTail {
+impl IsTerminal for OutputTail {
     fn is_terminal(&self) -> bool {
         false
     }
 }
 
-impl StdoutStream for StderrTail {
+impl StdoutStream for OutputTail {
     fn p2_stream(&self) -> Box<dyn OutputStream> {
         Box::new(self.clone())
     }
@@ -336,19 +336,19 @@ pub(crate) struct HostState {
     pub cap: MemoryCap,
     pub meter: EntryMeter,
     pub inputs: Arc<EntryInputs>,
-    pub stderr: StderrTail,
+    pub stderr: OutputTail,
 }
 
 impl HostState {
     pub fn new(limits: &Limits) -> Self {
         let inputs = Arc::new(EntryInputs::default());
         inputs.set_neutral();
-        let stderr = StderrTail::default();
+        let stderr = OutputTail::default();
         // No preopened directories, no environment, no arguments, no network, no stdin:
         // only what std needs to run, with every source of nondeterminism replaced.
         let wasi = WasiCtxBuilder::new()
-            // stdout gets a tail of its own that nothing reads: the same permit as stderr.
-            .stdout(StderrTail::default())
+            // stdout: a tail of its own that nothing reads, with stderr's permit.
+            .stdout(OutputTail::default())
             .stderr(stderr.clone())
             .max_random_size(MAX_RANDOM_BYTES)
             .wall_clock(EntryWallClock(inputs.clone()))
@@ -550,7 +550,7 @@ mod tests {
 
     #[test]
     fn stderr_keeps_the_latest_output_and_never_refuses_a_permitted_write() {
-        let mut tail = StderrTail::default();
+        let mut tail = OutputTail::default();
         for _ in 0..100 {
             OutputStream::write(&mut tail, Bytes::from(vec![b'x'; 1000])).expect("a write");
             assert_eq!(tail.check_write().ok(), Some(WRITE_PERMIT));

@@ -318,16 +318,22 @@ fn classify(error: wasmtime::Error, state: &HostState, limits: &Limits, budget: 
 const MAX_CALL_ENTRIES: usize = 4096;
 
 /// Where the next `on-apply` call starting at `start` ends: at most `max_bytes` of payload and
-/// `MAX_CALL_ENTRIES` entries, at least one entry.
-fn chunk_end(entries: &[Entry], start: usize, max_bytes: usize) -> usize {
+/// `MAX_CALL_ENTRIES` entries, at least one entry, and no further than the entry whose replay
+/// log weight uses up `weight_left`.
+fn chunk_end(entries: &[Entry], start: usize, max_bytes: usize, weight_left: usize) -> usize {
     let mut bytes = 0usize;
+    let mut weight = 0usize;
     let mut end = start;
     while end < entries.len() && end - start < MAX_CALL_ENTRIES {
         bytes = bytes.saturating_add(entries[end].payload.len());
         if bytes > max_bytes && end > start {
             break;
         }
+        weight = weight.saturating_add(log_weight(&entries[end]));
         end += 1;
+        if weight >= weight_left {
+            break;
+        }
     }
     end
 }
@@ -396,8 +402,11 @@ impl Machine {
         // One call's worth at a time; what succeeds unmetered is moved into the replay log.
         let mut rest = batch.into_iter();
         while !rest.as_slice().is_empty() {
-            let end = chunk_end(rest.as_slice(), 0, self.limits.max_batch_bytes);
-            let end = self.until_rebase(&rest.as_slice()[..end]);
+            // The call ends where the base is due to move, so the base moves after the same
+            // entry on every replica, however the entries were batched. (An entry that fails
+            // weighs nothing; the next call's end is then counted again from what was logged.)
+            let weight_left = self.rebase_due().saturating_sub(self.replay_weight);
+            let end = chunk_end(rest.as_slice(), 0, self.limits.max_batch_bytes, weight_left);
             match self.try_unmetered(&rest.as_slice()[..end]) {
                 Some(mut outputs) => {
                     results.append(&mut outputs);
@@ -411,22 +420,6 @@ impl Machine {
             self.maybe_rebase();
         }
         results
-    }
-
-    /// How many entries of `chunk` to apply before the base may be due to move: the call ends
-    /// at the entry whose weight would make the replay log due, so the base moves after the
-    /// same entry on every replica, however the entries were batched. (An entry that fails
-    /// weighs nothing; the next call's end is then counted again from what was logged.)
-    fn until_rebase(&self, chunk: &[Entry]) -> usize {
-        let due = self.rebase_due();
-        let mut weight = self.replay_weight;
-        for (i, entry) in chunk.iter().enumerate() {
-            weight += log_weight(entry);
-            if weight >= due {
-                return i + 1;
-            }
-        }
-        chunk.len()
     }
 
     /// The replay log's weight at which the base moves.
@@ -450,17 +443,9 @@ impl Machine {
 
     /// The whole state, as the module serializes it. Also becomes the base for recovery.
     pub fn snapshot(&mut self) -> Result<Vec<u8>, GuestError> {
-        self.check_broken()?;
-        match self.live.snapshot() {
-            Ok(bytes) => {
-                self.rebase(Bytes::from(bytes.clone()));
-                Ok(bytes)
-            }
-            Err(error) => {
-                self.recover();
-                Err(error)
-            }
-        }
+        let bytes = self.read_snapshot()?;
+        self.rebase(Bytes::from(bytes.clone()));
+        Ok(bytes)
     }
 
     /// The whole state, for a reader (`?digest=1`): unlike [`Machine::snapshot`] it leaves the
@@ -662,7 +647,7 @@ impl Machine {
         }
         let mut start = 0;
         while start < self.replay.len() {
-            let mut end = chunk_end(&self.replay, start, self.limits.max_batch_bytes);
+            let mut end = chunk_end(&self.replay, start, self.limits.max_batch_bytes, usize::MAX);
             // An entry to replay alone ends the call before it, or is the call.
             if let Some(&p) = self.replay_alone.iter().find(|&&p| p >= start && p < end) {
                 end = if p == start { p + 1 } else { p };
