@@ -90,6 +90,26 @@ fn same_seed_same_trace() {
     assert_ne!(a.trace_hash, c.trace_hash);
 }
 
+/// Logs compacted behind snapshots: followers that fell behind the compaction (crashed,
+/// partitioned) are sent the snapshot in chunks and install it, under the same faults and
+/// checks as every run (a restored machine must hold the state every replica had there).
+#[test]
+fn followers_behind_the_compaction_install_snapshots() {
+    let (mut snapshots, mut installs) = (0, 0);
+    for seed in 2000..2060 {
+        let mut c = config(seed);
+        c.snapshot_every = 10 + seed % 20;
+        let r = run(c).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        snapshots += r.snapshots;
+        installs += r.installs;
+    }
+    println!("60 seeds: {snapshots} snapshots, {installs} installs");
+    assert!(
+        snapshots > 0 && installs > 0,
+        "{snapshots} snapshots, {installs} installs"
+    );
+}
+
 /// The negative control: with followers acknowledging before their write is durable, crashes
 /// lose acknowledged writes and the simulator must notice.
 #[test]

@@ -25,6 +25,8 @@ pub struct CoreConfig {
     pub max_batch_entries: usize,
     pub max_batch_bytes: usize,
     pub max_inflight: usize,
+    /// Bytes of a snapshot per `InstallSnapshot` chunk.
+    pub snapshot_chunk_bytes: usize,
     /// Payload bytes the in-memory tail (entries not yet durable, committed and applied) may
     /// hold before the leader refuses new proposals with `Overloaded`: the pipeline's
     /// backpressure.
@@ -44,13 +46,28 @@ pub struct HardState {
 }
 
 /// What a core starts from: `tail` holds the entries `applied+1..=last` (older ones are
-/// readable through [`LogRead`]), `term_runs` the terms of the whole log as `(first index, term)`.
+/// readable through [`LogRead`] down to `compacted + 1`), `term_runs` the terms of the log
+/// past `compacted` as `(first index, term)`, `compacted` the last compacted entry's index and
+/// term, `snapshot` the latest snapshot of the applied state (at or past `compacted`).
 #[derive(Debug, Default)]
 pub struct DurableState {
     pub hard: HardState,
     pub term_runs: Vec<(u64, u64)>,
     pub tail: Vec<LogEntry>,
     pub applied: u64,
+    pub compacted: (u64, u64),
+    pub snapshot: Option<Snapshot>,
+}
+
+/// The state machine's applied state at `index` (entry `index` has `term` and `timestamp_ms`),
+/// as the state machine serialized it. The log up to `index` may be compacted away once a
+/// snapshot is durable; a follower that needs entries no longer kept installs it instead.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub index: u64,
+    pub term: u64,
+    pub timestamp_ms: u64,
+    pub data: Bytes,
 }
 
 /// Reads the durable log below the in-memory tail (entries a lagging follower still needs).
@@ -59,14 +76,17 @@ pub trait LogRead: Send {
     fn entries(&self, lo: u64, hi: u64, max_bytes: usize) -> Option<Vec<LogEntry>>;
 }
 
-/// One storage action. The runtime applies them in order: delete entries from
-/// `truncate_from` on, append `entries`, save `hard_state`, make it durable, then send `after`
-/// and call [`RaftCore::persisted`] with `(id, last_index, last_term)` of the last write of each
-/// group made durable together.
+/// One storage action. The runtime applies them in order: delete entries up to
+/// `compact_through` (recording that index and its term as the log's start), delete entries
+/// from `truncate_from` on, append `entries`, save `hard_state`, make it durable, then send
+/// `after` and call [`RaftCore::persisted`] with `(id, last_index, last_term)` of the last
+/// write of each group made durable together.
 #[derive(Debug, Default)]
 pub struct LogWrite {
     /// Issue order (from 1): `persisted` names the last write of a durable group by it.
     pub id: u64,
+    /// `(index, term)`: entries up to `index` are in a durable snapshot; drop them.
+    pub compact_through: Option<(u64, u64)>,
     pub truncate_from: Option<u64>,
     pub entries: Vec<LogEntry>,
     pub hard_state: Option<HardState>,
@@ -100,6 +120,9 @@ pub struct Ready {
     /// This node stopped being leader of `term` (pending proposals: outcome unknown).
     pub stepped_down: bool,
     pub became_leader: bool,
+    /// A snapshot received from the leader: the shell makes it durable, restores the state
+    /// machine from it, then calls [`RaftCore::installed`].
+    pub install: Option<Snapshot>,
 }
 
 /// Why a proposal was refused (nothing was appended).
@@ -136,6 +159,27 @@ enum ProgressState {
     Probe,
     /// Match known: stream appends, up to `max_inflight` in flight.
     Replicate,
+    /// The entries it needs were compacted: sending `Progress::snapshot`, one chunk in flight.
+    Snapshot,
+}
+
+/// A snapshot on its way to one follower.
+#[derive(Clone, Debug)]
+struct Sending {
+    snapshot: Snapshot,
+    /// Bytes the follower confirmed it holds.
+    acked: u64,
+    sent_at: Option<u64>,
+}
+
+/// A snapshot being received, chunk by chunk.
+#[derive(Debug)]
+struct Receiving {
+    index: u64,
+    term: u64,
+    timestamp_ms: u64,
+    total: u64,
+    data: Vec<u8>,
 }
 
 /// The leader's view of one follower (braft's Replicator state, etcd's Progress).
@@ -154,6 +198,8 @@ struct Progress {
     seq_acked: u64,
     /// Reports in a row of a last index below `matched` (see `lost_log`).
     reported_less: u8,
+    /// In `ProgressState::Snapshot`: the snapshot being sent.
+    sending: Option<Sending>,
 }
 
 struct PendingRead {
@@ -176,8 +222,18 @@ pub struct RaftCore {
     applied: u64,
     durable: u64,
 
-    /// Terms of the whole log as runs `(first index, term)`: term lookups never touch storage.
+    /// Terms of the log past `compacted` as runs `(first index, term)`: term lookups never
+    /// touch storage.
     term_runs: Vec<(u64, u64)>,
+    /// Entries up to `compacted` are gone from the log (the snapshot holds their effect);
+    /// `compacted_term` is that entry's term.
+    compacted: u64,
+    compacted_term: u64,
+    /// The latest durable snapshot: what a follower behind `compacted` is sent.
+    snapshot: Option<Snapshot>,
+    /// Follower: a snapshot arriving in chunks, then one handed to the shell to install.
+    receiving: Option<Receiving>,
+    installing: Option<Snapshot>,
     last_index: u64,
     /// In-memory tail: entries `mem_first..=last_index`; older ones are read through `storage`.
     mem: VecDeque<LogEntry>,
@@ -221,20 +277,24 @@ impl RaftCore {
             term_runs,
             tail,
             applied,
+            compacted: (compacted, compacted_term),
+            snapshot,
         } = state;
         let last_index = tail.last().map(|e| e.index).unwrap_or(applied);
         let mem_bytes = tail.iter().map(|e| e.payload.len()).sum();
+        let snapshot_ts = snapshot.as_ref().map_or(0, |s| s.timestamp_ms);
         let last_timestamp = match tail.last() {
             Some(e) => e.timestamp_ms,
-            None if last_index > 0 => storage
+            None if last_index <= compacted => snapshot_ts,
+            None => storage
                 .entries(last_index, last_index + 1, 1)
                 .and_then(|v| v.last().map(|e| e.timestamp_ms))
                 .unwrap_or_else(|| {
                     tracing::error!(last_index, "cannot read the last entry's timestamp");
                     0
                 }),
-            None => 0,
-        };
+        }
+        .max(snapshot_ts);
         let mut core = RaftCore {
             rng: SmallRng::seed_from_u64(seed),
             now,
@@ -247,6 +307,11 @@ impl RaftCore {
             applied,
             durable: last_index,
             term_runs,
+            compacted,
+            compacted_term,
+            snapshot,
+            receiving: None,
+            installing: None,
             last_index,
             mem_first: applied + 1,
             mem: tail.into(),
@@ -329,10 +394,14 @@ impl RaftCore {
         }
     }
 
-    /// The term of entry `index` (0 for index 0 or beyond the log).
+    /// The term of entry `index` (0 for index 0, beyond the log or compacted before the last
+    /// compacted entry).
     pub fn term_at(&self, index: u64) -> u64 {
-        if index == 0 || index > self.last_index {
+        if index == 0 || index > self.last_index || index < self.compacted {
             return 0;
+        }
+        if index == self.compacted {
+            return self.compacted_term;
         }
         let pos = self.term_runs.partition_point(|&(start, _)| start <= index);
         if pos == 0 {
@@ -340,6 +409,16 @@ impl RaftCore {
         } else {
             self.term_runs[pos - 1].1
         }
+    }
+
+    /// The last entry compacted away (0: none); entries past it are in the log.
+    pub fn compacted_index(&self) -> u64 {
+        self.compacted
+    }
+
+    /// The index of the latest snapshot this node holds (0: none).
+    pub fn snapshot_index(&self) -> u64 {
+        self.snapshot.as_ref().map_or(0, |s| s.index)
     }
 
     /// Entries `lo..=hi` from memory or storage (for the state-machine queue and tests).
@@ -402,6 +481,87 @@ impl RaftCore {
             self.maybe_commit();
         }
         self.trim();
+    }
+
+    /// A snapshot of the applied state is durable: followers behind the log are sent it, and
+    /// the log is compacted up to `keep` entries before it (fewer if not yet durable here),
+    /// so a follower a little behind still catches up from the log.
+    pub fn compact(&mut self, snapshot: Snapshot, keep: u64) {
+        if snapshot.index <= self.snapshot_index() || snapshot.index > self.applied {
+            return;
+        }
+        self.last_timestamp = self.last_timestamp.max(snapshot.timestamp_ms);
+        let through = snapshot
+            .index
+            .saturating_sub(keep)
+            .min(self.durable)
+            .min(self.mem_first.saturating_sub(1));
+        self.snapshot = Some(snapshot);
+        if through > self.compacted {
+            let term = self.term_at(through);
+            self.forget_through(through, term);
+            self.write_mut(false).compact_through = Some((through, term));
+        }
+    }
+
+    /// The snapshot from [`Ready::install`] is durable and the state machine restored from it.
+    /// The log keeps what follows the snapshot if it holds the snapshot's last entry, and is
+    /// emptied otherwise; the leader hears of it once that is durable.
+    pub fn installed(&mut self, index: u64) {
+        let Some(snap) = self.installing.take_if(|s| s.index == index) else {
+            return;
+        };
+        let term = snap.term;
+        self.last_timestamp = self.last_timestamp.max(snap.timestamp_ms);
+        if index <= self.last_index && self.term_at(index) == term {
+            self.forget_through(index, term);
+            self.write_mut(false).compact_through = Some((index, term));
+        } else {
+            self.term_runs.clear();
+            self.mem.clear();
+            self.mem_bytes = 0;
+            self.mem_first = index + 1;
+            self.last_index = index;
+            self.durable = self.durable.min(index);
+            self.compacted = index;
+            self.compacted_term = term;
+            // A write of its own, like a truncation: notices from before it do not count.
+            let w = self.write_mut(true);
+            w.compact_through = Some((index, term));
+            w.truncate_from = Some(index + 1);
+            self.truncated_by = w.id;
+        }
+        self.applied = self.applied.max(index);
+        self.snapshot = Some(snap);
+        self.advance_commit(index);
+        if let Some(leader) = self.leader {
+            let resp = Message::AppendResp {
+                term: self.term,
+                success: true,
+                index,
+                last_index: self.last_index,
+                seq: 0,
+            };
+            self.send_after_durable(leader, resp, index);
+        }
+    }
+
+    /// Forgets entries up to `through` (still in memory only if not yet applied or durable:
+    /// never, as callers compact below both).
+    fn forget_through(&mut self, through: u64, term: u64) {
+        let keep_from = self
+            .term_runs
+            .partition_point(|&(start, _)| start <= through + 1)
+            .saturating_sub(1);
+        self.term_runs.drain(..keep_from);
+        while self.mem_first <= through
+            && let Some(e) = self.mem.pop_front()
+        {
+            self.mem_bytes -= e.payload.len();
+            self.mem_first += 1;
+        }
+        self.compacted = through;
+        self.compacted_term = term;
     }
 
     /// Appends user entries if this node leads `expected_term` (or any term). Returns the index
@@ -494,15 +654,17 @@ impl RaftCore {
                     // A current leader is alive: a disruptive candidate is ignored.
                     return;
                 }
-                Message::Append { .. } | Message::Heartbeat { .. } => {
-                    self.become_follower(mterm, Some(from))
-                }
+                Message::Append { .. }
+                | Message::Heartbeat { .. }
+                | Message::InstallSnapshot { .. } => self.become_follower(mterm, Some(from)),
                 _ => self.become_follower(mterm, None),
             }
         } else if mterm < self.term {
             match msg {
                 // Tell a stale leader about the newer term so it steps down.
-                Message::Append { .. } | Message::Heartbeat { .. } => {
+                Message::Append { .. }
+                | Message::Heartbeat { .. }
+                | Message::InstallSnapshot { .. } => {
                     let resp = Message::AppendResp {
                         term: self.term,
                         success: false,
@@ -603,7 +765,9 @@ impl RaftCore {
             Message::Heartbeat { commit, seq, .. } => {
                 self.heard_from_leader(from);
                 // The leader sends min(its commit, our match): entries up to it match its log.
-                self.advance_commit(commit.min(self.last_index));
+                if self.installing.is_none() {
+                    self.advance_commit(commit.min(self.last_index));
+                }
                 self.ready.messages.push((
                     from,
                     Message::HeartbeatResp {
@@ -622,6 +786,31 @@ impl RaftCore {
             } => {
                 if self.role == CoreRole::Leader {
                     self.handle_append_resp(from, success, index, last_index, seq);
+                }
+            }
+            Message::InstallSnapshot {
+                index,
+                last_term,
+                timestamp_ms,
+                offset,
+                total,
+                data,
+                ..
+            } => {
+                self.heard_from_leader(from);
+                let snapshot = Snapshot {
+                    index,
+                    term: last_term,
+                    timestamp_ms,
+                    data,
+                };
+                self.handle_snapshot(from, snapshot, offset, total);
+            }
+            Message::SnapshotResp {
+                index, received, ..
+            } => {
+                if self.role == CoreRole::Leader {
+                    self.handle_snapshot_resp(from, index, received);
                 }
             }
             Message::HeartbeatResp {
@@ -663,6 +852,7 @@ impl RaftCore {
             || !r.reads_failed.is_empty()
             || r.stepped_down
             || r.became_leader
+            || r.install.is_some()
     }
 
     // ----- elections -----
@@ -809,6 +999,7 @@ impl RaftCore {
                         active: false,
                         seq_acked: 0,
                         reported_less: 0,
+                        sending: None,
                     },
                 );
             }
@@ -1009,6 +1200,10 @@ impl RaftCore {
             tracing::warn!(from, prev_index, "dropping a malformed append");
             return;
         }
+        // A snapshot being installed replaces the log: the leader resends after it.
+        if self.installing.is_some() {
+            return;
+        }
         // A follower whose machine lags behind its commit takes no more entries while its tail
         // holds `max_unapplied_bytes` (the leader bounds only its own): dropped unanswered, the
         // append is sent again later, as if lost. Otherwise a slow machine (say, under a flood
@@ -1055,6 +1250,84 @@ impl RaftCore {
             seq,
         };
         self.send_after_durable(from, resp, last_new);
+    }
+
+    /// One chunk of the leader's snapshot. Chunks are taken in order only; anything else is
+    /// answered with what is held, so the leader resends from there.
+    fn handle_snapshot(&mut self, from: NodeId, chunk: Snapshot, offset: u64, total: u64) {
+        let index = chunk.index;
+        if index <= self.commit {
+            // Everything it holds is committed here already: the leader may go on from our
+            // commit, once that much of our log is durable.
+            let resp = Message::AppendResp {
+                term: self.term,
+                success: true,
+                index: self.commit,
+                last_index: self.last_index,
+                seq: 0,
+            };
+            self.send_after_durable(from, resp, self.commit);
+            return;
+        }
+        if let Some(s) = &self.installing {
+            // One install at a time; the leader waits for its answer.
+            let received = if s.index == index { total } else { 0 };
+            self.snapshot_resp(from, index, received);
+            return;
+        }
+        let fits = offset
+            .checked_add(chunk.data.len() as u64)
+            .is_some_and(|end| end <= total);
+        let continues = self.receiving.as_ref().is_some_and(|r| {
+            (r.index, r.term, r.total) == (index, chunk.term, total)
+                && r.data.len() as u64 == offset
+        });
+        if !fits || !(continues || offset == 0) {
+            let held = match &self.receiving {
+                Some(r) if (r.index, r.term, r.total) == (index, chunk.term, total) => {
+                    r.data.len() as u64
+                }
+                _ => 0,
+            };
+            self.snapshot_resp(from, index, held);
+            return;
+        }
+        if !continues {
+            self.receiving = Some(Receiving {
+                index,
+                term: chunk.term,
+                timestamp_ms: chunk.timestamp_ms,
+                total,
+                data: Vec::new(),
+            });
+        }
+        let Some(r) = self.receiving.as_mut() else {
+            return;
+        };
+        r.data.extend_from_slice(&chunk.data);
+        let received = r.data.len() as u64;
+        if received == total
+            && let Some(r) = self.receiving.take()
+        {
+            let snapshot = Snapshot {
+                index: r.index,
+                term: r.term,
+                timestamp_ms: r.timestamp_ms,
+                data: Bytes::from(r.data),
+            };
+            self.installing = Some(snapshot.clone());
+            self.ready.install = Some(snapshot);
+        }
+        self.snapshot_resp(from, index, received);
+    }
+
+    fn snapshot_resp(&mut self, to: NodeId, index: u64, received: u64) {
+        let resp = Message::SnapshotResp {
+            term: self.term,
+            index,
+            received,
+        };
+        self.ready.messages.push((to, resp));
     }
 
     /// Where a leader whose append at `prev_index` this log rejects should probe next: its
@@ -1117,6 +1390,14 @@ impl RaftCore {
                         return;
                     }
                 }
+                ProgressState::Snapshot => {
+                    self.send_snapshot_chunk(peer);
+                    return;
+                }
+            }
+            if p.next <= self.compacted {
+                self.start_snapshot(peer);
+                return;
             }
             let next = p.next;
             let hi = next.saturating_add(self.cfg.max_batch_entries as u64);
@@ -1156,7 +1437,84 @@ impl RaftCore {
                     p.inflight.push_back(last);
                     p.next = last + 1;
                 }
+                ProgressState::Snapshot => return,
             }
+        }
+    }
+
+    /// `peer` needs entries compacted away: it is sent the latest snapshot instead.
+    fn start_snapshot(&mut self, peer: NodeId) {
+        let Some(snapshot) = self.snapshot.clone() else {
+            tracing::error!(peer, "entries compacted without a snapshot to send");
+            return;
+        };
+        let Some(p) = self.progress.get_mut(&peer) else {
+            return;
+        };
+        tracing::info!(peer, index = snapshot.index, "sending a snapshot");
+        p.state = ProgressState::Snapshot;
+        p.inflight.clear();
+        p.probe_sent_at = None;
+        p.sending = Some(Sending {
+            snapshot,
+            acked: 0,
+            sent_at: None,
+        });
+        self.send_snapshot_chunk(peer);
+    }
+
+    /// Sends the chunk after what `peer` confirmed, unless one is in flight (resent after two
+    /// heartbeats unanswered). Once all is confirmed, the last chunk stands for the whole until
+    /// the follower's `AppendResp` says it is installed.
+    fn send_snapshot_chunk(&mut self, peer: NodeId) {
+        let (now, term, chunk) = (self.now, self.term, self.cfg.snapshot_chunk_bytes.max(1));
+        let Some(sending) = self
+            .progress
+            .get_mut(&peer)
+            .and_then(|p| p.sending.as_mut())
+        else {
+            return;
+        };
+        if sending
+            .sent_at
+            .is_some_and(|at| now < at + 2 * self.cfg.heartbeat_ms)
+        {
+            return;
+        }
+        let snap = &sending.snapshot;
+        let total = snap.data.len() as u64;
+        let chunk = chunk as u64;
+        let offset = if sending.acked < total {
+            sending.acked
+        } else {
+            total.saturating_sub(1) / chunk * chunk
+        };
+        let end = (offset + chunk).min(total);
+        let msg = Message::InstallSnapshot {
+            term,
+            index: snap.index,
+            last_term: snap.term,
+            timestamp_ms: snap.timestamp_ms,
+            offset,
+            total,
+            data: snap.data.slice(offset as usize..end as usize),
+        };
+        sending.sent_at = Some(now);
+        self.ready.messages.push((peer, msg));
+    }
+
+    fn handle_snapshot_resp(&mut self, from: NodeId, index: u64, received: u64) {
+        let Some(p) = self.progress.get_mut(&from) else {
+            return;
+        };
+        p.active = true;
+        if let Some(s) = p.sending.as_mut()
+            && s.snapshot.index == index
+        {
+            p.last_progress_at = self.now;
+            s.acked = received.min(s.snapshot.data.len() as u64);
+            s.sent_at = None;
+            self.send_snapshot_chunk(from);
         }
     }
 
@@ -1184,11 +1542,17 @@ impl RaftCore {
             while p.inflight.front().is_some_and(|&l| l <= p.matched) {
                 p.inflight.pop_front();
             }
-            if p.state == ProgressState::Probe {
+            let installed = p
+                .sending
+                .as_ref()
+                .is_some_and(|s| p.matched >= s.snapshot.index);
+            if p.state == ProgressState::Probe || (p.state == ProgressState::Snapshot && installed)
+            {
                 p.state = ProgressState::Replicate;
                 p.next = p.matched + 1;
                 p.inflight.clear();
                 p.probe_sent_at = None;
+                p.sending = None;
             }
             p.next = p.next.max(p.matched + 1);
             self.maybe_commit();
@@ -1197,8 +1561,10 @@ impl RaftCore {
                 self.lost_log(from, last_index);
                 return; // stale rejection
             }
-            if p.state == ProgressState::Probe && index + 1 != p.next {
-                return; // answer to an older probe
+            if p.state == ProgressState::Probe && index + 1 != p.next
+                || p.state == ProgressState::Snapshot
+            {
+                return; // answer to an older probe or append
             }
             p.state = ProgressState::Probe;
             p.inflight.clear();
@@ -1236,6 +1602,7 @@ impl RaftCore {
         // Nothing it reports is checked yet: its match starts over from 0 (so heartbeats
         // commit nothing on it), and the next probe checks its log from `last_index` down.
         p.matched = 0;
+        p.sending = None;
         p.state = ProgressState::Probe;
         p.inflight.clear();
         p.probe_sent_at = None;
@@ -1329,6 +1696,7 @@ mod tests {
             max_batch_entries: 64,
             max_batch_bytes: 1 << 20,
             max_inflight: 4,
+            snapshot_chunk_bytes: 8,
             max_unapplied_bytes: usize::MAX,
             unsafe_ack_before_durable: false,
         }
@@ -1378,6 +1746,7 @@ mod tests {
             term_runs: runs,
             tail,
             applied: 0,
+            ..DurableState::default()
         };
         RaftCore::new(cfg(id, n), id, state, Box::new(NoStorage), 0)
     }
@@ -1989,6 +2358,7 @@ mod tests {
             term_runs: vec![(1, 1)],
             tail: Vec::new(),
             applied: 3,
+            ..DurableState::default()
         };
         let stored = Stored(vec![entry(1, 1), entry(2, 1), last]);
         let mut c = RaftCore::new(cfg(1, 1), 1, state, Box::new(stored), 0);
@@ -2136,6 +2506,169 @@ mod tests {
                 && matches!(m, Message::Append { prev_index: 0, entries, .. } if !entries.is_empty())),
             "the log is sent again from its start: {sent:?}"
         );
+    }
+
+    /// The chunks of `snap` as a leader in `term` sends them, `chunk` bytes each.
+    fn chunks(term: u64, snap: &Snapshot, chunk: usize) -> Vec<Message> {
+        let total = snap.data.len();
+        (0..total.max(1))
+            .step_by(chunk)
+            .map(|offset| Message::InstallSnapshot {
+                term,
+                index: snap.index,
+                last_term: snap.term,
+                timestamp_ms: snap.timestamp_ms,
+                offset: offset as u64,
+                total: total as u64,
+                data: snap.data.slice(offset..(offset + chunk).min(total)),
+            })
+            .collect()
+    }
+
+    fn snapshot_at(index: u64, term: u64) -> Snapshot {
+        Snapshot {
+            index,
+            term,
+            timestamp_ms: 7_000,
+            data: Bytes::from((0..20u8).collect::<Vec<_>>()),
+        }
+    }
+
+    #[test]
+    fn a_follower_behind_the_compacted_log_is_sent_the_snapshot_then_the_entries_after_it() {
+        let mut c = core(1, 3, &[], 0);
+        elect(&mut c, 3);
+        let (first, _) = c
+            .propose((0..6).map(|_| Bytes::from_static(b"a")), 0, None)
+            .expect("leader");
+        let last = first + 5;
+        flush(&mut c);
+        c.step(3, ack(1, last));
+        flush(&mut c);
+        assert_eq!(c.commit_index(), last);
+        // Applied up to 5, so 6 and 7 are still in memory (no storage in this test).
+        c.set_applied(5);
+        c.compact(snapshot_at(5, 1), 1);
+        flush(&mut c);
+        assert_eq!(c.compacted_index(), 4, "one entry kept before the snapshot");
+        // Node 2 never answered the probe with the no-op: when it is probed again, entry 1
+        // is compacted away.
+        c.tick(1_100, 0);
+        let sent = flush(&mut c);
+        let chunk = |m: &Message| match m {
+            Message::InstallSnapshot {
+                index: 5,
+                offset,
+                data,
+                ..
+            } => Some((*offset, data.len())),
+            _ => None,
+        };
+        let first_chunks: Vec<_> = sent.iter().filter_map(|(_, m)| chunk(m)).collect();
+        assert_eq!(first_chunks, vec![(0, 8)], "one chunk in flight: {sent:?}");
+        for received in [8, 16] {
+            c.step(
+                2,
+                Message::SnapshotResp {
+                    term: 1,
+                    index: 5,
+                    received,
+                },
+            );
+            let sent = flush(&mut c);
+            let next: Vec<_> = sent.iter().filter_map(|(_, m)| chunk(m)).collect();
+            assert_eq!(next, vec![(received, (20 - received as usize).min(8))]);
+        }
+        // Installed: the follower is at 5, and the entries after it follow.
+        c.step(2, ack(1, 5));
+        let sent = flush(&mut c);
+        assert_eq!(c.match_index(2), 5);
+        assert!(
+            sent.iter().any(|(to, m)| *to == 2
+                && matches!(m, Message::Append { prev_index: 5, prev_term: 1, entries, .. } if !entries.is_empty())),
+            "{sent:?}"
+        );
+    }
+
+    #[test]
+    fn a_follower_assembles_a_snapshot_from_chunks_in_order_only() {
+        let mut c = core(2, 3, &[1, 1], 1);
+        let snap = snapshot_at(9, 2);
+        let parts = chunks(2, &snap, 8);
+        assert_eq!(parts.len(), 3);
+        // A chunk out of order is answered with what is held (nothing), and dropped.
+        c.step(1, parts[1].clone());
+        let r = c.take_ready();
+        assert!(r.install.is_none());
+        assert!(
+            r.messages
+                .iter()
+                .any(|(_, m)| matches!(m, Message::SnapshotResp { received: 0, .. }))
+        );
+        for (k, part) in parts.iter().enumerate() {
+            c.step(1, part.clone());
+            if k < 2 {
+                // A duplicate of the chunk just taken changes nothing.
+                c.step(1, part.clone());
+            }
+        }
+        let r = c.take_ready();
+        assert_eq!(r.install, Some(snap.clone()), "assembled whole, once");
+        // Appends wait while it is being installed.
+        c.step(
+            1,
+            Message::Append {
+                term: 2,
+                prev_index: 9,
+                prev_term: 2,
+                commit: 9,
+                seq: 0,
+                entries: vec![entry(10, 2)],
+            },
+        );
+        assert_eq!(c.last_index(), 2);
+        c.installed(9);
+        let sent = flush(&mut c);
+        assert_eq!(
+            (c.last_index(), c.commit_index(), c.compacted_index()),
+            (9, 9, 9)
+        );
+        assert_eq!(c.term_at(9), 2);
+        assert!(
+            sent.iter().any(|(to, m)| *to == 1 && *m == ack(2, 9)),
+            "{sent:?}"
+        );
+    }
+
+    #[test]
+    fn a_snapshot_keeps_the_log_after_it_when_the_log_holds_its_last_entry() {
+        // Entries past the snapshot may be committed on the leader with this follower's
+        // acknowledgement: dropping them could lose committed entries.
+        let mut c = core(2, 3, &[1, 1, 1, 1, 1, 1], 1);
+        let snap = snapshot_at(4, 1);
+        for part in chunks(1, &snap, 8) {
+            c.step(1, part);
+        }
+        assert!(c.take_ready().install.is_some());
+        c.installed(4);
+        flush(&mut c);
+        assert_eq!((c.last_index(), c.compacted_index()), (6, 4));
+        // A snapshot whose last entry this log holds in another term replaces the whole log.
+        let mut c = core(2, 3, &[1, 1, 1, 1, 1, 1], 2);
+        let snap = snapshot_at(4, 2);
+        for part in chunks(2, &snap, 8) {
+            c.step(1, part);
+        }
+        assert!(c.take_ready().install.is_some());
+        c.installed(4);
+        let mut truncated = None;
+        while c.has_ready() {
+            for w in c.take_ready().writes {
+                truncated = truncated.or(w.truncate_from.zip(w.compact_through));
+            }
+        }
+        assert_eq!(truncated, Some((5, (4, 2))));
+        assert_eq!((c.last_index(), c.term_at(4)), (4, 2));
     }
 
     #[test]

@@ -119,6 +119,26 @@ pub enum Message {
         seq: u64,
         last_index: u64,
     },
+    /// One chunk (bytes `offset..offset + data.len()` of `total`) of the leader's snapshot of
+    /// the applied state at `index` (whose entry has `last_term`): sent to a follower that needs
+    /// entries the leader compacted away.
+    InstallSnapshot {
+        term: u64,
+        index: u64,
+        last_term: u64,
+        /// The timestamp of entry `index`: later entries are never stamped earlier.
+        timestamp_ms: u64,
+        offset: u64,
+        total: u64,
+        data: Bytes,
+    },
+    /// The follower holds the first `received` bytes of snapshot `index`: the next chunk starts
+    /// there. (Once installed it answers with an `AppendResp` at `index`.)
+    SnapshotResp {
+        term: u64,
+        index: u64,
+        received: u64,
+    },
 }
 
 /// Why bytes could not be decoded into a message.
@@ -152,6 +172,8 @@ const TAG_APPEND: u8 = 5;
 const TAG_APPEND_RESP: u8 = 6;
 const TAG_HEARTBEAT: u8 = 7;
 const TAG_HEARTBEAT_RESP: u8 = 8;
+const TAG_INSTALL_SNAPSHOT: u8 = 9;
+const TAG_SNAPSHOT_RESP: u8 = 10;
 
 impl Message {
     pub fn term(&self) -> u64 {
@@ -163,7 +185,9 @@ impl Message {
             | Message::Append { term, .. }
             | Message::AppendResp { term, .. }
             | Message::Heartbeat { term, .. }
-            | Message::HeartbeatResp { term, .. } => *term,
+            | Message::HeartbeatResp { term, .. }
+            | Message::InstallSnapshot { term, .. }
+            | Message::SnapshotResp { term, .. } => *term,
         }
     }
 
@@ -249,6 +273,35 @@ impl Message {
                 put_u64(out, *seq);
                 put_u64(out, *last_index);
             }
+            Message::InstallSnapshot {
+                term,
+                index,
+                last_term,
+                timestamp_ms,
+                offset,
+                total,
+                data,
+            } => {
+                out.push(TAG_INSTALL_SNAPSHOT);
+                put_u64(out, *term);
+                put_u64(out, *index);
+                put_u64(out, *last_term);
+                put_u64(out, *timestamp_ms);
+                put_u64(out, *offset);
+                put_u64(out, *total);
+                put_u64(out, data.len() as u64);
+                out.extend_from_slice(data);
+            }
+            Message::SnapshotResp {
+                term,
+                index,
+                received,
+            } => {
+                out.push(TAG_SNAPSHOT_RESP);
+                put_u64(out, *term);
+                put_u64(out, *index);
+                put_u64(out, *received);
+            }
         }
     }
 
@@ -314,6 +367,20 @@ impl Message {
                 seq: r.u64()?,
                 last_index: r.u64()?,
             },
+            TAG_INSTALL_SNAPSHOT => Message::InstallSnapshot {
+                term: r.u64()?,
+                index: r.u64()?,
+                last_term: r.u64()?,
+                timestamp_ms: r.u64()?,
+                offset: r.u64()?,
+                total: r.u64()?,
+                data: r.bytes()?,
+            },
+            TAG_SNAPSHOT_RESP => Message::SnapshotResp {
+                term: r.u64()?,
+                index: r.u64()?,
+                received: r.u64()?,
+            },
             other => return Err(DecodeError::UnknownTag(other)),
         };
         r.finish()?;
@@ -375,6 +442,18 @@ impl Reader<'_> {
         Err(DecodeError::VarintOverflow)
     }
 
+    /// A length-prefixed byte string.
+    fn bytes(&mut self) -> Result<Bytes, DecodeError> {
+        let len = self.u64()?;
+        if len > self.remaining() as u64 {
+            return Err(DecodeError::Truncated);
+        }
+        let len = len as usize;
+        let bytes = Bytes::copy_from_slice(&self.buf[self.pos..self.pos + len]);
+        self.pos += len;
+        Ok(bytes)
+    }
+
     fn entry(&mut self) -> Result<LogEntry, DecodeError> {
         let index = self.u64()?;
         let term = self.u64()?;
@@ -384,13 +463,7 @@ impl Reader<'_> {
             1 => EntryKind::Noop,
             k => return Err(DecodeError::UnknownKind(k)),
         };
-        let len = self.u64()?;
-        if len > self.remaining() as u64 {
-            return Err(DecodeError::Truncated);
-        }
-        let len = len as usize;
-        let payload = Bytes::copy_from_slice(&self.buf[self.pos..self.pos + len]);
-        self.pos += len;
+        let payload = self.bytes()?;
         Ok(LogEntry {
             index,
             term,
@@ -476,6 +549,20 @@ mod tests {
                 term: 3,
                 seq: 5,
                 last_index: 11,
+            },
+            Message::InstallSnapshot {
+                term: 4,
+                index: 1_000,
+                last_term: 3,
+                timestamp_ms: 1_700_000_000_000,
+                offset: 64,
+                total: 200,
+                data: Bytes::from(vec![7u8; 64]),
+            },
+            Message::SnapshotResp {
+                term: 4,
+                index: 1_000,
+                received: 128,
             },
         ]
     }

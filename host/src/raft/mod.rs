@@ -13,7 +13,7 @@ mod node;
 use std::time::Duration;
 
 pub use self::core::{
-    CoreConfig, CoreRole, DurableState, HardState, LogRead, LogWrite, RaftCore, Ready,
+    CoreConfig, CoreRole, DurableState, HardState, LogRead, LogWrite, RaftCore, Ready, Snapshot,
 };
 pub use message::{DecodeError, EntryKind, LogEntry, Message};
 pub use metrics::{HistogramSnapshot, MetricsSnapshot};
@@ -73,6 +73,7 @@ impl RaftConfig {
             max_batch_entries: self.max_batch_entries.max(1),
             max_batch_bytes: self.max_batch_bytes.max(1),
             max_inflight: self.max_inflight_appends.max(1),
+            snapshot_chunk_bytes: 1 << 20,
             max_unapplied_bytes: self.max_unapplied_bytes,
             unsafe_ack_before_durable: false,
         }

@@ -200,6 +200,7 @@ impl<SM: StateMachine> Node<SM> {
             term_runs: rec.term_runs,
             tail,
             applied,
+            ..DurableState::default()
         };
         let core = RaftCore::new(
             config.core_config(),

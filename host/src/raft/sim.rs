@@ -7,9 +7,12 @@
 //! restarts that rebuild from the disk, each with its own wall clock (seconds apart, stepping
 //! on restart); state machines that apply what is committed after a delay, now and then a long
 //! one (as the FSM caller's thread lags the commit index); clients writing and reading a small
-//! key-value machine through the same completion bookkeeping as the runtime. It checks: at most
+//! key-value machine through the same completion bookkeeping as the runtime; snapshots of that
+//! machine every few entries, the log compacted behind them, and followers that fell behind
+//! the compaction sent the snapshot in chunks. It checks: at most
 //! one leader per term, committed entries (timestamps included) never change, timestamps never
-//! go back along the committed log, equal state at equal applied index, linearizability of the
+//! go back along the committed log, equal state at equal applied index (a replica restored
+//! from a snapshot included), linearizability of the
 //! history per key, that no acknowledged write is lost, and that once healed every replica
 //! applies the whole committed log.
 
@@ -22,7 +25,7 @@ use rand::{Rng, SeedableRng, rngs::SmallRng};
 
 use super::NodeId;
 use super::core::ProposeRefused as ProposeRefusal;
-use super::core::{CoreConfig, DurableState, HardState, LogRead, LogWrite, RaftCore};
+use super::core::{CoreConfig, DurableState, HardState, LogRead, LogWrite, RaftCore, Snapshot};
 use super::message::{EntryKind, LogEntry, Message};
 
 /// What one simulation run looks like.
@@ -37,6 +40,8 @@ pub struct SimConfig {
     pub keys: u64,
     /// The negative control: followers acknowledge entries before they are durable.
     pub unsafe_ack_before_durable: bool,
+    /// Applied entries between a node's snapshots (0: none, the log is never compacted).
+    pub snapshot_every: u64,
 }
 
 impl SimConfig {
@@ -49,6 +54,12 @@ impl SimConfig {
             clients: 4,
             keys: 6,
             unsafe_ack_before_durable: false,
+            // Most seeds compact their logs; a third keep them whole.
+            snapshot_every: if seed.is_multiple_of(3) {
+                0
+            } else {
+                8 + seed % 40
+            },
         }
     }
 }
@@ -61,6 +72,9 @@ pub struct SimReport {
     pub ops_indeterminate: usize,
     pub commit_index: u64,
     pub leaders: usize,
+    /// Snapshots taken, and snapshots a follower installed from its leader.
+    pub snapshots: usize,
+    pub installs: usize,
 }
 
 const TICK_MS: u64 = 10;
@@ -70,7 +84,36 @@ const WALL_EPOCH_MS: u64 = 1_700_000_000_000;
 #[derive(Default)]
 struct Disk {
     hard: HardState,
+    /// Entries `compacted.0 + 1..`.
     entries: Vec<LogEntry>,
+    compacted: (u64, u64),
+    /// The latest snapshot, durable as soon as it is stored (the runtime's rename + fsync).
+    snapshot: Option<Snapshot>,
+}
+
+impl Disk {
+    fn last_index(&self) -> u64 {
+        self.compacted.0 + self.entries.len() as u64
+    }
+
+    fn get(&self, index: u64) -> Option<&LogEntry> {
+        let k = index.checked_sub(self.compacted.0 + 1)?;
+        self.entries.get(k as usize)
+    }
+
+    /// Drops the entries up to `index`, and the rest of the log unless it holds that entry.
+    fn compact(&mut self, index: u64, term: u64) {
+        if index <= self.compacted.0 {
+            return;
+        }
+        let k = (index - self.compacted.0) as usize;
+        if k <= self.entries.len() && self.entries[k - 1].term == term {
+            self.entries.drain(..k);
+        } else {
+            self.entries.clear();
+        }
+        self.compacted = (index, term);
+    }
 }
 
 #[derive(Clone)]
@@ -82,7 +125,7 @@ impl LogRead for SharedDisk {
         let mut out = Vec::new();
         let mut bytes = 0;
         for i in lo..hi {
-            let e = d.entries.get((i - 1) as usize)?;
+            let e = d.get(i)?;
             if !out.is_empty() && bytes + e.size() > max_bytes {
                 break;
             }
@@ -118,6 +161,9 @@ struct SimNode {
     disk_busy: bool,
     kv: BTreeMap<u64, u64>,
     applied: u64,
+    /// Term and timestamp of the entry at `applied` (what a snapshot there records).
+    applied_term: u64,
+    applied_ts: u64,
     /// The state-machine queue: committed up to here, applied once `ApplyDone` fires (as on
     /// the FSM caller's thread, which lags the commit index, sometimes by much).
     apply_to: u64,
@@ -199,6 +245,8 @@ pub struct Sim {
     history: Vec<HistOp>,
     acked: Vec<(u64, u64, Bytes)>,
     leaders: BTreeMap<u64, NodeId>,
+    snapshots: usize,
+    installs: usize,
     committed: Vec<(u64, u64)>,
     /// The timestamp of the last entry in `committed`.
     committed_ts: u64,
@@ -243,6 +291,8 @@ impl Sim {
             history: Vec::new(),
             acked: Vec::new(),
             leaders: BTreeMap::new(),
+            snapshots: 0,
+            installs: 0,
             committed: Vec::new(),
             committed_ts: 0,
             state_at: BTreeMap::new(),
@@ -261,6 +311,8 @@ impl Sim {
                 disk_busy: false,
                 kv: BTreeMap::new(),
                 applied: 0,
+                applied_term: 0,
+                applied_ts: 0,
                 apply_to: 0,
                 apply_busy: false,
                 reads_waiting: Vec::new(),
@@ -304,6 +356,8 @@ impl Sim {
             max_batch_entries: 8,
             max_batch_bytes: 512,
             max_inflight: 4,
+            // Snapshots span several chunks.
+            snapshot_chunk_bytes: 40,
             // A few entries' worth, so clients meet `Overloaded` and retry.
             max_unapplied_bytes: 64,
             unsafe_ack_before_durable: self.cfg.unsafe_ack_before_durable,
@@ -327,37 +381,57 @@ impl Sim {
         let cfg = self.core_config(self.nodes[i].id);
         let node_seed = self.rng.r#gen::<u64>();
         let clock_skew_ms = self.rng.gen_range(0..5_000);
-        let (hard, entries) = {
-            let d = self.nodes[i].disk.0.lock().map_err(|_| "poisoned disk")?;
-            (d.hard, d.entries.clone())
+        let (hard, entries, compacted, snapshot) = {
+            let mut d = self.nodes[i].disk.0.lock().map_err(|_| "poisoned disk")?;
+            // A crash between storing an installed snapshot and cutting the log: the log
+            // is brought in line with the snapshot first (as `Node::start` does).
+            if let Some((index, term)) = d.snapshot.as_ref().map(|s| (s.index, s.term))
+                && index > d.compacted.0
+            {
+                d.compact(index, term);
+                d.hard.commit = d.hard.commit.max(index);
+            }
+            (d.hard, d.entries.clone(), d.compacted, d.snapshot.clone())
         };
-        let commit = hard.commit.min(entries.len() as u64);
+        let base = compacted.0;
+        let snapshot_index = snapshot.as_ref().map_or(0, |s| s.index);
+        let commit = hard
+            .commit
+            .min(base + entries.len() as u64)
+            .max(snapshot_index);
+        let hard = HardState { commit, ..hard };
         let n = &mut self.nodes[i];
-        n.kv.clear();
         n.clock_skew_ms = clock_skew_ms;
-        n.applied = 0;
-        n.apply_to = commit;
         n.apply_busy = false;
-        n.state_hash = 0;
         n.checked = 0;
+        restore(n, snapshot.as_ref())?;
+        let from = n.applied;
+        self.check_restored(i)?;
+        let n = &mut self.nodes[i];
+        n.apply_to = commit;
         let mut term_runs: Vec<(u64, u64)> = Vec::new();
         for e in &entries {
             if term_runs.last().map(|&(_, t)| t) != Some(e.term) {
                 term_runs.push((e.index, e.term));
             }
         }
-        let tail = entries[commit as usize..].to_vec();
+        let tail = entries[(commit - base) as usize..].to_vec();
         let state = DurableState {
             hard,
             term_runs,
             tail,
             applied: commit,
+            compacted,
+            snapshot,
         };
         let core = RaftCore::new(cfg, node_seed, state, Box::new(n.disk.clone()), self.now);
         n.core = Some(core);
         n.incarnation += 1;
         let inc = n.incarnation;
-        self.apply_committed(i, &entries[..commit as usize])?;
+        self.apply_committed(
+            i,
+            &entries[(from - base) as usize..(commit - base) as usize],
+        )?;
         let first_tick = self.rng.gen_range(1..=TICK_MS);
         self.schedule(first_tick, Ev::Tick { node: i, inc });
         Ok(())
@@ -390,6 +464,8 @@ impl Sim {
             ops_indeterminate: self.history.len() - ops_ok,
             commit_index: self.committed.len() as u64,
             leaders: self.leaders.len(),
+            snapshots: self.snapshots,
+            installs: self.installs,
         })
     }
 
@@ -641,6 +717,9 @@ impl Sim {
             for (to, m) in &ready.messages {
                 self.send(id, *to, m);
             }
+            if let Some(snapshot) = ready.install {
+                self.install(i, snapshot)?;
+            }
             if !ready.writes.is_empty() {
                 self.nodes[i].disk_queue.extend(ready.writes);
                 if !self.nodes[i].disk_busy {
@@ -713,9 +792,87 @@ impl Sim {
             if let Some(core) = self.nodes[i].core.as_mut() {
                 core.set_applied(to);
             }
+            self.maybe_snapshot(i);
         }
         self.serve_reads(i);
         self.drain(i)
+    }
+
+    /// A machine restored from a snapshot holds the state every replica had at its index.
+    fn check_restored(&self, i: usize) -> Result<(), String> {
+        let n = &self.nodes[i];
+        match self.state_at.get(&n.applied) {
+            Some(&h) if h != n.state_hash => Err(format!(
+                "node {}: the snapshot at {} restores another state",
+                n.id, n.applied
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every `snapshot_every` applied entries a node snapshots its machine and compacts its
+    /// log behind it, keeping a few entries for followers just behind.
+    fn maybe_snapshot(&mut self, i: usize) {
+        let every = self.cfg.snapshot_every;
+        let n = &self.nodes[i];
+        let Some(core) = n.core.as_ref() else {
+            return;
+        };
+        if every == 0 || n.applied < core.snapshot_index() + every {
+            return;
+        }
+        let snapshot = Snapshot {
+            index: n.applied,
+            term: n.applied_term,
+            timestamp_ms: n.applied_ts,
+            data: encode_state(n),
+        };
+        let keep = self.rng.gen_range(0..4);
+        self.trace(b"snapshot");
+        self.snapshots += 1;
+        let n = &mut self.nodes[i];
+        if let Ok(mut d) = n.disk.0.lock() {
+            d.snapshot = Some(snapshot.clone());
+        }
+        if let Some(core) = n.core.as_mut() {
+            core.compact(snapshot, keep);
+        }
+    }
+
+    /// The leader's snapshot arrived whole: stored, the machine restored from it (as on the
+    /// FSM caller's thread), then the core told.
+    fn install(&mut self, i: usize, snapshot: Snapshot) -> Result<(), String> {
+        self.trace(b"install");
+        self.installs += 1;
+        let n = &mut self.nodes[i];
+        if snapshot.index <= n.applied {
+            return Err(format!(
+                "node {}: sent a snapshot at {} with {} applied",
+                n.id, snapshot.index, n.applied
+            ));
+        }
+        if let Ok(mut d) = n.disk.0.lock() {
+            d.snapshot = Some(snapshot.clone());
+        }
+        restore(n, Some(&snapshot))?;
+        n.apply_to = n.apply_to.max(snapshot.index);
+        self.check_restored(i)?;
+        // Callers of entries the snapshot covers cannot be told their outputs.
+        let n = &mut self.nodes[i];
+        let covered: Vec<usize> = n
+            .pending
+            .range(..=snapshot.index)
+            .map(|(_, &(_, op))| op)
+            .collect();
+        n.pending.retain(|&idx, _| idx > snapshot.index);
+        for op in covered {
+            self.finish_op(op, None, false);
+        }
+        if let Some(core) = self.nodes[i].core.as_mut() {
+            core.installed(snapshot.index);
+        }
+        self.serve_reads(i);
+        Ok(())
     }
 
     /// Answers the reads whose index is applied, in the order they became ready.
@@ -740,15 +897,22 @@ impl Sim {
         };
         {
             let mut d = self.nodes[i].disk.0.lock().map_err(|_| "poisoned disk")?;
+            if let Some((index, term)) = w.compact_through {
+                if d.snapshot.as_ref().is_none_or(|s| s.index < index) {
+                    return Err(format!("log compacted to {index} past the snapshot"));
+                }
+                d.compact(index, term);
+            }
             if let Some(from) = w.truncate_from {
-                d.entries.truncate((from - 1) as usize);
+                let keep = from.saturating_sub(d.compacted.0 + 1);
+                d.entries.truncate(keep as usize);
             }
             for e in &w.entries {
-                if e.index != d.entries.len() as u64 + 1 {
+                if e.index != d.last_index() + 1 {
                     return Err(format!(
                         "non-contiguous write at {} (disk has {})",
                         e.index,
-                        d.entries.len()
+                        d.last_index()
                     ));
                 }
                 d.entries.push(e.clone());
@@ -757,7 +921,8 @@ impl Sim {
                 d.hard.term = hs.term;
                 d.hard.vote = hs.vote;
             }
-            d.hard.commit = d.hard.commit.max(w.commit.min(d.entries.len() as u64));
+            let last = d.last_index();
+            d.hard.commit = d.hard.commit.max(w.commit.min(last));
         }
         let id = self.nodes[i].id;
         for (to, m) in &w.after {
@@ -815,6 +980,8 @@ impl Sim {
                 out = Some(());
             }
             n.applied = e.index;
+            n.applied_term = e.term;
+            n.applied_ts = e.timestamp_ms;
             n.state_hash = fnv(n.state_hash, &h.to_le_bytes());
             let sh = n.state_hash;
             match self.state_at.get(&e.index) {
@@ -1067,7 +1234,9 @@ impl Sim {
             .core
             .as_ref()
             .ok_or("leader down")?;
-        for (i, &(t, h)) in self.committed.iter().enumerate() {
+        // (Entries it compacted away are checked through its snapshot's state.)
+        let kept = core.compacted_index() as usize;
+        for (i, &(t, h)) in self.committed.iter().enumerate().skip(kept) {
             let idx = i as u64 + 1;
             let e = core
                 .entries(idx, idx)
@@ -1079,6 +1248,44 @@ impl Sim {
         }
         Ok(())
     }
+}
+
+/// The key-value machine's snapshot: applied index, state hash, then the pairs.
+fn encode_state(n: &SimNode) -> Bytes {
+    let mut b = Vec::new();
+    for v in [n.applied, n.state_hash] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    for (k, v) in &n.kv {
+        b.extend_from_slice(&k.to_le_bytes());
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    Bytes::from(b)
+}
+
+/// Restores node `n`'s machine from `snapshot` (a fresh machine without one).
+fn restore(n: &mut SimNode, snapshot: Option<&Snapshot>) -> Result<(), String> {
+    n.kv.clear();
+    (n.applied, n.applied_term, n.applied_ts, n.state_hash) = (0, 0, 0, 0);
+    let Some(snap) = snapshot else {
+        return Ok(());
+    };
+    let words: Vec<u64> = snap
+        .data
+        .chunks(8)
+        .map(|c| c.try_into().map(u64::from_le_bytes))
+        .collect::<Result<_, _>>()
+        .map_err(|_| "snapshot of a ragged length")?;
+    let [applied, hash, pairs @ ..] = words.as_slice() else {
+        return Err("snapshot too short".into());
+    };
+    if *applied != snap.index || pairs.len() % 2 != 0 {
+        return Err(format!("snapshot at {} says {applied}", snap.index));
+    }
+    n.kv = pairs.chunks(2).map(|p| (p[0], p[1])).collect();
+    (n.applied, n.applied_term, n.applied_ts, n.state_hash) =
+        (snap.index, snap.term, snap.timestamp_ms, *hash);
+    Ok(())
 }
 
 fn encode_put(key: u64, value: u64) -> Bytes {
