@@ -38,6 +38,9 @@ pub struct NodeConfig {
     pub max_connections: usize,
     /// See `RaftConfig::max_unapplied_bytes`.
     pub max_unapplied_bytes: usize,
+    /// See `RaftConfig::snapshot_every` and `snapshot_keep`.
+    pub snapshot_every: u64,
+    pub snapshot_keep: u64,
     /// A file holding the secret every member's peer hello must prove (`--peer-secret-file`).
     pub peer_secret_file: Option<PathBuf>,
 }
@@ -178,6 +181,8 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     let members: Vec<NodeId> = cfg.peers.keys().copied().collect();
     let raft_config = RaftConfig {
         max_unapplied_bytes: cfg.max_unapplied_bytes,
+        snapshot_every: cfg.snapshot_every,
+        snapshot_keep: cfg.snapshot_keep,
         ..RaftConfig::new(cfg.id, members)
     };
     let node = Node::start(

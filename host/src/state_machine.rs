@@ -24,4 +24,19 @@ pub trait StateMachine: Send + 'static {
     /// Applies committed entries in log order and returns exactly one output per entry. The
     /// entries are the machine's to keep (a machine that logs them for replay moves them).
     fn apply(&mut self, batch: Vec<Entry>) -> Vec<Self::Output>;
+
+    /// The whole applied state as bytes, for [`StateMachine::restore`] on this replica after a
+    /// restart or on another that fell behind the compacted log. Called only when the pipeline
+    /// is configured to take snapshots (`RaftConfig::snapshot_every`). An error skips this
+    /// snapshot (the log is compacted later).
+    fn snapshot(&mut self) -> anyhow::Result<Vec<u8>> {
+        anyhow::bail!("this state machine takes no snapshots")
+    }
+
+    /// Replaces the whole state with a snapshot's. An error stops the node: it cannot go on
+    /// from a state it does not have.
+    fn restore(&mut self, snapshot: &[u8]) -> anyhow::Result<()> {
+        let _ = snapshot;
+        anyhow::bail!("this state machine cannot restore snapshots")
+    }
 }

@@ -207,6 +207,16 @@ impl TestCluster {
         std::fs::remove_dir_all(dir).unwrap_or_else(|e| panic!("wiping {}: {e}", dir.display()));
     }
 
+    /// Node `i`'s data directory.
+    pub fn data_dir(&self, i: usize) -> &std::path::Path {
+        &self.nodes[i].data_dir
+    }
+
+    /// What node `i` has logged so far (every incarnation's, appended).
+    pub fn node_log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.nodes[i].data_dir.with_extension("log")).unwrap_or_default()
+    }
+
     pub fn client(&self, i: usize) -> Client {
         Client::new(self.nodes[i].http.to_string())
     }

@@ -686,6 +686,79 @@ fn a_follower_whose_data_directory_was_wiped_catches_up() {
     assert_eq!(keys.json()["items"].as_array().map(Vec::len), Some(20));
 }
 
+/// Snapshot files in node `i`'s data directory.
+fn snapshots(c: &TestCluster, i: usize) -> usize {
+    std::fs::read_dir(c.data_dir(i).join("snapshots"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_follower_behind_the_compacted_log_is_sent_a_snapshot_and_restarts_start_from_one() {
+    let _serial = serial();
+    let mut c =
+        TestCluster::start_with_args(3, &["--snapshot-every", "40", "--snapshot-keep", "5"]);
+    c.deploy_guest("kv", guests::KV);
+    c.deploy_guest("counter", guests::COUNTER);
+    let leader = c.wait_for_leader(Duration::from_secs(10));
+    let follower = (0..3).find(|&i| i != leader).expect("a follower");
+    c.kill(follower);
+    let mut client = c.client(leader);
+    for i in 0..150 {
+        let put = format!(r#"{{"put": {{"key": "k{i}", "value": "v{i}"}}}}"#);
+        let r = client
+            .post("/v1/machines/kv/tasks", put.as_bytes())
+            .expect("reply");
+        assert_eq!(r.status, 200, "{}", r.text());
+        if i % 10 == 0 {
+            let r = client
+                .post("/v1/machines/counter/tasks", br#"{"add": 1}"#)
+                .expect("reply");
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+    }
+    assert_eq!(
+        snapshots(&c, leader),
+        1,
+        "one snapshot kept, the older ones deleted"
+    );
+    // The deploys are compacted away: the follower can only catch up from the snapshot,
+    // which carries the modules with the states.
+    c.restart(follower);
+    let digest = c.wait_converged("kv", Duration::from_secs(30));
+    c.wait_converged("counter", Duration::from_secs(10));
+    assert!(
+        c.node_log(follower)
+            .contains("installed the leader's snapshot"),
+        "{}",
+        c.node_log(follower)
+    );
+    assert_eq!(snapshots(&c, follower), 1);
+    let keys = c
+        .client(follower)
+        .post(
+            "/v1/machines/kv/query?consistency=local",
+            br#"{"scan": {"prefix": "k"}}"#,
+        )
+        .expect("reply");
+    assert_eq!(keys.json()["items"].as_array().map(Vec::len), Some(150));
+
+    // kill -9 everyone: each node restarts from its snapshot and the log after it.
+    for i in 0..3 {
+        c.kill(i);
+    }
+    for i in 0..3 {
+        c.restart(i);
+    }
+    assert_eq!(c.wait_converged("kv", Duration::from_secs(30)), digest);
+    let leader = c.wait_for_leader(Duration::from_secs(10));
+    let r = c
+        .client(leader)
+        .post("/v1/machines/counter/query", b"")
+        .expect("reply");
+    assert_eq!(r.json()["value"], 15, "{}", r.text());
+}
+
 #[test]
 fn the_cli_gets_the_answer_a_node_gives_before_reading_the_body() {
     let _serial = serial();

@@ -51,6 +51,8 @@ impl DevArgs {
             memory_mib: None,
             max_connections: crate::api::DEFAULT_MAX_CONNECTIONS,
             max_unapplied_mib: super::DEFAULT_MAX_UNAPPLIED_MIB,
+            snapshot_every: super::DEFAULT_SNAPSHOT_EVERY,
+            snapshot_keep: super::DEFAULT_SNAPSHOT_KEEP,
             scheduling: Default::default(),
         }
     }

@@ -117,12 +117,24 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = DEFAULT_MAX_UNAPPLIED_MIB,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_UNAPPLIED_MIB)))]
     pub max_unapplied_mib: u32,
+    /// Applied entries between snapshots of the machines' state; behind each, the log is
+    /// compacted. A restart replays the log from the latest snapshot; a follower behind the
+    /// compacted log is sent the snapshot. 0: no snapshots, the log is kept whole.
+    #[arg(long, default_value_t = DEFAULT_SNAPSHOT_EVERY)]
+    pub snapshot_every: u64,
+    /// Entries kept in the log before each snapshot, so that a follower a little behind
+    /// catches up from the log instead of being sent the whole snapshot.
+    #[arg(long, default_value_t = DEFAULT_SNAPSHOT_KEEP)]
+    pub snapshot_keep: u64,
     /// How the OS schedules the node's threads (Linux; see `cli/scheduling.rs`).
     #[arg(long, value_enum, default_value_t)]
     pub scheduling: scheduling::Scheduling,
 }
 
 const DEFAULT_MAX_UNAPPLIED_MIB: u32 = 256;
+/// etcd's default `--snapshot-count`.
+const DEFAULT_SNAPSHOT_EVERY: u64 = 100_000;
+const DEFAULT_SNAPSHOT_KEEP: u64 = 10_000;
 /// Far above any machine's memory, and small enough that the byte count fits a 32-bit usize.
 const MAX_UNAPPLIED_MIB: u32 = 4095;
 
@@ -185,6 +197,8 @@ impl ServeArgs {
             limits,
             max_connections: self.max_connections as usize,
             max_unapplied_bytes: self.max_unapplied_mib as usize * 1024 * 1024,
+            snapshot_every: self.snapshot_every,
+            snapshot_keep: self.snapshot_keep,
             peer_secret_file: self.peer_secret_file.clone(),
         }
     }

@@ -5,6 +5,7 @@
 //! consecutive tasks for the same machine go to its `on-apply` as one batch.
 
 pub mod command;
+mod snapshot;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -294,5 +295,63 @@ impl StateMachine for MachineSet {
             self.applied_index = last;
         }
         out
+    }
+
+    /// Every machine's module and state (`snapshot.rs`). A machine whose state cannot be
+    /// read (broken on this node, or a snapshot export that fails) fails the whole snapshot:
+    /// this node keeps its log instead.
+    fn snapshot(&mut self) -> anyhow::Result<Vec<u8>> {
+        let mut out = snapshot::Writer::new(self.applied_index, self.machines.len());
+        for (name, d) in &mut self.machines {
+            let state = d
+                .machine
+                .read_snapshot()
+                .map_err(|e| anyhow::anyhow!("machine {name:?}: {e}"))?;
+            let module = self.registry.bytes(&d.digest)?;
+            out.machine(&snapshot::Saved {
+                name,
+                version: d.version,
+                module: &module,
+                state: &state,
+            });
+        }
+        Ok(out.finish())
+    }
+
+    /// Replaces every machine with a snapshot's. Nothing changes unless every module stores
+    /// and loads; a state its module refuses leaves that machine broken here.
+    fn restore(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        let (applied_index, saved) =
+            snapshot::decode(bytes).map_err(|e| anyhow::anyhow!("bad snapshot: {e}"))?;
+        let mut machines = BTreeMap::new();
+        for m in saved {
+            let digest = self.registry.add(m.module)?.digest;
+            let machine = Machine::from_snapshot(&self.registry, &digest, m.state)
+                .map_err(|e| anyhow::anyhow!("machine {:?}: {e}", m.name))?;
+            machines.insert(
+                m.name.to_owned(),
+                Deployed {
+                    machine,
+                    digest,
+                    version: m.version,
+                },
+            );
+        }
+        if let Ok(mut c) = self.catalog.write() {
+            *c = machines
+                .iter()
+                .map(|(name, d)| {
+                    let info = MachineInfo {
+                        name: name.clone(),
+                        digest: d.digest.clone(),
+                        version: d.version,
+                    };
+                    (name.clone(), info)
+                })
+                .collect();
+        }
+        self.machines = machines;
+        self.applied_index = applied_index;
+        Ok(())
     }
 }

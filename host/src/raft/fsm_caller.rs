@@ -4,15 +4,24 @@
 //! entries are skipped; user machines see only user payloads) and each waiting caller gets its
 //! own entry's output. Reads queued behind an apply run after it, so a read shipped once its
 //! read index was committed sees at least that index applied.
+//!
+//! Snapshots are taken here too, between applies, every `snapshot_every` entries: the machine's
+//! state is made durable beside the log, and the core told, to send it to followers behind and
+//! compact the log behind it. A snapshot received from the leader is installed here, in order
+//! with the applies: made durable, restored into the machine, then the core told.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::core::Snapshot;
 use super::message::LogEntry;
 use super::metrics::Metrics;
-use super::{Applied, Completion, ProposeError, ReadError, ReadJob};
+use super::{Applied, Completion, Event, ProposeError, ReadError, ReadJob};
 use crate::state_machine::{Entry, StateMachine};
+use crate::storage::SnapshotStore;
 
 pub(crate) enum FsmTask<SM: StateMachine> {
     /// Committed entries in order, and the completions of those this node proposed (by index).
@@ -22,6 +31,8 @@ pub(crate) enum FsmTask<SM: StateMachine> {
     },
     /// Runs once everything up to the index is applied (0: at once, on local state).
     Read(u64, ReadJob<SM>),
+    /// The leader's snapshot, to replace the state with.
+    Install(Snapshot),
     Stop,
 }
 
@@ -30,6 +41,14 @@ pub(crate) struct FsmCaller<SM: StateMachine> {
     pub rx: Receiver<FsmTask<SM>>,
     pub applied: Arc<std::sync::atomic::AtomicU64>,
     pub metrics: Arc<Metrics>,
+    pub events: UnboundedSender<Event<SM>>,
+    pub snapshots: SnapshotStore,
+    /// Entries applied between snapshots (0: none).
+    pub snapshot_every: u64,
+    /// The latest snapshot's index.
+    pub snapshot_index: u64,
+    /// Term and timestamp of the last entry applied (what a snapshot there records).
+    pub last_entry: (u64, u64),
 }
 
 impl<SM: StateMachine> FsmCaller<SM> {
@@ -55,11 +74,24 @@ impl<SM: StateMachine> FsmCaller<SM> {
             for task in tasks.drain(..) {
                 match task {
                     FsmTask::Apply { entries, done: d } => {
-                        if let Some(e) = entries.last() {
+                        // Entries an installed snapshot covers were shipped before it.
+                        let applied = self.applied.load(Ordering::Relaxed).max(last);
+                        if let Some(e) = entries.last().filter(|e| e.index > applied) {
                             last = e.index;
+                            self.last_entry = (e.term, e.timestamp_ms);
                         }
-                        batch.extend(entries.into_iter().filter_map(LogEntry::into_user_entry));
+                        batch.extend(
+                            entries
+                                .into_iter()
+                                .filter(|e| e.index > applied)
+                                .filter_map(LogEntry::into_user_entry),
+                        );
                         done.extend(d);
+                    }
+                    FsmTask::Install(snapshot) => {
+                        self.flush(&mut batch, &mut done, last);
+                        self.install(snapshot);
+                        last = 0;
                     }
                     FsmTask::Read(index, job) => {
                         self.flush(&mut batch, &mut done, last);
@@ -73,6 +105,7 @@ impl<SM: StateMachine> FsmCaller<SM> {
                 }
             }
             self.flush(&mut batch, &mut done, last);
+            self.maybe_snapshot();
             if !waiting.is_empty() {
                 let applied = self.applied.load(Ordering::Relaxed);
                 let ready = waiting.iter().take_while(|(i, _)| *i <= applied).count();
@@ -87,6 +120,65 @@ impl<SM: StateMachine> FsmCaller<SM> {
                 return;
             }
         }
+    }
+
+    /// Every `snapshot_every` entries: the state made durable beside the log, then handed to the
+    /// core. A failure skips this one (the log stays longer) and is retried as many entries on.
+    fn maybe_snapshot(&mut self) {
+        let applied = self.applied.load(Ordering::Relaxed);
+        if self.snapshot_every == 0 || applied < self.snapshot_index + self.snapshot_every {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let taken = self.sm.snapshot().and_then(|data| {
+            let snapshot = Snapshot {
+                index: applied,
+                term: self.last_entry.0,
+                timestamp_ms: self.last_entry.1,
+                data: data.into(),
+            };
+            self.snapshots.save(&snapshot)?;
+            Ok(snapshot)
+        });
+        self.snapshot_index = applied;
+        match taken {
+            Ok(snapshot) => {
+                tracing::info!(
+                    index = applied,
+                    bytes = snapshot.data.len(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "snapshot taken"
+                );
+                let _ = self.events.send(Event::Snapshotted(snapshot));
+            }
+            Err(error) => tracing::warn!(%error, index = applied, "snapshot skipped"),
+        }
+    }
+
+    /// Replaces the state with the leader's snapshot. A node that cannot store or restore it
+    /// cannot go on: the panic stops it (the thread's guard), as a failed log commit does.
+    fn install(&mut self, snapshot: Snapshot) {
+        let index = snapshot.index;
+        if index <= self.applied.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Err(error) = self
+            .snapshots
+            .save(&snapshot)
+            .and_then(|()| self.sm.restore(&snapshot.data))
+        {
+            tracing::error!(%error, index, "installing the leader's snapshot failed; stopping");
+            panic!("installing the leader's snapshot at {index} failed: {error:#}");
+        }
+        tracing::info!(
+            index,
+            bytes = snapshot.data.len(),
+            "installed the leader's snapshot"
+        );
+        self.snapshot_index = index;
+        self.last_entry = (snapshot.term, snapshot.timestamp_ms);
+        self.applied.store(index, Ordering::Release);
+        let _ = self.events.send(Event::Installed(index));
     }
 
     fn flush(

@@ -43,6 +43,11 @@ pub struct RaftConfig {
     /// Bounds of one group commit in the disk queue.
     pub max_write_entries: usize,
     pub max_write_bytes: usize,
+    /// Entries applied between snapshots of the state machine (0: none, the log is kept
+    /// whole). Behind each snapshot the log is compacted, keeping `snapshot_keep` entries so
+    /// that a follower a little behind catches up from the log rather than a snapshot.
+    pub snapshot_every: u64,
+    pub snapshot_keep: u64,
 }
 
 impl RaftConfig {
@@ -58,6 +63,8 @@ impl RaftConfig {
             max_unapplied_bytes: 256 * 1024 * 1024,
             max_write_entries: 4096,
             max_write_bytes: 1024 * 1024,
+            snapshot_every: 0,
+            snapshot_keep: 10_000,
         }
     }
 

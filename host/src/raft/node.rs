@@ -24,7 +24,7 @@ use super::fsm_caller::{FsmCaller, FsmTask};
 use super::log_manager::{DiskQueue, DiskTask};
 use super::message::{LogEntry, Message};
 use super::metrics::{Metrics, MetricsSnapshot};
-use super::{NodeId, RaftConfig};
+use super::{HardState, NodeId, RaftConfig};
 use crate::state_machine::{Entry, StateMachine};
 use crate::storage::LogStore;
 
@@ -127,6 +127,10 @@ pub(crate) enum Event<SM: StateMachine> {
         index: u64,
         term: u64,
     },
+    /// The FSM caller made a snapshot durable: followers behind are sent it, the log compacts.
+    Snapshotted(super::core::Snapshot),
+    /// The FSM caller installed the leader's snapshot at this index.
+    Installed(u64),
     /// A pipeline thread failed (a log commit, or a panic): the node stops.
     Failed,
     Shutdown(oneshot::Sender<()>),
@@ -183,24 +187,50 @@ impl<SM: StateMachine> Node<SM> {
             "a member id appears twice in {:?}",
             config.members
         );
-        let rec = log.recover().context("recovering the log")?;
-        // Re-apply the committed prefix: the machine is rebuilt from the log (no snapshots yet).
-        // On a thread of its own, as on the FSM caller's: machines run outside any async
-        // runtime (a guest's WASI output blocks on a runtime of its own, which cannot start
-        // inside the caller's).
-        let commit = rec.hard_state.commit;
+        let mut rec = log.recover().context("recovering the log")?;
+        let snapshot = log
+            .snapshots()
+            .load_latest()
+            .context("reading the latest snapshot")?;
+        if let Some(s) = &snapshot {
+            rec = log.align_to_snapshot(rec, s.index, s.term)?;
+        }
+        let from = snapshot.as_ref().map_or(0, |s| s.index);
+        // The machine is rebuilt from the latest snapshot and the committed log after it. On a
+        // thread of its own, as on the FSM caller's: machines run outside any async runtime (a
+        // guest's WASI output blocks on a runtime of its own, which cannot start inside the
+        // caller's).
+        let commit = rec.hard_state.commit.max(from);
         let applied = std::thread::scope(|s| {
-            s.spawn(|| replay(&log, &mut sm, commit))
-                .join()
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("replaying the log panicked")))
+            s.spawn(|| {
+                if let Some(snap) = &snapshot {
+                    sm.restore(&snap.data).with_context(|| {
+                        format!("restoring the machine from the snapshot at {}", snap.index)
+                    })?;
+                }
+                replay(&log, &mut sm, from, commit)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("replaying the log panicked")))
         })?;
         let tail = log.read(applied + 1, rec.last_index + 1, usize::MAX)?;
+        // Term and timestamp of the last applied entry, for the next snapshot.
+        let last_entry = match log.read(applied, applied + 1, 1)?.pop() {
+            Some(e) if e.index == applied => (e.term, e.timestamp_ms),
+            _ => snapshot
+                .as_ref()
+                .map_or((0, 0), |s| (s.term, s.timestamp_ms)),
+        };
         let state = DurableState {
-            hard: rec.hard_state,
+            hard: HardState {
+                commit,
+                ..rec.hard_state
+            },
             term_runs: rec.term_runs,
             tail,
             applied,
-            ..DurableState::default()
+            compacted: rec.compacted,
+            snapshot,
         };
         let core = RaftCore::new(
             config.core_config(),
@@ -239,6 +269,7 @@ impl<SM: StateMachine> Node<SM> {
         let (disk_tx, disk_rx) = std::sync::mpsc::channel();
         let (fsm_tx, fsm_rx) = std::sync::mpsc::channel();
 
+        let snapshots = log.snapshots().clone();
         let disk = DiskQueue::<SM> {
             store: log,
             rx: disk_rx,
@@ -257,6 +288,11 @@ impl<SM: StateMachine> Node<SM> {
             rx: fsm_rx,
             applied: applied_at,
             metrics,
+            events: events_tx.clone(),
+            snapshots: snapshots.clone(),
+            snapshot_every: config.snapshot_every,
+            snapshot_index: from,
+            last_entry,
         };
         let fsm_thread =
             spawn_pipeline_thread(format!("fsm-caller-{}", config.id), &events_tx, || {
@@ -279,6 +315,7 @@ impl<SM: StateMachine> Node<SM> {
             next_read: 1,
             max_batch_entries: config.max_batch_entries.max(1),
             max_batch_bytes: config.max_batch_bytes.max(1),
+            snapshot_keep: config.snapshot_keep,
             refusing: false,
             threads: vec![disk_thread, fsm_thread],
         };
@@ -453,6 +490,8 @@ struct CoreLoop<SM: StateMachine> {
     next_read: u64,
     max_batch_entries: usize,
     max_batch_bytes: usize,
+    /// Entries kept in the log before a snapshot when compacting.
+    snapshot_keep: u64,
     /// The core refused a batch as overloaded in this pass: later batches of the pass are
     /// refused too, so a small one never overtakes a larger one it queued behind.
     refusing: bool,
@@ -520,6 +559,8 @@ impl<SM: StateMachine> CoreLoop<SM> {
                     Event::Read(job) => reads.push(job),
                     Event::Peer { from, msg } => self.core.step(from, msg),
                     Event::Persisted { id, index, term } => self.core.persisted(id, index, term),
+                    Event::Snapshotted(snapshot) => self.core.compact(snapshot, self.snapshot_keep),
+                    Event::Installed(index) => self.installed(index),
                     Event::Failed => failed = true,
                     Event::Shutdown(tx) => shutdown = Some(tx),
                 }
@@ -652,6 +693,11 @@ impl<SM: StateMachine> CoreLoop<SM> {
                     tracing::error!("disk queue gone");
                 }
             }
+            if let Some(snapshot) = ready.install
+                && self.fsm.send(FsmTask::Install(snapshot)).is_err()
+            {
+                tracing::error!("state-machine queue gone");
+            }
             if let Some(commit) = ready.commit {
                 self.ship(commit);
             }
@@ -709,6 +755,18 @@ impl<SM: StateMachine> CoreLoop<SM> {
                 let _ = tx.send(Err(ProposeError::OutcomeUnknown));
             }
         }
+    }
+
+    /// The leader's snapshot at `index` replaced the machine's state: entries up to it will
+    /// not be applied here, so their callers cannot be told an output.
+    fn installed(&mut self, index: u64) {
+        while self.pending.front().is_some_and(|(i, _, _)| *i <= index) {
+            if let Some((_, _, tx)) = self.pending.pop_front() {
+                let _ = tx.send(Err(ProposeError::OutcomeUnknown));
+            }
+        }
+        self.shipped = self.shipped.max(index);
+        self.core.installed(index);
     }
 
     /// Leadership lost: proposals of a term this node no longer leads may or may not commit.
@@ -774,7 +832,11 @@ impl<SM: StateMachine> CoreLoop<SM> {
                 }
                 Event::Read(job) => job(Err(ReadError::ShuttingDown)),
                 Event::Shutdown(tx) => waiters.push(tx),
-                Event::Peer { .. } | Event::Persisted { .. } | Event::Failed => {}
+                Event::Peer { .. }
+                | Event::Persisted { .. }
+                | Event::Snapshotted(_)
+                | Event::Installed(_)
+                | Event::Failed => {}
             }
         }
         let _ = self.disk.send(DiskTask::Stop);
@@ -835,9 +897,15 @@ fn wall_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Applies the committed entries `1..=commit` to `sm` in bounded chunks; returns the last index.
-fn replay<SM: StateMachine>(log: &LogStore, sm: &mut SM, commit: u64) -> anyhow::Result<u64> {
-    let mut applied = 0;
+/// Applies the committed entries `from+1..=commit` to `sm` in bounded chunks; returns the last
+/// index.
+fn replay<SM: StateMachine>(
+    log: &LogStore,
+    sm: &mut SM,
+    from: u64,
+    commit: u64,
+) -> anyhow::Result<u64> {
+    let mut applied = from;
     while applied < commit {
         let chunk = log.read(applied + 1, commit + 1, 4 << 20)?;
         let Some(last) = chunk.last() else {

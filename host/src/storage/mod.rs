@@ -1,5 +1,6 @@
-//! The Raft log in redb: one database per node holding the entries and the metadata (`meta`: term, vote, commit lower bound, compaction point), updated in
-//! the same durable transaction.
+//! The Raft log in redb: one database per node holding the entries and the metadata (`meta`:
+//! term, vote, commit lower bound, compaction point), updated in the same durable transaction;
+//! beside it, the snapshots the log is compacted behind (`snapshot.rs`).
 //!
 //! Entries are stored in rows of consecutive entries (`log`: index of the first entry → the
 //! entries encoded back to back), one row per append: a group commit inserts a few B-tree rows
@@ -23,8 +24,10 @@ use redb::{
 };
 
 mod file;
+mod snapshot;
 
 use file::LogFile;
+pub use snapshot::{DamagedSnapshot, SnapshotStore};
 
 use crate::raft::{HardState, LogEntry, LogRead, LogWrite};
 
@@ -40,8 +43,10 @@ const IDENTITY_MEMBERS: &str = "members";
 const META_TERM: &str = "term";
 const META_VOTE: &str = "vote";
 const META_COMMIT: &str = "commit";
-/// Entries below this index were compacted into a snapshot (always 0 until snapshots exist).
+/// Entries below this index were compacted away behind a snapshot; the last of them had
+/// `META_COMPACTED_TERM`.
 const META_FIRST_INDEX: &str = "first_index";
+const META_COMPACTED_TERM: &str = "compacted_term";
 /// Set (1) in logs whose rows end with a CRC-32 of their entries: every log begun by this
 /// release. A log begun before keeps its rows as they are, unchecked.
 const META_ROW_CHECKSUMS: &str = "row_checksums";
@@ -60,9 +65,11 @@ pub struct DamagedRow(pub u64);
 #[derive(Debug, Clone, Default)]
 pub struct Recovered {
     pub hard_state: HardState,
-    /// Terms of the whole log as runs `(first index, term)`.
+    /// Terms of the log past `compacted` as runs `(first index, term)`.
     pub term_runs: Vec<(u64, u64)>,
     pub last_index: u64,
+    /// The last entry compacted away and its term (`(0, 0)`: none).
+    pub compacted: (u64, u64),
 }
 
 /// redb's own page cache (read cache and write buffer) for the log: small, enough for the pages
@@ -80,6 +87,7 @@ pub struct LogStore {
     db: Arc<Database>,
     /// Whether rows carry a checksum (`META_ROW_CHECKSUMS`).
     checksummed: bool,
+    snapshots: SnapshotStore,
 }
 
 impl LogStore {
@@ -110,10 +118,17 @@ impl LogStore {
             }
         };
         txn.commit()?;
+        let snapshots = path.with_file_name("snapshots");
         Ok(LogStore {
             db: Arc::new(db),
             checksummed,
+            snapshots: SnapshotStore::new(snapshots),
         })
+    }
+
+    /// The snapshots beside this log (the `snapshots` directory next to its file).
+    pub fn snapshots(&self) -> &SnapshotStore {
+        &self.snapshots
     }
 
     /// Stores `row` (entries encoded back to back) as the row at `index`, ended with the
@@ -237,6 +252,8 @@ impl LogStore {
         };
         let log = txn.open_table(LOG)?;
         let mut expected = get(META_FIRST_INDEX)?.max(1);
+        r.compacted = (expected - 1, get(META_COMPACTED_TERM)?);
+        r.last_index = expected - 1;
         for item in log.iter()? {
             let (k, v) = item?;
             anyhow::ensure!(
@@ -262,6 +279,39 @@ impl LogStore {
         }
         r.hard_state.commit = r.hard_state.commit.min(r.last_index);
         Ok(r)
+    }
+
+    /// Brings the log in line with the latest snapshot `(index, term)` after a crash between
+    /// storing a snapshot installed from the leader and cutting the log: the log is emptied
+    /// behind the snapshot unless it holds the snapshot's last entry (what follows it is kept,
+    /// as Raft requires: those entries may be committed with this node's acknowledgement).
+    pub fn align_to_snapshot(
+        &self,
+        rec: Recovered,
+        index: u64,
+        term: u64,
+    ) -> anyhow::Result<Recovered> {
+        let pos = rec.term_runs.partition_point(|&(start, _)| start <= index);
+        let term_at = match pos.checked_sub(1) {
+            _ if index == rec.compacted.0 => Some(rec.compacted.1),
+            Some(p) if index > rec.compacted.0 => Some(rec.term_runs[p].1),
+            _ => None,
+        };
+        if index <= rec.last_index && term_at == Some(term) {
+            return Ok(rec);
+        }
+        tracing::warn!(
+            index,
+            "the log does not hold the snapshot's last entry: emptying it behind the snapshot"
+        );
+        let reset = LogWrite {
+            compact_through: Some((index, term)),
+            truncate_from: Some(index + 1),
+            commit: index,
+            ..LogWrite::default()
+        };
+        self.write(&[reset], &mut Vec::new())?;
+        self.recover()
     }
 
     /// Entries `lo..hi`, stopping after `max_bytes` (at least one entry).
@@ -310,6 +360,15 @@ impl LogStore {
             scratch.clear();
             let mut row_start = None;
             for w in writes {
+                if let Some((through, term)) = w.compact_through {
+                    if let Some(start) = row_start.take() {
+                        self.put_row(&mut log, start, scratch)?;
+                        scratch.clear();
+                    }
+                    self.compact(&mut log, through)?;
+                    meta.insert(META_FIRST_INDEX, through + 1)?;
+                    meta.insert(META_COMPACTED_TERM, term)?;
+                }
                 if let Some(from) = w.truncate_from {
                     if let Some(start) = row_start.take() {
                         self.put_row(&mut log, start, scratch)?;
@@ -359,6 +418,30 @@ impl LogRead for LogStore {
 }
 
 impl LogStore {
+    /// Deletes every entry up to `through`: earlier rows go, the row holding `through + 1`
+    /// is stored again from there.
+    fn compact(&self, log: &mut redb::Table<u64, &[u8]>, through: u64) -> anyhow::Result<()> {
+        let straddling = match log.range(..=through)?.next_back() {
+            Some(row) => {
+                let (k, v) = row?;
+                let mut kept = Vec::new();
+                LogEntry::decode_all(self.entries_of(k.value(), v.value())?, |e| {
+                    if e.index > through {
+                        e.encode(&mut kept);
+                    }
+                })
+                .context("corrupt log row")?;
+                Some(kept)
+            }
+            None => None,
+        };
+        log.retain_in(..=through, |_, _| false)?;
+        if let Some(mut kept) = straddling.filter(|k| !k.is_empty()) {
+            self.put_row(log, through + 1, &mut kept)?;
+        }
+        Ok(())
+    }
+
     /// Deletes every entry from index `from` on: the row holding `from` is cut, later rows go.
     fn truncate(&self, log: &mut redb::Table<u64, &[u8]>, from: u64) -> anyhow::Result<()> {
         let cut = match log.range(..from)?.next_back() {
@@ -501,6 +584,71 @@ mod tests {
         assert_eq!(r.last_index, 4);
         assert_eq!(r.term_runs, vec![(1, 1), (4, 2)]);
         assert_eq!(s.read(4, 5, usize::MAX)?, vec![entry(4, 2)]);
+        Ok(())
+    }
+
+    #[test]
+    fn compaction_drops_the_entries_behind_a_snapshot_and_survives_a_restart() -> anyhow::Result<()>
+    {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("log.redb");
+        let mut scratch = Vec::new();
+        let write = |s: &LogStore, w: LogWrite, scratch: &mut Vec<u8>| s.write(&[w], scratch);
+        {
+            let s = LogStore::open(&path)?;
+            // Rows 1..=4, 5..=9, 10..=12: compacting through 7 cuts the middle one.
+            for (lo, hi) in [(1, 4), (5, 9), (10, 12)] {
+                let w = LogWrite {
+                    entries: (lo..=hi).map(|i| entry(i, 1 + i / 6)).collect(),
+                    commit: hi,
+                    ..Default::default()
+                };
+                write(&s, w, &mut scratch)?;
+            }
+            let w = LogWrite {
+                compact_through: Some((7, 2)),
+                ..Default::default()
+            };
+            write(&s, w, &mut scratch)?;
+            assert_eq!(s.read(8, 100, usize::MAX)?.len(), 5);
+        }
+        let s = LogStore::open(&path)?;
+        let r = s.recover()?;
+        assert_eq!((r.compacted, r.last_index), ((7, 2), 12));
+        assert_eq!(r.term_runs, vec![(8, 2), (12, 3)]);
+        // An installed snapshot past the log: emptied behind it, then appended to.
+        let w = LogWrite {
+            compact_through: Some((20, 4)),
+            truncate_from: Some(21),
+            commit: 20,
+            ..Default::default()
+        };
+        write(&s, w, &mut scratch)?;
+        let r = s.recover()?;
+        assert_eq!(
+            (r.compacted, r.last_index, r.hard_state.commit),
+            ((20, 4), 20, 20)
+        );
+        assert!(r.term_runs.is_empty());
+        let w = LogWrite {
+            entries: vec![entry(21, 4)],
+            ..Default::default()
+        };
+        write(&s, w, &mut scratch)?;
+        let r = s.recover()?;
+        assert_eq!((r.last_index, r.term_runs.clone()), (21, vec![(21, 4)]));
+        assert_eq!(s.read(21, 22, usize::MAX)?, vec![entry(21, 4)]);
+        // A snapshot whose last entry the log holds leaves it as it is; one it does not hold
+        // (a crash before an installed snapshot cut the log) empties it behind the snapshot.
+        let r = s.align_to_snapshot(r, 21, 4)?;
+        assert_eq!((r.compacted, r.last_index), ((20, 4), 21));
+        let r = s.align_to_snapshot(r, 21, 5)?;
+        assert_eq!((r.compacted, r.last_index), ((21, 5), 21));
+        let r = s.align_to_snapshot(r, 30, 5)?;
+        assert_eq!(
+            (r.compacted, r.last_index, r.hard_state.commit),
+            ((30, 5), 30, 30)
+        );
         Ok(())
     }
 

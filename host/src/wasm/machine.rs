@@ -385,6 +385,21 @@ impl Machine {
         })
     }
 
+    /// Instantiates the module `digest` with the state `snapshot` (a replica's snapshot of the
+    /// node's machines). A state the module refuses to restore leaves the machine broken on this
+    /// node, as an unrecoverable failure does, rather than stopping every other machine.
+    pub fn from_snapshot(
+        registry: &ModuleRegistry,
+        digest: &str,
+        snapshot: &[u8],
+    ) -> Result<Self, MachineError> {
+        let mut machine = Machine::new(registry, digest)?;
+        if let Err(error) = machine.restore(snapshot) {
+            machine.mark_broken(error);
+        }
+        Ok(machine)
+    }
+
     /// The digest of the module this machine runs.
     pub fn digest(&self) -> &str {
         &self.module.digest
