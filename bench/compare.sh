@@ -4,6 +4,7 @@
 #
 #   bench/compare.sh                 # 10 s per point, 16/64/256 connections, 3 rounds each
 #   DUR=5 CONNS="256" ROUNDS=1 bench/compare.sh
+#   LS_FLAGS="--snapshot-every 0" bench/compare.sh   # Lockstep keeping its whole log
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,8 +43,11 @@ t0=$(date +%s.%N)
 start_lockstep "$VICTIM"
 until [ "$(applied "http://127.0.0.1:$HTTP_PREFIX$VICTIM" || echo 0)" -ge "$TARGET" ] 2>/dev/null; do sleep 0.01; done
 t1=$(date +%s.%N)
-printf 'restart of node %s with %s entries in its log: serving its applied state again after %.2f s\n' \
-  "$VICTIM" "$TARGET" "$(echo "$t1 - $t0" | bc -l)"
+field() { curl -sf "$1/v1/cluster" | sed -n "s/.*\"$2\":\([0-9]*\).*/\1/p"; }
+V="http://127.0.0.1:$HTTP_PREFIX$VICTIM"
+IN_LOG=$(( $(field "$V" last_index) - $(field "$V" compacted_index) ))
+printf 'restart of node %s with %s entries committed, %s of them in its log (the rest in its snapshot): serving its applied state again after %.2f s\n' \
+  "$VICTIM" "$TARGET" "$IN_LOG" "$(echo "$t1 - $t0" | bc -l)"
 LS=$(leader_url)
 
 # --- etcd: 3 members, durable (etcd always fsyncs its WAL) ------------------------------------

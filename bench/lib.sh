@@ -39,7 +39,7 @@ wait_http() { # url
 declare -a LS_PID
 start_lockstep() { # id
   "$BIN/lockstep" serve --id "$1" --data-dir "$WORK/ls$1" --http "127.0.0.1:$HTTP_PREFIX$1" \
-    --raft "127.0.0.1:$RAFT_PREFIX$1" --peers "$PEERS" 2>>"$WORK/ls$1.log" >/dev/null &
+    --raft "127.0.0.1:$RAFT_PREFIX$1" --peers "$PEERS" ${LS_FLAGS:-} 2>>"$WORK/ls$1.log" >/dev/null &
   LS_PID[$1]=$!
   PIDS+=($!)
 }

@@ -212,6 +212,9 @@ fn cluster(state: &ApiState) -> Response<Body> {
             "leader": leader,
             "commit_index": s.commit_index,
             "applied_index": s.applied_index,
+            "last_index": s.last_index,
+            "snapshot_index": s.snapshot_index,
+            "compacted_index": s.compacted_index,
             "members": members,
         }),
     )

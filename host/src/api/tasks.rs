@@ -277,6 +277,8 @@ mod tests {
             applied_index,
             last_index: 9,
             term_start_index,
+            snapshot_index: 0,
+            compacted_index: 0,
             members: Vec::new(),
         };
         // Elected with commit 4 applied, its no-op at 6: an earlier leader may have

@@ -99,6 +99,9 @@ pub struct Status {
     /// As leader, the index of its term's no-op (0 otherwise): until that is committed and
     /// applied, this node's applied state may miss what an earlier leader acknowledged.
     pub term_start_index: u64,
+    /// The latest snapshot's index, and the last entry compacted out of the log (0: none).
+    pub snapshot_index: u64,
+    pub compacted_index: u64,
     pub members: Vec<MemberStatus>,
 }
 
@@ -252,6 +255,8 @@ impl<SM: StateMachine> Node<SM> {
                 applied_index: applied,
                 last_index: rec.last_index,
                 term_start_index: 0,
+                snapshot_index: from,
+                compacted_index: rec.compacted.0,
                 members: config
                     .members
                     .iter()
@@ -797,6 +802,8 @@ impl<SM: StateMachine> CoreLoop<SM> {
         s.commit_index = self.core.commit_index();
         s.last_index = self.core.last_index();
         s.term_start_index = self.core.term_start_index();
+        s.snapshot_index = self.core.snapshot_index();
+        s.compacted_index = self.core.compacted_index();
         for m in s.members.iter_mut() {
             m.match_index = self.core.is_leader().then(|| self.core.match_index(m.id));
         }
