@@ -103,7 +103,11 @@
 //! - Prefer `BTreeMap` to `HashMap` for anything whose iteration order reaches an output or a
 //!   snapshot. A std `HashMap`'s order follows how many the instance created before it, and
 //!   that count is not part of your state: it restarts when one replica rebuilds its instance
-//!   after a failure (from your snapshot and a replay) while the others do not.
+//!   after a failure (from your snapshot and a replay) while the others do not, and when a
+//!   replica starts from the node's snapshot (after a restart, or one sent by the leader).
+//! - [`restore`](Snapshot::restore) must accept whatever `snapshot` returned: the node's
+//!   snapshots (every `--snapshot-every` entries) go through it on restarts and on followers
+//!   that fell behind.
 //! - A panic, an endless loop (out of fuel) or an allocation past the memory cap fails that
 //!   entry alone; the host rolls the state back to just before it. Don't rely on it for
 //!   control flow: it costs a snapshot restore and a replay.
