@@ -686,11 +686,16 @@ fn a_follower_whose_data_directory_was_wiped_catches_up() {
     assert_eq!(keys.json()["items"].as_array().map(Vec::len), Some(20));
 }
 
-/// Snapshot files in node `i`'s data directory.
-fn snapshots(c: &TestCluster, i: usize) -> usize {
-    std::fs::read_dir(c.data_dir(i).join("snapshots"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+/// Snapshot files in node `i`'s data directory, by name.
+fn snapshots(c: &TestCluster, i: usize) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(c.data_dir(i).join("snapshots"))
+        .map(|d| {
+            d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 #[test]
@@ -717,11 +722,8 @@ fn a_follower_behind_the_compacted_log_is_sent_a_snapshot_and_restarts_start_fro
             assert_eq!(r.status, 200, "{}", r.text());
         }
     }
-    assert_eq!(
-        snapshots(&c, leader),
-        1,
-        "one snapshot kept, the older ones deleted"
-    );
+    let kept = snapshots(&c, leader);
+    assert_eq!(kept.len(), 1, "only the latest is kept: {kept:?}");
     // The deploys are compacted away: the follower can only catch up from the snapshot,
     // which carries the modules with the states.
     c.restart(follower);
@@ -733,7 +735,15 @@ fn a_follower_behind_the_compacted_log_is_sent_a_snapshot_and_restarts_start_fro
         "{}",
         c.node_log(follower)
     );
-    assert_eq!(snapshots(&c, follower), 1);
+    let kept = snapshots(&c, follower);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(
+        metric(&c, follower, "lockstep_snapshots_installed_total"),
+        Some(1),
+        "{}",
+        c.node_log(follower)
+    );
+    assert!(metric(&c, leader, "lockstep_snapshots_taken_total").is_some_and(|n| n >= 3));
     let keys = c
         .client(follower)
         .post(

@@ -118,6 +118,16 @@ fn render_pipeline(out: &mut String, m: &MetricsSnapshot) {
             "Times this node stopped leading.",
             m.stepdowns,
         ),
+        (
+            "lockstep_snapshots_taken_total",
+            "Snapshots of the machines this node took (the log compacts behind them).",
+            m.snapshots_taken,
+        ),
+        (
+            "lockstep_snapshots_installed_total",
+            "Leader's snapshots this node installed, having fallen behind its compacted log.",
+            m.snapshots_installed,
+        ),
     ] {
         header(out, name, help, "counter");
         let _ = writeln!(out, "{name} {v}");

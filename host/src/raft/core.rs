@@ -1468,6 +1468,7 @@ impl RaftCore {
     /// the follower's `AppendResp` says it is installed.
     fn send_snapshot_chunk(&mut self, peer: NodeId) {
         let (now, term, chunk) = (self.now, self.term, self.cfg.snapshot_chunk_bytes.max(1));
+        let latest = self.snapshot.as_ref();
         let Some(sending) = self
             .progress
             .get_mut(&peer)
@@ -1475,6 +1476,13 @@ impl RaftCore {
         else {
             return;
         };
+        // Nothing of it received yet (a follower down all along): a newer snapshot, taken
+        // since, spares it entries, or a second snapshot once this one is installed.
+        if sending.acked == 0
+            && let Some(latest) = latest.filter(|l| l.index > sending.snapshot.index)
+        {
+            sending.snapshot = latest.clone();
+        }
         if sending
             .sent_at
             .is_some_and(|at| now < at + 2 * self.cfg.heartbeat_ms)

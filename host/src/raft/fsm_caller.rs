@@ -11,7 +11,7 @@
 //! with the applies: made durable, restored into the machine, then the core told.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -49,6 +49,10 @@ pub(crate) struct FsmCaller<SM: StateMachine> {
     pub snapshot_index: u64,
     /// Term and timestamp of the last entry applied (what a snapshot there records).
     pub last_entry: (u64, u64),
+    /// Set while a snapshot is being written, by this thread (joined before the caller stops,
+    /// so that a stopped node writes nothing more).
+    pub writing: Arc<AtomicBool>,
+    pub writer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl<SM: StateMachine> FsmCaller<SM> {
@@ -117,41 +121,78 @@ impl<SM: StateMachine> FsmCaller<SM> {
                 for (_, job) in waiting.drain(..) {
                     job(Err(ReadError::ShuttingDown));
                 }
+                if let Some(writer) = self.writer.take() {
+                    let _ = writer.join();
+                }
                 return;
             }
         }
     }
 
-    /// Every `snapshot_every` entries: the state made durable beside the log, then handed to the
-    /// core. A failure skips this one (the log stays longer) and is retried as many entries on.
+    /// Every `snapshot_every` entries the machine's state is taken here, between applies, and
+    /// made durable beside the log on a thread of its own (the fsync would hold up applying),
+    /// which then hands it to the core. A failure skips this one (the log stays longer) and is
+    /// retried as many entries on; so is a snapshot due while the previous one is still being
+    /// written.
     fn maybe_snapshot(&mut self) {
         let applied = self.applied.load(Ordering::Relaxed);
-        if self.snapshot_every == 0 || applied < self.snapshot_index + self.snapshot_every {
+        if self.snapshot_every == 0
+            || applied < self.snapshot_index + self.snapshot_every
+            || self.writing.swap(true, Ordering::AcqRel)
+        {
             return;
         }
-        let started = std::time::Instant::now();
-        let taken = self.sm.snapshot().and_then(|data| {
-            let snapshot = Snapshot {
-                index: applied,
-                term: self.last_entry.0,
-                timestamp_ms: self.last_entry.1,
-                data: data.into(),
-            };
-            self.snapshots.save(&snapshot)?;
-            Ok(snapshot)
-        });
         self.snapshot_index = applied;
-        match taken {
-            Ok(snapshot) => {
-                tracing::info!(
-                    index = applied,
-                    bytes = snapshot.data.len(),
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "snapshot taken"
-                );
-                let _ = self.events.send(Event::Snapshotted(snapshot));
+        let started = std::time::Instant::now();
+        let data = match self.sm.snapshot() {
+            Ok(data) => data,
+            Err(error) => {
+                self.writing.store(false, Ordering::Release);
+                tracing::warn!(%error, index = applied, "snapshot skipped");
+                return;
             }
-            Err(error) => tracing::warn!(%error, index = applied, "snapshot skipped"),
+        };
+        let snapshot = Snapshot {
+            index: applied,
+            term: self.last_entry.0,
+            timestamp_ms: self.last_entry.1,
+            data: data.into(),
+        };
+        let taken = started.elapsed();
+        let (store, events, metrics, writing) = (
+            self.snapshots.clone(),
+            self.events.clone(),
+            self.metrics.clone(),
+            self.writing.clone(),
+        );
+        let write = move || {
+            match store.save(&snapshot) {
+                Ok(()) => {
+                    tracing::info!(
+                        index = snapshot.index,
+                        bytes = snapshot.data.len(),
+                        taken_ms = taken.as_millis() as u64,
+                        written_ms = started.elapsed().as_millis() as u64,
+                        "snapshot taken"
+                    );
+                    metrics.snapshots_taken.fetch_add(1, Ordering::Relaxed);
+                    let _ = events.send(Event::Snapshotted(snapshot));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, index = snapshot.index, "snapshot not stored")
+                }
+            }
+            writing.store(false, Ordering::Release);
+        };
+        match std::thread::Builder::new()
+            .name("snapshot-writer".into())
+            .spawn(write)
+        {
+            Ok(writer) => self.writer = Some(writer),
+            Err(error) => {
+                tracing::warn!(%error, "no thread to write the snapshot: skipped");
+                self.writing.store(false, Ordering::Release);
+            }
         }
     }
 
@@ -175,6 +216,9 @@ impl<SM: StateMachine> FsmCaller<SM> {
             bytes = snapshot.data.len(),
             "installed the leader's snapshot"
         );
+        self.metrics
+            .snapshots_installed
+            .fetch_add(1, Ordering::Relaxed);
         self.snapshot_index = index;
         self.last_entry = (snapshot.term, snapshot.timestamp_ms);
         self.applied.store(index, Ordering::Release);

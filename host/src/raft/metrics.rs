@@ -76,6 +76,8 @@ pub struct Metrics {
     pub fsync_latency: Histogram<12>,
     pub fsync_entries: AtomicU64,
     pub stepdowns: AtomicU64,
+    pub snapshots_taken: AtomicU64,
+    pub snapshots_installed: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -89,6 +91,8 @@ impl Default for Metrics {
             fsync_latency: Histogram::new(LATENCY_BOUNDS_US),
             fsync_entries: AtomicU64::new(0),
             stepdowns: AtomicU64::new(0),
+            snapshots_taken: AtomicU64::new(0),
+            snapshots_installed: AtomicU64::new(0),
         }
     }
 }
@@ -111,6 +115,9 @@ pub struct MetricsSnapshot {
     /// Entries made durable (divide by `fsync_latency_us.count` for entries per fsync).
     pub fsync_entries: u64,
     pub stepdowns: u64,
+    /// Snapshots of the state machine this node took, and leader's snapshots it installed.
+    pub snapshots_taken: u64,
+    pub snapshots_installed: u64,
     /// Leader only: per follower, `last_index - match_index`.
     pub replication_lag: Vec<(super::NodeId, u64)>,
 }

@@ -199,6 +199,19 @@ impl<SM: StateMachine> Node<SM> {
             rec = log.align_to_snapshot(rec, s.index, s.term)?;
         }
         let from = snapshot.as_ref().map_or(0, |s| s.index);
+        anyhow::ensure!(
+            rec.compacted.0 <= from,
+            "the log is compacted through entry {}, but the latest snapshot in {} is {}: the \
+             state those entries built is missing. Restore the snapshots directory, or start \
+             the node afresh with an empty data directory, to be sent a snapshot",
+            rec.compacted.0,
+            log.snapshots().dir().display(),
+            if from == 0 {
+                "absent".to_string()
+            } else {
+                format!("at {from}")
+            }
+        );
         // The machine is rebuilt from the latest snapshot and the committed log after it. On a
         // thread of its own, as on the FSM caller's: machines run outside any async runtime (a
         // guest's WASI output blocks on a runtime of its own, which cannot start inside the
@@ -298,6 +311,8 @@ impl<SM: StateMachine> Node<SM> {
             snapshot_every: config.snapshot_every,
             snapshot_index: from,
             last_entry,
+            writing: Arc::default(),
+            writer: None,
         };
         let fsm_thread =
             spawn_pipeline_thread(format!("fsm-caller-{}", config.id), &events_tx, || {
@@ -449,6 +464,8 @@ impl<SM: StateMachine> Node<SM> {
             fsync_latency_us: m.fsync_latency.snapshot(),
             fsync_entries: m.fsync_entries.load(r),
             stepdowns: m.stepdowns.load(r),
+            snapshots_taken: m.snapshots_taken.load(r),
+            snapshots_installed: m.snapshots_installed.load(r),
             replication_lag: if s.role == Role::Leader {
                 s.members
                     .iter()
