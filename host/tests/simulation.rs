@@ -95,18 +95,26 @@ fn same_seed_same_trace() {
 /// checks as every run (a restored machine must hold the state every replica had there).
 #[test]
 fn followers_behind_the_compaction_install_snapshots() {
-    let (mut snapshots, mut installs) = (0, 0);
+    let (mut snapshots, mut installs, mut chunks) = (0, 0, 0);
     for seed in 2000..2060 {
         let mut c = config(seed);
         c.snapshot_every = 10 + seed % 20;
         let r = run(c).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         snapshots += r.snapshots;
         installs += r.installs;
+        chunks += r.snapshot_chunks;
     }
-    println!("60 seeds: {snapshots} snapshots, {installs} installs");
+    println!("60 seeds: {snapshots} snapshots, {installs} installs, {chunks} chunks sent");
     assert!(
         snapshots > 0 && installs > 0,
         "{snapshots} snapshots, {installs} installs"
+    );
+    // A snapshot is a few chunks (about 8 per install here, resends after losses and
+    // partitions included); a leader that answered every reply with a chunk sent about 22
+    // while followers took 10-200 ms to install: chunks must not run on by themselves.
+    assert!(
+        chunks < 15 * installs,
+        "{chunks} chunks for {installs} installs"
     );
 }
 

@@ -175,6 +175,9 @@ struct Sending {
 /// A snapshot being received, chunk by chunk.
 #[derive(Debug)]
 struct Receiving {
+    /// The term of the leader sending it: one leader per term, one snapshot per leader and
+    /// index, so chunks of two leaders' snapshots (which may differ) are never spliced.
+    leader_term: u64,
     index: u64,
     term: u64,
     timestamp_ms: u64,
@@ -511,6 +514,10 @@ impl RaftCore {
         let Some(snap) = self.installing.take_if(|s| s.index == index) else {
             return;
         };
+        if index <= self.commit {
+            // Not installed: the state machine had it all already.
+            return;
+        }
         let term = snap.term;
         self.last_timestamp = self.last_timestamp.max(snap.timestamp_ms);
         if index <= self.last_index && self.term_at(index) == term {
@@ -1270,30 +1277,31 @@ impl RaftCore {
             return;
         }
         if let Some(s) = &self.installing {
-            // One install at a time; the leader waits for its answer.
-            let received = if s.index == index { total } else { 0 };
-            self.snapshot_resp(from, index, received);
+            // One install at a time. The leader waits for its answer (sending this one) or
+            // resends later (another one, from a new leader): no answer keeps it waiting.
+            if s.index == index {
+                self.snapshot_resp(from, index, total);
+            }
             return;
         }
         let fits = offset
             .checked_add(chunk.data.len() as u64)
             .is_some_and(|end| end <= total);
-        let continues = self.receiving.as_ref().is_some_and(|r| {
-            (r.index, r.term, r.total) == (index, chunk.term, total)
-                && r.data.len() as u64 == offset
-        });
+        let key = (self.term, index, chunk.term, total);
+        let held = match &self.receiving {
+            Some(r) if (r.leader_term, r.index, r.term, r.total) == key => {
+                Some(r.data.len() as u64)
+            }
+            _ => None,
+        };
+        let continues = held == Some(offset);
         if !fits || !(continues || offset == 0) {
-            let held = match &self.receiving {
-                Some(r) if (r.index, r.term, r.total) == (index, chunk.term, total) => {
-                    r.data.len() as u64
-                }
-                _ => 0,
-            };
-            self.snapshot_resp(from, index, held);
+            self.snapshot_resp(from, index, held.unwrap_or(0));
             return;
         }
         if !continues {
             self.receiving = Some(Receiving {
+                leader_term: self.term,
                 index,
                 term: chunk.term,
                 timestamp_ms: chunk.timestamp_ms,
@@ -1464,8 +1472,7 @@ impl RaftCore {
     }
 
     /// Sends the chunk after what `peer` confirmed, unless one is in flight (resent after two
-    /// heartbeats unanswered). Once all is confirmed, the last chunk stands for the whole until
-    /// the follower's `AppendResp` says it is installed.
+    /// heartbeats unanswered).
     fn send_snapshot_chunk(&mut self, peer: NodeId) {
         let (now, term, chunk) = (self.now, self.term, self.cfg.snapshot_chunk_bytes.max(1));
         let latest = self.snapshot.as_ref();
@@ -1491,13 +1498,10 @@ impl RaftCore {
         }
         let snap = &sending.snapshot;
         let total = snap.data.len() as u64;
-        let chunk = chunk as u64;
-        let offset = if sending.acked < total {
-            sending.acked
-        } else {
-            total.saturating_sub(1) / chunk * chunk
-        };
-        let end = (offset + chunk).min(total);
+        // All of it confirmed: an empty chunk at the end asks whether it is installed (the
+        // answer is an `AppendResp` once it is, or where to start again if it was lost).
+        let offset = sending.acked.min(total);
+        let end = (offset + chunk as u64).min(total);
         let msg = Message::InstallSnapshot {
             term,
             index: snap.index,
@@ -1516,12 +1520,21 @@ impl RaftCore {
             return;
         };
         p.active = true;
-        if let Some(s) = p.sending.as_mut()
-            && s.snapshot.index == index
-        {
-            p.last_progress_at = self.now;
-            s.acked = received.min(s.snapshot.data.len() as u64);
-            s.sent_at = None;
+        let Some(s) = p.sending.as_mut().filter(|s| s.snapshot.index == index) else {
+            return;
+        };
+        // Only an answer that moves the follower on sends the next chunk: a duplicate or late
+        // one, or the whole being installed, leaves the resend to the timer, so no chain of
+        // chunks and answers runs on by itself.
+        let total = s.snapshot.data.len() as u64;
+        let received = received.min(total);
+        if received == s.acked {
+            return;
+        }
+        p.last_progress_at = self.now;
+        s.acked = received;
+        s.sent_at = None;
+        if received < total {
             self.send_snapshot_chunk(from);
         }
     }
@@ -2587,6 +2600,25 @@ mod tests {
             let next: Vec<_> = sent.iter().filter_map(|(_, m)| chunk(m)).collect();
             assert_eq!(next, vec![(received, (20 - received as usize).min(8))]);
         }
+        // A duplicate answer sends nothing more (no chain of chunks runs on by itself), nor
+        // does the answer that confirms the whole: the follower is installing it.
+        for received in [16, 20, 20] {
+            c.step(
+                2,
+                Message::SnapshotResp {
+                    term: 1,
+                    index: 5,
+                    received,
+                },
+            );
+            let sent = flush(&mut c);
+            assert!(sent.iter().all(|(_, m)| chunk(m).is_none()), "{sent:?}");
+        }
+        // Unanswered for two heartbeats: an empty chunk at the end asks again.
+        c.tick(1_200, 0);
+        let sent = flush(&mut c);
+        let asked: Vec<_> = sent.iter().filter_map(|(_, m)| chunk(m)).collect();
+        assert_eq!(asked, vec![(20, 0)], "{sent:?}");
         // Installed: the follower is at 5, and the entries after it follow.
         c.step(2, ack(1, 5));
         let sent = flush(&mut c);
@@ -2613,7 +2645,25 @@ mod tests {
                 .iter()
                 .any(|(_, m)| matches!(m, Message::SnapshotResp { received: 0, .. }))
         );
-        for (k, part) in parts.iter().enumerate() {
+        // The first chunk of another leader's snapshot at the same index (its bytes may
+        // differ): the next leader's chunks are not spliced onto it.
+        let other = Snapshot {
+            data: Bytes::from(vec![9u8; 20]),
+            ..snap.clone()
+        };
+        c.step(3, chunks(2, &other, 8)[0].clone());
+        c.take_ready();
+        let next_leader = chunks(3, &snap, 8);
+        c.step(1, next_leader[1].clone());
+        let r = c.take_ready();
+        assert!(
+            r.messages
+                .iter()
+                .any(|(_, m)| matches!(m, Message::SnapshotResp { received: 0, .. })),
+            "{:?}",
+            r.messages
+        );
+        for (k, part) in next_leader.iter().enumerate() {
             c.step(1, part.clone());
             if k < 2 {
                 // A duplicate of the chunk just taken changes nothing.
@@ -2626,7 +2676,7 @@ mod tests {
         c.step(
             1,
             Message::Append {
-                term: 2,
+                term: 3,
                 prev_index: 9,
                 prev_term: 2,
                 commit: 9,
@@ -2643,7 +2693,7 @@ mod tests {
         );
         assert_eq!(c.term_at(9), 2);
         assert!(
-            sent.iter().any(|(to, m)| *to == 1 && *m == ack(2, 9)),
+            sent.iter().any(|(to, m)| *to == 1 && *m == ack(3, 9)),
             "{sent:?}"
         );
     }

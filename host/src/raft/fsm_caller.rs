@@ -196,32 +196,34 @@ impl<SM: StateMachine> FsmCaller<SM> {
         }
     }
 
-    /// Replaces the state with the leader's snapshot. A node that cannot store or restore it
-    /// cannot go on: the panic stops it (the thread's guard), as a failed log commit does.
+    /// Replaces the state with the leader's snapshot, then stores it (a snapshot that does not
+    /// restore is never stored, so a restart still starts from the state this node had). A
+    /// node that cannot restore or store it cannot go on: the panic stops it (the thread's
+    /// guard), as a failed log commit does.
     fn install(&mut self, snapshot: Snapshot) {
         let index = snapshot.index;
-        if index <= self.applied.load(Ordering::Relaxed) {
-            return;
+        if index > self.applied.load(Ordering::Relaxed) {
+            if let Err(error) = self
+                .sm
+                .restore(&snapshot.data)
+                .and_then(|()| self.snapshots.save(&snapshot))
+            {
+                tracing::error!(%error, index, "installing the leader's snapshot failed; stopping");
+                panic!("installing the leader's snapshot at {index} failed: {error:#}");
+            }
+            tracing::info!(
+                index,
+                bytes = snapshot.data.len(),
+                "installed the leader's snapshot"
+            );
+            self.metrics
+                .snapshots_installed
+                .fetch_add(1, Ordering::Relaxed);
+            self.snapshot_index = index;
+            self.last_entry = (snapshot.term, snapshot.timestamp_ms);
+            self.applied.store(index, Ordering::Release);
         }
-        if let Err(error) = self
-            .snapshots
-            .save(&snapshot)
-            .and_then(|()| self.sm.restore(&snapshot.data))
-        {
-            tracing::error!(%error, index, "installing the leader's snapshot failed; stopping");
-            panic!("installing the leader's snapshot at {index} failed: {error:#}");
-        }
-        tracing::info!(
-            index,
-            bytes = snapshot.data.len(),
-            "installed the leader's snapshot"
-        );
-        self.metrics
-            .snapshots_installed
-            .fetch_add(1, Ordering::Relaxed);
-        self.snapshot_index = index;
-        self.last_entry = (snapshot.term, snapshot.timestamp_ms);
-        self.applied.store(index, Ordering::Release);
+        // Also when the machine had it all already: the core waits for this either way.
         let _ = self.events.send(Event::Installed(index));
     }
 

@@ -195,9 +195,6 @@ impl<SM: StateMachine> Node<SM> {
             .snapshots()
             .load_latest()
             .context("reading the latest snapshot")?;
-        if let Some(s) = &snapshot {
-            rec = log.align_to_snapshot(rec, s.index, s.term)?;
-        }
         let from = snapshot.as_ref().map_or(0, |s| s.index);
         anyhow::ensure!(
             rec.compacted.0 <= from,
@@ -212,6 +209,9 @@ impl<SM: StateMachine> Node<SM> {
                 format!("at {from}")
             }
         );
+        if let Some(s) = &snapshot {
+            rec = log.align_to_snapshot(rec, s.index, s.term)?;
+        }
         // The machine is rebuilt from the latest snapshot and the committed log after it. On a
         // thread of its own, as on the FSM caller's: machines run outside any async runtime (a
         // guest's WASI output blocks on a runtime of its own, which cannot start inside the

@@ -72,9 +72,11 @@ pub struct SimReport {
     pub ops_indeterminate: usize,
     pub commit_index: u64,
     pub leaders: usize,
-    /// Snapshots taken, and snapshots a follower installed from its leader.
+    /// Snapshots taken, snapshots a follower installed from its leader, and the chunks of
+    /// them sent (resends included).
     pub snapshots: usize,
     pub installs: usize,
+    pub snapshot_chunks: usize,
 }
 
 const TICK_MS: u64 = 10;
@@ -217,6 +219,12 @@ enum Ev {
     Restart {
         node: usize,
     },
+    /// The state-machine thread finished installing a snapshot (it takes a while).
+    Installed {
+        node: usize,
+        inc: u64,
+        index: u64,
+    },
 }
 
 struct Client {
@@ -247,6 +255,7 @@ pub struct Sim {
     leaders: BTreeMap<u64, NodeId>,
     snapshots: usize,
     installs: usize,
+    snapshot_chunks: usize,
     committed: Vec<(u64, u64)>,
     /// The timestamp of the last entry in `committed`.
     committed_ts: u64,
@@ -293,6 +302,7 @@ impl Sim {
             leaders: BTreeMap::new(),
             snapshots: 0,
             installs: 0,
+            snapshot_chunks: 0,
             committed: Vec::new(),
             committed_ts: 0,
             state_at: BTreeMap::new(),
@@ -466,6 +476,7 @@ impl Sim {
             leaders: self.leaders.len(),
             snapshots: self.snapshots,
             installs: self.installs,
+            snapshot_chunks: self.snapshot_chunks,
         })
     }
 
@@ -535,6 +546,14 @@ impl Sim {
                     self.boot(node)?;
                 }
             }
+            Ev::Installed { node, inc, index } => {
+                if self.nodes[node].incarnation == inc
+                    && let Some(core) = self.nodes[node].core.as_mut()
+                {
+                    core.installed(index);
+                    self.drain(node)?;
+                }
+            }
         }
         Ok(())
     }
@@ -542,6 +561,9 @@ impl Sim {
     // ----- network -----
 
     fn send(&mut self, from: NodeId, to: NodeId, msg: &Message) {
+        if matches!(msg, Message::InstallSnapshot { .. }) {
+            self.snapshot_chunks += 1;
+        }
         let mut bytes = Vec::new();
         msg.encode(&mut bytes);
         let (f, t) = ((from - 1) as usize, (to - 1) as usize);
@@ -868,9 +890,18 @@ impl Sim {
         for op in covered {
             self.finish_op(op, None, false);
         }
-        if let Some(core) = self.nodes[i].core.as_mut() {
-            core.installed(snapshot.index);
-        }
+        // The core hears of it later, as from the FSM caller's thread: meanwhile the leader
+        // resends, and must not flood the follower with chunks.
+        let inc = self.nodes[i].incarnation;
+        let at = self.rng.gen_range(10..200);
+        self.schedule(
+            at,
+            Ev::Installed {
+                node: i,
+                inc,
+                index: snapshot.index,
+            },
+        );
         self.serve_reads(i);
         Ok(())
     }

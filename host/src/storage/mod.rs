@@ -291,6 +291,13 @@ impl LogStore {
         index: u64,
         term: u64,
     ) -> anyhow::Result<Recovered> {
+        // Emptying a log compacted past the snapshot would drop durable entries the node may
+        // have acknowledged: the caller refuses to start instead.
+        anyhow::ensure!(
+            index >= rec.compacted.0,
+            "the snapshot at {index} is older than the log's compaction point {}",
+            rec.compacted.0
+        );
         let pos = rec.term_runs.partition_point(|&(start, _)| start <= index);
         let term_at = match pos.checked_sub(1) {
             _ if index == rec.compacted.0 => Some(rec.compacted.1),
@@ -649,6 +656,10 @@ mod tests {
             (r.compacted, r.last_index, r.hard_state.commit),
             ((30, 5), 30, 30)
         );
+        // A snapshot older than the compaction point (a stale backup restored) is refused,
+        // and the log left as it was.
+        assert!(s.align_to_snapshot(r, 25, 5).is_err());
+        assert_eq!(s.recover()?.compacted, (30, 5));
         Ok(())
     }
 

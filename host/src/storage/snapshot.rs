@@ -71,7 +71,7 @@ impl SnapshotStore {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .with_context(|| format!("syncing {}", self.dir.display()))?;
-        for (index, old) in self.list()? {
+        for (index, old) in self.list(false)? {
             if index < snapshot.index {
                 let _ = std::fs::remove_file(old);
             }
@@ -79,9 +79,10 @@ impl SnapshotStore {
         Ok(())
     }
 
-    /// The latest snapshot, if any (leftover temporary files are removed).
+    /// The latest snapshot, if any. Called at start, it also removes the temporary files a
+    /// crash left behind (never while running: another save may be writing one).
     pub fn load_latest(&self) -> anyhow::Result<Option<Snapshot>> {
-        let Some((_, path)) = self.list()?.into_iter().max_by_key(|(i, _)| *i) else {
+        let Some((_, path)) = self.list(true)?.into_iter().max_by_key(|(i, _)| *i) else {
             return Ok(None);
         };
         let mut bytes = Vec::new();
@@ -93,8 +94,8 @@ impl SnapshotStore {
             .ok_or_else(|| DamagedSnapshot(path).into())
     }
 
-    /// Snapshot files by index; removes temporary files a crash left behind.
-    fn list(&self) -> anyhow::Result<Vec<(u64, PathBuf)>> {
+    /// Snapshot files by index; with `clean`, removes temporary files a crash left behind.
+    fn list(&self, clean: bool) -> anyhow::Result<Vec<(u64, PathBuf)>> {
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -108,7 +109,9 @@ impl SnapshotStore {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             if name.starts_with(TEMP_PREFIX) {
-                let _ = std::fs::remove_file(entry.path());
+                if clean {
+                    let _ = std::fs::remove_file(entry.path());
+                }
             } else if let Some(index) = name.strip_prefix(PREFIX).and_then(|i| i.parse().ok()) {
                 out.push((index, entry.path()));
             }
@@ -160,9 +163,14 @@ mod tests {
         assert_eq!(store.load_latest()?, None);
         store.save(&snap(10))?;
         store.save(&snap(20))?;
-        // A crash mid-write leaves a temporary file: ignored and removed.
-        std::fs::write(store.dir().join(format!("{TEMP_PREFIX}30")), b"half")?;
-        assert_eq!(store.load_latest()?, Some(snap(20)));
+        // A save leaves another save's temporary file alone (it may be being written)...
+        let temp = store.dir().join(format!("{TEMP_PREFIX}30"));
+        std::fs::write(&temp, b"half")?;
+        store.save(&snap(25))?;
+        assert!(temp.exists());
+        // ...and a start takes it for what a crash left: ignored and removed.
+        assert_eq!(store.load_latest()?, Some(snap(25)));
+        assert!(!temp.exists());
         let files = std::fs::read_dir(store.dir())?.count();
         assert_eq!(files, 1, "only the latest snapshot is kept");
         Ok(())
