@@ -2587,15 +2587,13 @@ mod tests {
         };
         let first_chunks: Vec<_> = sent.iter().filter_map(|(_, m)| chunk(m)).collect();
         assert_eq!(first_chunks, vec![(0, 8)], "one chunk in flight: {sent:?}");
+        let holds = |received| Message::SnapshotResp {
+            term: 1,
+            index: 5,
+            received,
+        };
         for received in [8, 16] {
-            c.step(
-                2,
-                Message::SnapshotResp {
-                    term: 1,
-                    index: 5,
-                    received,
-                },
-            );
+            c.step(2, holds(received));
             let sent = flush(&mut c);
             let next: Vec<_> = sent.iter().filter_map(|(_, m)| chunk(m)).collect();
             assert_eq!(next, vec![(received, (20 - received as usize).min(8))]);
@@ -2603,14 +2601,7 @@ mod tests {
         // A duplicate answer sends nothing more (no chain of chunks runs on by itself), nor
         // does the answer that confirms the whole: the follower is installing it.
         for received in [16, 20, 20] {
-            c.step(
-                2,
-                Message::SnapshotResp {
-                    term: 1,
-                    index: 5,
-                    received,
-                },
-            );
+            c.step(2, holds(received));
             let sent = flush(&mut c);
             assert!(sent.iter().all(|(_, m)| chunk(m).is_none()), "{sent:?}");
         }
