@@ -333,3 +333,65 @@ fn an_upgrade_that_cannot_carry_the_state_says_so() {
     let status = set.status("m", false).expect("still there");
     assert_eq!(status.version, 1);
 }
+
+fn task_entry(index: u64, machine: &str, payload: &str) -> Entry {
+    Entry {
+        index,
+        term: 1,
+        timestamp_ms: 0,
+        payload: Command::Task {
+            machine: machine.into(),
+            payload: Bytes::from(payload.to_owned()),
+        }
+        .encode(),
+    }
+}
+
+/// The node's snapshot carries every machine with its module: another node (a follower that
+/// never saw the deploys, in a fresh data directory) restores the same states. A state its
+/// module refuses to restore breaks that machine there, not the node or the other machines.
+#[test]
+fn a_node_snapshot_restores_every_machine_and_a_refused_state_breaks_only_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut set = machine_set(&dir.path().join("a"));
+    let out = set.apply(vec![
+        deploy_entry(1, "counter", guests::COUNTER),
+        deploy_entry(2, "chaos", guests::CHAOS),
+        task_entry(3, "counter", r#"{"add": 5}"#),
+        task_entry(4, "chaos", r#"{"add": 2}"#),
+        task_entry(5, "chaos", r#"{"poison": true}"#),
+    ]);
+    assert!(out.iter().all(Result::is_ok), "{out:?}");
+    let snapshot = set.snapshot().expect("snapshot");
+
+    let mut other = machine_set(&dir.path().join("b"));
+    other.restore(&snapshot).expect("restore");
+    let counter = other.query("counter", b"").expect("counter restored");
+    assert_eq!(String::from_utf8_lossy(&counter), r#"{"value":5}"#);
+    let names: Vec<String> = other
+        .catalog()
+        .read()
+        .expect("catalog")
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(names, ["chaos", "counter"]);
+    assert_eq!(
+        other
+            .status("counter", false)
+            .expect("status")
+            .applied_index,
+        5
+    );
+    match other.query("chaos", b"{}") {
+        Err(Failure::Guest(e)) => assert!(e.to_string().contains("cannot recover"), "{e}"),
+        other => panic!("a refused state must break the machine: {other:?}"),
+    }
+    // The other machines go on.
+    let out = other.apply(vec![task_entry(6, "counter", r#"{"add": 1}"#)]);
+    assert!(out[0].is_ok(), "{out:?}");
+
+    // Garbage is refused as a whole, and nothing changes.
+    assert!(other.restore(b"not a snapshot").is_err());
+    assert!(other.query("counter", b"").is_ok());
+}

@@ -124,6 +124,11 @@ fn render_pipeline(out: &mut String, m: &MetricsSnapshot) {
             m.snapshots_taken,
         ),
         (
+            "lockstep_snapshots_failed_total",
+            "Snapshots this node could not take or store (its log is compacted later); see its log.",
+            m.snapshots_failed,
+        ),
+        (
             "lockstep_snapshots_installed_total",
             "Leader's snapshots this node installed, having fallen behind its compacted log.",
             m.snapshots_installed,

@@ -148,6 +148,9 @@ impl<SM: StateMachine> FsmCaller<SM> {
             Ok(data) => data,
             Err(error) => {
                 self.writing.store(false, Ordering::Release);
+                self.metrics
+                    .snapshots_failed
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, index = applied, "snapshot skipped");
                 return;
             }
@@ -179,6 +182,7 @@ impl<SM: StateMachine> FsmCaller<SM> {
                     let _ = events.send(Event::Snapshotted(snapshot));
                 }
                 Err(error) => {
+                    metrics.snapshots_failed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%error, index = snapshot.index, "snapshot not stored")
                 }
             }

@@ -77,6 +77,7 @@ pub struct Metrics {
     pub fsync_entries: AtomicU64,
     pub stepdowns: AtomicU64,
     pub snapshots_taken: AtomicU64,
+    pub snapshots_failed: AtomicU64,
     pub snapshots_installed: AtomicU64,
 }
 
@@ -92,6 +93,7 @@ impl Default for Metrics {
             fsync_entries: AtomicU64::new(0),
             stepdowns: AtomicU64::new(0),
             snapshots_taken: AtomicU64::new(0),
+            snapshots_failed: AtomicU64::new(0),
             snapshots_installed: AtomicU64::new(0),
         }
     }
@@ -115,8 +117,10 @@ pub struct MetricsSnapshot {
     /// Entries made durable (divide by `fsync_latency_us.count` for entries per fsync).
     pub fsync_entries: u64,
     pub stepdowns: u64,
-    /// Snapshots of the state machine this node took, and leader's snapshots it installed.
+    /// Snapshots of the state machine this node took, those it could not take or store (its
+    /// log then stays longer), and leader's snapshots it installed.
     pub snapshots_taken: u64,
+    pub snapshots_failed: u64,
     pub snapshots_installed: u64,
     /// Leader only: per follower, `last_index - match_index`.
     pub replication_lag: Vec<(super::NodeId, u64)>,

@@ -465,6 +465,7 @@ impl<SM: StateMachine> Node<SM> {
             fsync_entries: m.fsync_entries.load(r),
             stepdowns: m.stepdowns.load(r),
             snapshots_taken: m.snapshots_taken.load(r),
+            snapshots_failed: m.snapshots_failed.load(r),
             snapshots_installed: m.snapshots_installed.load(r),
             replication_lag: if s.role == Role::Leader {
                 s.members
