@@ -18,7 +18,8 @@
 //! crate-type = ["cdylib"]
 //!
 //! [dependencies]
-//! lockstep-guest = "0.1"
+//! # Not on crates.io: a path into a checkout of Lockstep (or `git = "<its repository>"`).
+//! lockstep-guest = { path = "../lockstep/guest-sdk" }
 //! serde = { version = "1", features = ["derive"] }
 //!
 //! # One optimization unit for the whole module: serde, the SDK and the machine inline into
@@ -87,8 +88,8 @@
 //!
 //! ```text
 //! cargo build --target wasm32-wasip2 --release
-//! lockstep deploy target/wasm32-wasip2/release/counter.wasm
-//! curl -d '{"add": 5}' http://127.0.0.1:7000/machines/counter/tasks    # {"value":5}
+//! lockstep deploy counter target/wasm32-wasip2/release/counter.wasm
+//! curl -d '{"add": 5}' http://127.0.0.1:7070/v1/machines/counter/tasks    # {"value":5}
 //! ```
 //!
 //! # Rules that keep replicas identical

@@ -377,6 +377,10 @@ fn bad_input_gets_clear_errors_and_the_cluster_stays_healthy() {
     let r = l.get("/v1/machines/chaos/tasks").unwrap();
     assert_eq!(r.status, 405, "{}", r.text());
     assert_eq!(r.error_code().as_deref(), Some("method_not_allowed"));
+    assert_eq!(r.header("allow"), Some("POST"));
+    let r = l.post("/v1/machines/chaos", b"").unwrap();
+    assert_eq!(r.status, 405, "{}", r.text());
+    assert_eq!(r.header("allow"), Some("GET, HEAD, PUT, DELETE"));
     let r = l.get("/v1/machines/chaos/tasks/what").unwrap();
     assert_eq!(r.status, 404, "{}", r.text());
     // A caller's long input is not echoed back whole.
@@ -1116,4 +1120,24 @@ fn read_challenge(s: &mut TcpStream) -> [u8; 32] {
     lockstep::transport::frame::Challenge::decode(&body)
         .expect("a challenge")
         .nonce
+}
+
+#[test]
+fn a_bad_worker_thread_count_is_refused_with_a_clear_error() {
+    for bad in ["0", "two", "-1"] {
+        let out = std::process::Command::new(lockstep_tests::cluster::lockstep_bin())
+            .args(["status", "--url", "http://127.0.0.1:9"])
+            .env("TOKIO_WORKER_THREADS", bad)
+            .output()
+            .expect("run the CLI");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bad}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{bad}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "TOKIO_WORKER_THREADS={bad} is not a positive number"
+            )),
+            "{bad}: {stderr}"
+        );
+    }
 }

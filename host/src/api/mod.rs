@@ -102,26 +102,38 @@ async fn route(state: &ApiState, req: Request<RequestBody>) -> Result<Response<B
         }
         (Method::POST, ["v1", "machines", name, "query"]) => query(state, name, req).await,
         // A known route with another method; an unknown path is a 404 whatever the method.
-        (
-            _,
-            ["healthz" | "metrics"]
-            | ["v1", "cluster" | "machines"]
-            | ["v1", "machines", _]
-            | ["v1", "machines", _, "tasks" | "tasks:batch" | "query"],
-        ) => Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!(
-                "{} is not allowed on {}",
-                Clipped(req.method().as_str()),
+        (_, segs) => match allowed_methods(segs) {
+            Some(allow) => {
+                let mut r = ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!(
+                        "{} is not allowed on {} (allowed: {allow})",
+                        Clipped(req.method().as_str()),
+                        Clipped(path)
+                    ),
+                )
+                .into_response();
+                r.headers_mut()
+                    .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+                Ok(r)
+            }
+            None => Err(ApiError::not_found(format!(
+                "no route for {}",
                 Clipped(path)
-            ),
-        )),
-        _ => Err(ApiError::not_found(format!(
-            "no route for {}",
-            Clipped(path)
-        ))),
+            ))),
+        },
     }
+}
+
+/// The methods a known path takes, for a 405's `Allow` header; `None` for an unknown path.
+fn allowed_methods(segs: &[&str]) -> Option<&'static str> {
+    Some(match segs {
+        ["healthz" | "metrics"] | ["v1", "cluster" | "machines"] => "GET, HEAD",
+        ["v1", "machines", _] => "GET, HEAD, PUT, DELETE",
+        ["v1", "machines", _, "tasks" | "tasks:batch" | "query"] => "POST",
+        _ => return None,
+    })
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Body> {

@@ -243,7 +243,11 @@ fn parse_batch(body: &[u8]) -> Result<Vec<&serde_json::value::RawValue>, ApiErro
 
 /// Embeds a machine's output as JSON when it is JSON, else as a JSON string.
 fn write_json_or_string(out: &mut Vec<u8>, bytes: &[u8]) {
-    if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok() {
+    // serde_json skips the bytes of strings it ignores without checking their UTF-8: a string
+    // holding invalid UTF-8 would pass and make the whole response invalid JSON.
+    if std::str::from_utf8(bytes).is_ok()
+        && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
+    {
         out.extend_from_slice(bytes);
     } else {
         let _ = serde_json::to_writer(&mut *out, &String::from_utf8_lossy(bytes));
@@ -310,5 +314,22 @@ mod tests {
         let e = parse_batch(big.as_bytes()).expect_err("too large");
         assert_eq!(e.code, "too_large");
         assert!(e.message.starts_with("task 1 "), "{}", e.message);
+    }
+
+    #[test]
+    fn a_batch_response_is_valid_json_whatever_a_machine_outputs() {
+        for (output, embedded) in [
+            (&b"{\"n\":1}"[..], "{\"n\":1}"),
+            (b"plain text", "\"plain text\""),
+            // A JSON string holding invalid UTF-8: embedded as-is, it would break the response.
+            (b"\"\xff\"", "\"\\\"\u{fffd}\\\"\""),
+            (b"\xff\xfe", "\"\u{fffd}\u{fffd}\""),
+        ] {
+            let mut out = Vec::new();
+            write_json_or_string(&mut out, output);
+            let text = std::str::from_utf8(&out).expect("UTF-8");
+            assert_eq!(text, embedded);
+            serde_json::from_str::<serde_json::Value>(text).expect("valid JSON");
+        }
     }
 }

@@ -228,10 +228,27 @@ pub fn main() -> anyhow::Result<()> {
             tracing::warn!(error = %e, "could not raise the file-descriptor limit");
         }
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // tokio reads TOKIO_WORKER_THREADS itself, and panics on a value it cannot use.
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = worker_threads()? {
+        rt.worker_threads(workers);
+    }
+    let rt = rt.enable_all().build()?;
     rt.block_on(run(cli.command))
+}
+
+/// `TOKIO_WORKER_THREADS`, checked: a positive number, or unset for one worker per core.
+fn worker_threads() -> anyhow::Result<Option<usize>> {
+    match std::env::var_os("TOKIO_WORKER_THREADS") {
+        None => Ok(None),
+        Some(v) => match v.to_str().and_then(|v| v.trim().parse::<usize>().ok()) {
+            Some(n) if n > 0 => Ok(Some(n)),
+            _ => anyhow::bail!(
+                "TOKIO_WORKER_THREADS={} is not a positive number of worker threads",
+                v.to_string_lossy()
+            ),
+        },
+    }
 }
 
 async fn run(cmd: Cmd) -> anyhow::Result<()> {
