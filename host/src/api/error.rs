@@ -142,7 +142,10 @@ impl ApiError {
             header::HeaderValue::from_static("application/json"),
         );
         // Only where nothing was done: retrying an `outcome_unknown` could apply a task twice.
-        if matches!(self.code, "no_leader" | "shutting_down" | "overloaded") {
+        if matches!(
+            self.code,
+            "no_leader" | "shutting_down" | "overloaded" | "leader_moving" | "transfer_failed"
+        ) {
             h.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
         resp
@@ -199,6 +202,11 @@ impl From<ProposeError> for ApiError {
                 "overloaded",
                 "the leader's log is too far ahead of what is committed and applied; nothing was proposed",
             ),
+            ProposeError::LeaderMoving { to } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "leader_moving",
+                format!("leadership is moving to node {to}; nothing was proposed, retry shortly"),
+            ),
         }
     }
 }
@@ -236,13 +244,19 @@ mod tests {
     }
 
     #[test]
-    fn an_overloaded_leader_says_retry_later() {
-        let r = ApiError::from(ProposeError::Overloaded).into_response();
-        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(
-            r.headers().get(header::RETRY_AFTER).map(|v| v.as_bytes()),
-            Some(&b"1"[..])
-        );
+    fn an_overloaded_or_moving_leader_says_retry_later() {
+        for e in [
+            ProposeError::Overloaded,
+            ProposeError::LeaderMoving { to: 2 },
+        ] {
+            let r = ApiError::from(e.clone()).into_response();
+            assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(
+                r.headers().get(header::RETRY_AFTER).map(|v| v.as_bytes()),
+                Some(&b"1"[..]),
+                "{e}"
+            );
+        }
         let r = ApiError::from(ProposeError::OutcomeUnknown).into_response();
         assert!(
             r.headers().get(header::RETRY_AFTER).is_none(),

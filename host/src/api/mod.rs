@@ -2,11 +2,12 @@
 //! its outcome leaves it. Routes and status codes are README.md's API reference.
 //!
 //! `server` accepts and bounds connections, `route` (here) dispatches a request, `tasks` takes
-//! tasks in, `machines` deploys and reads machines, `body` reads request bodies within the
-//! node's budget, `error` is every refusal's status and stable code, and `metrics` renders
-//! `/metrics`.
+//! tasks in, `machines` deploys and reads machines, `cluster` shows the members and moves
+//! leadership, `body` reads request bodies within the node's budget, `error` is every
+//! refusal's status and stable code, and `metrics` renders `/metrics`.
 
 mod body;
+mod cluster;
 pub mod error;
 mod machines;
 pub mod metrics;
@@ -24,6 +25,7 @@ use crate::machines::{Catalog, MachineSet, validate_name};
 use crate::raft::{Node, NodeId, Role};
 use crate::wasm::ModuleRegistry;
 use body::{BodyBudget, RequestBody};
+use cluster::{cluster, transfer_leader};
 pub use error::{ApiError, Body, Clipped};
 use machines::{delete, deploy, describe, list, query};
 pub use server::serve;
@@ -92,6 +94,7 @@ async fn route(state: &ApiState, req: Request<RequestBody>) -> Result<Response<B
         (Method::GET, ["healthz"]) => Ok(text(StatusCode::OK, "ok\n")),
         (Method::GET, ["metrics"]) => Ok(text(StatusCode::OK, &state.metrics.render(state))),
         (Method::GET, ["v1", "cluster"]) => Ok(cluster(state)),
+        (Method::POST, ["v1", "cluster", "leader"]) => transfer_leader(state, req).await,
         (Method::GET, ["v1", "machines"]) => Ok(list(state)),
         (Method::PUT, ["v1", "machines", name]) => deploy(state, name, req).await,
         (Method::GET, ["v1", "machines", name]) => describe(state, name, &req).await,
@@ -131,7 +134,9 @@ fn allowed_methods(segs: &[&str]) -> Option<&'static str> {
     Some(match segs {
         ["healthz" | "metrics"] | ["v1", "cluster" | "machines"] => "GET, HEAD",
         ["v1", "machines", _] => "GET, HEAD, PUT, DELETE",
-        ["v1", "machines", _, "tasks" | "tasks:batch" | "query"] => "POST",
+        ["v1", "machines", _, "tasks" | "tasks:batch" | "query"] | ["v1", "cluster", "leader"] => {
+            "POST"
+        }
         _ => return None,
     })
 }
@@ -195,41 +200,6 @@ fn expected_term(req: &Request<RequestBody>) -> Result<Option<u64>, ApiError> {
                 })
         })
         .transpose()
-}
-
-fn cluster(state: &ApiState) -> Response<Body> {
-    let s = state.node.status();
-    let leader = s
-        .leader
-        .map(|id| json!({"id": id, "http": (state.http_addr)(id)}));
-    let members: Vec<_> = state
-        .members
-        .iter()
-        .map(|(id, raft)| {
-            let match_index = s
-                .members
-                .iter()
-                .find(|m| m.id == *id)
-                .and_then(|m| m.match_index);
-            json!({"id": id, "raft": raft, "http": (state.http_addr)(*id), "match_index": match_index})
-        })
-        .collect();
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "cluster_id": state.cluster_id,
-            "node_id": s.id,
-            "role": role_name(s.role),
-            "term": s.term,
-            "leader": leader,
-            "commit_index": s.commit_index,
-            "applied_index": s.applied_index,
-            "last_index": s.last_index,
-            "snapshot_index": s.snapshot_index,
-            "compacted_index": s.compacted_index,
-            "members": members,
-        }),
-    )
 }
 
 pub fn role_name(r: Role) -> &'static str {

@@ -138,6 +138,7 @@ pub(super) async fn submit_batch(
     if let Some(Err(
         first @ (ProposeError::NotLeader { .. }
         | ProposeError::Overloaded
+        | ProposeError::LeaderMoving { .. }
         | ProposeError::TermMismatch { .. }
         | ProposeError::ShuttingDown),
     )) = results.first()

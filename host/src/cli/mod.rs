@@ -1,5 +1,5 @@
-//! The `lockstep` command line: `serve` and `dev` run nodes; `deploy`, `submit`, `query` and
-//! `status` talk to a running cluster over HTTP.
+//! The `lockstep` command line: `serve` and `dev` run nodes; `deploy`, `submit`, `query`,
+//! `status` and `transfer-leader` talk to a running cluster over HTTP.
 
 pub mod client;
 pub mod dev;
@@ -68,6 +68,12 @@ enum Cmd {
     },
     /// Show the cluster as the node at --url sees it.
     Status {
+        #[arg(long, env = "LOCKSTEP_URL", default_value = DEV_URL)]
+        url: String,
+    },
+    /// Hand leadership to member ID (before restarting the leader, say); waits until it leads.
+    TransferLeader {
+        id: u64,
         #[arg(long, env = "LOCKSTEP_URL", default_value = DEV_URL)]
         url: String,
     },
@@ -305,6 +311,16 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Status { url } => {
             let r = client::request(Method::GET, &format!("{url}/v1/cluster"), Bytes::new(), &[])
                 .await?;
+            print_reply(&r)
+        }
+        Cmd::TransferLeader { id, url } => {
+            let r = client::request(
+                Method::POST,
+                &format!("{url}/v1/cluster/leader"),
+                serde_json::json!({ "id": id }).to_string().into(),
+                &[],
+            )
+            .await?;
             print_reply(&r)
         }
     }

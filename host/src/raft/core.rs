@@ -138,6 +138,27 @@ pub enum ProposeRefused {
     /// The in-memory tail holds `max_unapplied_bytes` already: the disk or the state machine is
     /// behind the clients.
     Overloaded,
+    /// Leadership is being handed to `to`: nothing new is appended until it takes over (or the
+    /// hand-over is given up after an election timeout).
+    Transferring {
+        to: NodeId,
+    },
+}
+
+/// Why a leadership transfer could not start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferRefused {
+    NotLeader { leader: Option<NodeId> },
+    NotAMember,
+}
+
+/// A leadership hand-over in progress (braft's `transfer_leadership_to`, etcd's `MsgTimeoutNow`).
+#[derive(Clone, Copy, Debug)]
+struct Transfer {
+    to: NodeId,
+    /// Given up at this time if `to` has not taken over: proposals are accepted again.
+    deadline: u64,
+    sent: bool,
 }
 
 /// Reports in a row of a last index below a follower's match that mean it lost its log.
@@ -261,6 +282,7 @@ pub struct RaftCore {
     term_start_index: u64,
     read_seq: u64,
     reads: VecDeque<PendingRead>,
+    transfer: Option<Transfer>,
 
     needs_replicate: bool,
     ready: Ready,
@@ -332,6 +354,7 @@ impl RaftCore {
             term_start_index: 0,
             read_seq: 0,
             reads: VecDeque::new(),
+            transfer: None,
             needs_replicate: false,
             ready: Ready::default(),
             cfg,
@@ -389,6 +412,10 @@ impl RaftCore {
     pub fn is_leader(&self) -> bool {
         self.role == CoreRole::Leader
     }
+    /// As leader, the member leadership is being handed to, if any.
+    pub fn transferring_to(&self) -> Option<NodeId> {
+        self.transfer.map(|t| t.to)
+    }
     pub fn hard_state(&self) -> HardState {
         HardState {
             term: self.term,
@@ -442,6 +469,10 @@ impl RaftCore {
                     if self.role != CoreRole::Leader {
                         return;
                     }
+                }
+                if self.transfer.is_some_and(|t| self.now >= t.deadline) {
+                    // The target did not take over (down, cut off, or too far behind): lead on.
+                    self.transfer = None;
                 }
                 if self.now >= self.next_heartbeat {
                     self.next_heartbeat = self.now + self.cfg.heartbeat_ms;
@@ -592,6 +623,9 @@ impl RaftCore {
                 current: self.term,
             });
         }
+        if let Some(t) = self.transfer {
+            return Err(ProposeRefused::Transferring { to: t.to });
+        }
         // Timestamps never go backwards along the log, whatever the leader's clock does.
         let ts = timestamp_ms.max(self.last_timestamp);
         let first = self.last_index + 1;
@@ -642,6 +676,51 @@ impl RaftCore {
         Ok(())
     }
 
+    /// Starts handing leadership to `to`: proposals are refused from now on; once `to` holds
+    /// the whole log and all of it is committed (so every proposal's outcome is known here),
+    /// it is told to campaign at once (`TimeoutNow`), and its votes are granted even by
+    /// members that still hear this leader. Given up after a maximum election timeout.
+    /// Asking for this node itself ends a hand-over in progress.
+    pub fn transfer_leadership(&mut self, to: NodeId) -> Result<(), TransferRefused> {
+        if self.role != CoreRole::Leader {
+            return Err(TransferRefused::NotLeader {
+                leader: self.leader,
+            });
+        }
+        if !self.cfg.members.contains(&to) {
+            return Err(TransferRefused::NotAMember);
+        }
+        if to == self.cfg.id {
+            self.transfer = None;
+            return Ok(());
+        }
+        if self.transfer.is_some_and(|t| t.to == to) {
+            return Ok(());
+        }
+        self.transfer = Some(Transfer {
+            to,
+            deadline: self.now + self.cfg.election_timeout_ms.1,
+            sent: false,
+        });
+        self.send_append(to);
+        self.maybe_timeout_now();
+        Ok(())
+    }
+
+    /// Sends the transfer target `TimeoutNow` once it holds the whole log, committed.
+    fn maybe_timeout_now(&mut self) {
+        let Some(t) = self.transfer else {
+            return;
+        };
+        if t.sent || self.commit < self.last_index || self.match_index(t.to) < self.last_index {
+            return;
+        }
+        self.ready
+            .messages
+            .push((t.to, Message::TimeoutNow { term: self.term }));
+        self.transfer = Some(Transfer { sent: true, ..t });
+    }
+
     /// Handles one message from `from`.
     pub fn step(&mut self, from: NodeId, msg: Message) {
         if from == self.cfg.id || !self.cfg.members.contains(&from) {
@@ -657,8 +736,11 @@ impl RaftCore {
             match msg {
                 Message::PreVote { .. } => {}
                 Message::PreVoteResp { granted: true, .. } => {}
-                Message::Vote { .. } if self.in_lease() => {
-                    // A current leader is alive: a disruptive candidate is ignored.
+                Message::Vote {
+                    transfer: false, ..
+                } if self.in_lease() => {
+                    // A current leader is alive: a disruptive candidate is ignored (unless that
+                    // leader sent it to campaign).
                     return;
                 }
                 Message::Append { .. }
@@ -718,6 +800,7 @@ impl RaftCore {
                 term,
                 last_index,
                 last_term,
+                ..
             } => {
                 let free = self.vote == 0 || self.vote == from;
                 let granted = term == self.term && free && self.log_ok(last_index, last_term);
@@ -820,6 +903,13 @@ impl RaftCore {
                     self.handle_snapshot_resp(from, index, received);
                 }
             }
+            Message::TimeoutNow { .. } => {
+                // The leader of this term hands over: campaign now. (An election is always
+                // safe; a late one only costs a term.)
+                if self.role != CoreRole::Leader {
+                    self.start_election(true);
+                }
+            }
             Message::HeartbeatResp {
                 seq, last_index, ..
             } => {
@@ -918,7 +1008,9 @@ impl RaftCore {
         self.tally(true);
     }
 
-    fn start_election(&mut self) {
+    /// `transfer`: asked to by the leader (`TimeoutNow`), which pre-votes would refuse while
+    /// it is alive; the votes say so.
+    fn start_election(&mut self, transfer: bool) {
         self.role = CoreRole::Candidate;
         self.term += 1;
         self.vote = self.cfg.id;
@@ -942,6 +1034,7 @@ impl RaftCore {
                 term: self.term,
                 last_index,
                 last_term,
+                transfer,
             };
             self.send_after_durable(p, m, u64::MAX);
         }
@@ -953,7 +1046,7 @@ impl RaftCore {
         let rejected = self.votes.values().filter(|&&g| !g).count();
         if granted >= self.quorum() {
             if pre {
-                self.start_election();
+                self.start_election(false);
             } else {
                 // Our own vote is in the write queued ahead of everything the leader does, so
                 // nothing commits before it is durable (FIFO storage).
@@ -975,6 +1068,7 @@ impl RaftCore {
         self.role = CoreRole::Follower;
         self.leader = leader;
         self.votes.clear();
+        self.transfer = None;
         if was_leader {
             self.progress.clear();
             self.ready.stepped_down = true;
@@ -989,6 +1083,7 @@ impl RaftCore {
         self.role = CoreRole::Leader;
         self.leader = Some(self.cfg.id);
         self.ready.became_leader = true;
+        self.transfer = None;
         self.progress.clear();
         for &p in &self.cfg.members {
             if p != self.cfg.id {
@@ -1694,6 +1789,7 @@ impl RaftCore {
             self.advance_commit(q);
             self.release_reads();
         }
+        self.maybe_timeout_now();
     }
 }
 
@@ -1928,6 +2024,7 @@ mod tests {
                 term: 2,
                 last_index: 2,
                 last_term: 1,
+                transfer: false,
             },
         );
         let r = c.take_ready();
@@ -1959,6 +2056,7 @@ mod tests {
                 term: 2,
                 last_index: 9,
                 last_term: 1,
+                transfer: false,
             },
         );
         assert!(c.take_ready().messages.contains(&(
@@ -1976,6 +2074,7 @@ mod tests {
                 term: 3,
                 last_index: 5,
                 last_term: 1,
+                transfer: false,
             },
         );
         assert!(c.take_ready().messages.contains(&(
@@ -2230,6 +2329,181 @@ mod tests {
         c.set_applied(a);
         c.propose(p(60), 0, None)
             .expect("the applied entry no longer counts");
+    }
+
+    #[test]
+    fn a_transfer_tells_the_target_to_campaign_once_it_holds_the_whole_log_committed() {
+        let mut c = core(1, 3, &[], 0);
+        elect(&mut c, 3);
+        let term = c.term();
+        c.propose(
+            [Bytes::from_static(b"a"), Bytes::from_static(b"b")],
+            0,
+            None,
+        )
+        .expect("leader");
+        flush(&mut c);
+        assert_eq!(
+            c.transfer_leadership(7),
+            Err(TransferRefused::NotAMember),
+            "not a member"
+        );
+        c.transfer_leadership(2).expect("leader");
+        assert_eq!(c.transferring_to(), Some(2));
+        assert_eq!(
+            c.propose([Bytes::from_static(b"c")], 0, None),
+            Err(ProposeRefused::Transferring { to: 2 }),
+            "nothing new is appended while leadership moves"
+        );
+        let timeout_now = |out: &[(NodeId, Message)]| {
+            out.iter()
+                .any(|m| matches!(m, (2, Message::TimeoutNow { term: t }) if *t == term))
+        };
+        assert!(!timeout_now(&flush(&mut c)), "the target holds nothing yet");
+        // Committed by node 3, but the target still lacks entries: not yet.
+        c.step(3, ack(term, 3));
+        assert_eq!(c.commit_index(), 3);
+        assert!(!timeout_now(&flush(&mut c)));
+        c.step(2, ack(term, 2));
+        assert!(!timeout_now(&flush(&mut c)), "the target lacks entry 3");
+        c.step(2, ack(term, 3));
+        let out = flush(&mut c);
+        assert!(timeout_now(&out), "caught up and committed: {out:?}");
+        assert!(c.is_leader(), "leads until the target's election");
+    }
+
+    #[test]
+    fn a_transfer_waits_for_the_leaders_own_write_so_every_proposal_is_committed_first() {
+        let mut c = core(1, 3, &[], 0);
+        elect(&mut c, 3);
+        let term = c.term();
+        c.propose([Bytes::from_static(b"a")], 0, None)
+            .expect("leader");
+        // The leader's write of entry 2 is not durable yet; the target already holds it.
+        let r = c.take_ready();
+        let writes = r.writes;
+        c.transfer_leadership(2).expect("leader");
+        c.step(2, ack(term, 2));
+        assert_eq!(
+            c.commit_index(),
+            1,
+            "one durable copy of entry 2 is not a quorum"
+        );
+        let sent = |r: Ready| {
+            r.messages
+                .iter()
+                .any(|m| matches!(m, (2, Message::TimeoutNow { .. })))
+        };
+        assert!(
+            !sent(c.take_ready()),
+            "a proposal's outcome would be unknown if the target took over now"
+        );
+        for w in writes {
+            c.persisted(w.id, w.last_index, w.last_term);
+        }
+        assert_eq!(c.commit_index(), 2);
+        assert!(sent(c.take_ready()));
+    }
+
+    #[test]
+    fn a_transfer_nobody_completes_is_given_up_and_proposals_resume() {
+        let mut c = core(1, 3, &[], 0);
+        elect(&mut c, 3);
+        let term = c.term();
+        c.transfer_leadership(3).expect("leader");
+        let mut t = 1_000;
+        while c.transferring_to().is_some() && t < 1_500 {
+            t += 10;
+            // Node 2 answers, so check-quorum keeps this node leader; node 3 never does.
+            c.step(2, ack(term, c.last_index()));
+            c.tick(t, 0);
+        }
+        assert!(c.is_leader());
+        assert_eq!(c.transferring_to(), None, "given up");
+        assert!(
+            t <= 1_000 + 200 + 10,
+            "within a maximum election timeout: {t}"
+        );
+        c.propose([Bytes::from_static(b"a")], 0, None)
+            .expect("proposals accepted again");
+        // Asking for the leader itself is a no-op, and a follower names its leader.
+        c.transfer_leadership(1).expect("itself");
+        let mut f = core(2, 3, &[], 0);
+        f.step(
+            1,
+            Message::Heartbeat {
+                term: 1,
+                commit: 0,
+                seq: 0,
+            },
+        );
+        assert_eq!(
+            f.transfer_leadership(3),
+            Err(TransferRefused::NotLeader { leader: Some(1) })
+        );
+    }
+
+    #[test]
+    fn timeout_now_starts_an_election_that_members_hearing_the_leader_still_vote_in() {
+        let heartbeat = Message::Heartbeat {
+            term: 1,
+            commit: 0,
+            seq: 0,
+        };
+        let vote = |transfer| Message::Vote {
+            term: 2,
+            last_index: 0,
+            last_term: 0,
+            transfer,
+        };
+        // A follower that heard the leader ignores an ordinary candidate...
+        let mut f = core(3, 3, &[], 1);
+        f.step(1, heartbeat.clone());
+        flush(&mut f);
+        f.step(2, vote(false));
+        assert!(flush(&mut f).is_empty(), "leader stickiness");
+        assert_eq!(f.term(), 1);
+        // ... but votes for one the leader sent to campaign.
+        f.step(2, vote(true));
+        let out = flush(&mut f);
+        assert!(
+            out.contains(&(
+                2,
+                Message::VoteResp {
+                    term: 2,
+                    granted: true
+                }
+            )),
+            "{out:?}"
+        );
+        // The target campaigns at once, saying why.
+        let mut t = core(2, 3, &[], 1);
+        t.step(1, heartbeat.clone());
+        flush(&mut t);
+        t.step(1, Message::TimeoutNow { term: 1 });
+        assert_eq!(t.role(), CoreRole::Candidate);
+        let out = flush(&mut t);
+        assert!(out.contains(&(3, vote(true))), "{out:?}");
+        // The old leader itself steps down and votes for it.
+        let mut l = core(1, 3, &[], 0);
+        elect(&mut l, 3);
+        let last = l.last_index();
+        l.step(
+            2,
+            Message::Vote {
+                term: l.term() + 1,
+                last_index: last,
+                last_term: l.term(),
+                transfer: true,
+            },
+        );
+        assert!(!l.is_leader());
+        let out = flush(&mut l);
+        assert!(
+            out.iter()
+                .any(|m| matches!(m, (2, Message::VoteResp { granted: true, .. }))),
+            "{out:?}"
+        );
     }
 
     #[test]

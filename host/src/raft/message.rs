@@ -80,10 +80,13 @@ pub enum Message {
         term: u64,
         granted: bool,
     },
+    /// `transfer`: the candidate was told to campaign by the leader handing leadership over
+    /// (`TimeoutNow`), so a voter that still hears that leader votes anyway.
     Vote {
         term: u64,
         last_index: u64,
         last_term: u64,
+        transfer: bool,
     },
     VoteResp {
         term: u64,
@@ -139,6 +142,11 @@ pub enum Message {
         index: u64,
         received: u64,
     },
+    /// From a leader handing leadership over to a follower whose log it knows matches its own:
+    /// campaign now, without waiting for an election timeout or a pre-vote.
+    TimeoutNow {
+        term: u64,
+    },
 }
 
 /// Why bytes could not be decoded into a message.
@@ -174,6 +182,7 @@ const TAG_HEARTBEAT: u8 = 7;
 const TAG_HEARTBEAT_RESP: u8 = 8;
 const TAG_INSTALL_SNAPSHOT: u8 = 9;
 const TAG_SNAPSHOT_RESP: u8 = 10;
+const TAG_TIMEOUT_NOW: u8 = 11;
 
 impl Message {
     pub fn term(&self) -> u64 {
@@ -187,7 +196,8 @@ impl Message {
             | Message::Heartbeat { term, .. }
             | Message::HeartbeatResp { term, .. }
             | Message::InstallSnapshot { term, .. }
-            | Message::SnapshotResp { term, .. } => *term,
+            | Message::SnapshotResp { term, .. }
+            | Message::TimeoutNow { term } => *term,
         }
     }
 
@@ -213,11 +223,13 @@ impl Message {
                 term,
                 last_index,
                 last_term,
+                transfer,
             } => {
                 out.push(TAG_VOTE);
                 put_u64(out, *term);
                 put_u64(out, *last_index);
                 put_u64(out, *last_term);
+                out.push(*transfer as u8);
             }
             Message::VoteResp { term, granted } => {
                 out.push(TAG_VOTE_RESP);
@@ -302,6 +314,10 @@ impl Message {
                 put_u64(out, *index);
                 put_u64(out, *received);
             }
+            Message::TimeoutNow { term } => {
+                out.push(TAG_TIMEOUT_NOW);
+                put_u64(out, *term);
+            }
         }
     }
 
@@ -323,6 +339,7 @@ impl Message {
                 term: r.u64()?,
                 last_index: r.u64()?,
                 last_term: r.u64()?,
+                transfer: r.bool()?,
             },
             TAG_VOTE_RESP => Message::VoteResp {
                 term: r.u64()?,
@@ -381,6 +398,7 @@ impl Message {
                 index: r.u64()?,
                 received: r.u64()?,
             },
+            TAG_TIMEOUT_NOW => Message::TimeoutNow { term: r.u64()? },
             other => return Err(DecodeError::UnknownTag(other)),
         };
         r.finish()?;
@@ -508,7 +526,15 @@ mod tests {
                 term: 7,
                 last_index: 0,
                 last_term: 0,
+                transfer: false,
             },
+            Message::Vote {
+                term: 8,
+                last_index: 12,
+                last_term: 7,
+                transfer: true,
+            },
+            Message::TimeoutNow { term: 8 },
             Message::VoteResp {
                 term: 7,
                 granted: false,
@@ -627,6 +653,7 @@ mod tests {
                 term,
                 last_index: 1,
                 last_term: 1,
+                transfer: false,
             }
             .encode(&mut buf);
             Message::decode(&buf)

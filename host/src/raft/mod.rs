@@ -17,7 +17,9 @@ pub use self::core::{
 };
 pub use message::{DecodeError, EntryKind, LogEntry, Message};
 pub use metrics::{HistogramSnapshot, MetricsSnapshot};
-pub use node::{Applied, MemberStatus, Node, ProposeError, ReadError, Role, Status, Transport};
+pub use node::{
+    Applied, MemberStatus, Node, ProposeError, ReadError, Role, Status, TransferError, Transport,
+};
 pub(crate) use node::{Completion, Event, ReadJob};
 
 /// A member's id. Never 0 (0 means "nobody" in the vote).

@@ -19,7 +19,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use super::core::{CoreRole, DurableState, ProposeRefused, RaftCore};
+use super::core::{CoreRole, DurableState, ProposeRefused, RaftCore, TransferRefused};
 use super::fsm_caller::{FsmCaller, FsmTask};
 use super::log_manager::{DiskQueue, DiskTask};
 use super::message::{LogEntry, Message};
@@ -60,6 +60,27 @@ pub enum ProposeError {
     /// Nothing was proposed: entries not yet committed and applied fill the leader's bound.
     #[error("overloaded: the log is too far ahead of what is committed and applied")]
     Overloaded,
+    /// Nothing was proposed: leadership is being handed to `to` (retry shortly, on it).
+    #[error("leadership is moving to node {to}")]
+    LeaderMoving { to: NodeId },
+}
+
+/// Why leadership did not move where asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TransferError {
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
+    #[error("node {0} is not a member")]
+    NotAMember(NodeId),
+    /// The leader gave the hand-over up (the target did not take over within an election
+    /// timeout) and leads on.
+    #[error("node {to} did not take over within an election timeout; node {leader} leads on")]
+    GaveUp { to: NodeId, leader: NodeId },
+    /// The target's election lost to another member's.
+    #[error("node {to} did not win the election; node {leader} leads")]
+    WentElsewhere { to: NodeId, leader: NodeId },
+    #[error("shutting down")]
+    ShuttingDown,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -120,6 +141,11 @@ pub(crate) enum Event<SM: StateMachine> {
         done: Vec<Completion<SM::Output>>,
     },
     Read(ReadJob<SM>),
+    /// Hand leadership to `to`; `done` is answered once it has moved (or did not).
+    Transfer {
+        to: NodeId,
+        done: oneshot::Sender<Result<(), TransferError>>,
+    },
     Peer {
         from: NodeId,
         msg: Message,
@@ -337,6 +363,7 @@ impl<SM: StateMachine> Node<SM> {
             max_batch_bytes: config.max_batch_bytes.max(1),
             snapshot_keep: config.snapshot_keep,
             refusing: false,
+            transfers: Vec::new(),
             threads: vec![disk_thread, fsm_thread],
         };
         tokio::spawn(core_loop.run(events_rx));
@@ -421,6 +448,23 @@ impl<SM: StateMachine> Node<SM> {
             return Err(ReadError::ShuttingDown);
         }
         rx.await.unwrap_or(Err(ReadError::ShuttingDown))
+    }
+
+    /// Hands leadership to member `to` (braft's `transfer_leadership_to`, etcd's move-leader)
+    /// and waits until it leads, as far as this node knows. Meanwhile the leader proposes
+    /// nothing new (callers get `LeaderMoving`); once `to` holds the whole log, committed, it
+    /// is told to campaign at once. Asking a leader for itself ends a hand-over in progress.
+    pub async fn transfer_leadership(&self, to: NodeId) -> Result<(), TransferError> {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .inner
+            .events
+            .send(Event::Transfer { to, done: tx })
+            .is_err()
+        {
+            return Err(TransferError::ShuttingDown);
+        }
+        rx.await.unwrap_or(Err(TransferError::ShuttingDown))
     }
 
     /// Hands an inbound peer message to the node.
@@ -518,6 +562,8 @@ struct CoreLoop<SM: StateMachine> {
     /// The core refused a batch as overloaded in this pass: later batches of the pass are
     /// refused too, so a small one never overtakes a larger one it queued behind.
     refusing: bool,
+    /// Callers of `transfer_leadership`, each with the member it asked for.
+    transfers: Vec<(NodeId, oneshot::Sender<Result<(), TransferError>>)>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -580,6 +626,17 @@ impl<SM: StateMachine> CoreLoop<SM> {
                         }
                     }
                     Event::Read(job) => reads.push(job),
+                    Event::Transfer { to, done } => match self.core.transfer_leadership(to) {
+                        Ok(()) => self.transfers.push((to, done)),
+                        Err(refused) => {
+                            let _ = done.send(Err(match refused {
+                                TransferRefused::NotLeader { leader } => {
+                                    TransferError::NotLeader { leader }
+                                }
+                                TransferRefused::NotAMember => TransferError::NotAMember(to),
+                            }));
+                        }
+                    },
                     Event::Peer { from, msg } => self.core.step(from, msg),
                     Event::Persisted { id, index, term } => self.core.persisted(id, index, term),
                     Event::Snapshotted(snapshot) => self.core.compact(snapshot, self.snapshot_keep),
@@ -599,6 +656,9 @@ impl<SM: StateMachine> CoreLoop<SM> {
             }
             self.flush_ready();
             self.publish_status();
+            if !self.transfers.is_empty() {
+                self.answer_transfers();
+            }
             // Let woken submitters run before draining again: the next batch is bigger and
             // the cycle costs fewer appends, writes and thread wake-ups.
             tokio::task::yield_now().await;
@@ -664,6 +724,7 @@ impl<SM: StateMachine> CoreLoop<SM> {
                         self.refusing = true;
                         ProposeError::Overloaded
                     }
+                    ProposeRefused::Transferring { to } => ProposeError::LeaderMoving { to },
                 };
                 for done in b.done {
                     let _ = done.send(Err(err.clone()));
@@ -687,9 +748,9 @@ impl<SM: StateMachine> CoreLoop<SM> {
             Err(refused) => {
                 let leader = match refused {
                     ProposeRefused::NotLeader { leader } => leader,
-                    ProposeRefused::TermMismatch { .. } | ProposeRefused::Overloaded => {
-                        self.core.leader()
-                    }
+                    ProposeRefused::TermMismatch { .. }
+                    | ProposeRefused::Overloaded
+                    | ProposeRefused::Transferring { .. } => self.core.leader(),
                 };
                 for job in jobs {
                     job(Err(ReadError::NotLeader { leader }));
@@ -792,6 +853,34 @@ impl<SM: StateMachine> CoreLoop<SM> {
         self.core.installed(index);
     }
 
+    /// Answers the callers of `transfer_leadership` whose hand-over ended: the target leads, the
+    /// leader gave up, or another member won. (Stepped down, with no leader known yet: wait.)
+    fn answer_transfers(&mut self) {
+        let (me, leader) = (self.core.id(), self.core.leader());
+        let moving = self.core.transferring_to();
+        let mut waiting = Vec::new();
+        for (to, done) in self.transfers.drain(..) {
+            if done.is_closed() {
+                continue; // the caller gave up waiting
+            }
+            let outcome = match leader {
+                Some(l) if l == to => Ok(()),
+                Some(l) if l == me && moving == Some(to) => {
+                    waiting.push((to, done));
+                    continue;
+                }
+                Some(l) if l == me => Err(TransferError::GaveUp { to, leader: l }),
+                Some(l) => Err(TransferError::WentElsewhere { to, leader: l }),
+                None => {
+                    waiting.push((to, done));
+                    continue;
+                }
+            };
+            let _ = done.send(outcome);
+        }
+        self.transfers = waiting;
+    }
+
     /// Leadership lost: proposals of a term this node no longer leads may or may not commit.
     fn fail_pending(&mut self) {
         let (term, leader) = (self.core.term(), self.core.is_leader());
@@ -843,6 +932,9 @@ impl<SM: StateMachine> CoreLoop<SM> {
                 job(Err(ReadError::ShuttingDown));
             }
         }
+        for (_, done) in self.transfers.drain(..) {
+            let _ = done.send(Err(TransferError::ShuttingDown));
+        }
         let mut waiters = Vec::new();
         waiters.extend(shutdown);
         while let Ok(ev) = rx.try_recv() {
@@ -856,6 +948,9 @@ impl<SM: StateMachine> CoreLoop<SM> {
                     }
                 }
                 Event::Read(job) => job(Err(ReadError::ShuttingDown)),
+                Event::Transfer { done, .. } => {
+                    let _ = done.send(Err(TransferError::ShuttingDown));
+                }
                 Event::Shutdown(tx) => waiters.push(tx),
                 Event::Peer { .. }
                 | Event::Persisted { .. }

@@ -42,6 +42,9 @@ pub struct SimConfig {
     pub unsafe_ack_before_durable: bool,
     /// Applied entries between a node's snapshots (0: none, the log is never compacted).
     pub snapshot_every: u64,
+    /// The leader is asked to hand leadership to another member this often (0: only now and
+    /// then, as one of the faults).
+    pub transfer_every_ms: u64,
 }
 
 impl SimConfig {
@@ -60,6 +63,7 @@ impl SimConfig {
             } else {
                 8 + seed % 40
             },
+            transfer_every_ms: 0,
         }
     }
 }
@@ -77,6 +81,9 @@ pub struct SimReport {
     pub snapshots: usize,
     pub installs: usize,
     pub snapshot_chunks: usize,
+    /// Leadership transfers asked for, and those whose target then won an election.
+    pub transfers_asked: usize,
+    pub transfers_done: usize,
 }
 
 const TICK_MS: u64 = 10;
@@ -216,6 +223,7 @@ enum Ev {
         epoch: u64,
     },
     Fault,
+    Transfer,
     Restart {
         node: usize,
     },
@@ -256,6 +264,10 @@ pub struct Sim {
     snapshots: usize,
     installs: usize,
     snapshot_chunks: usize,
+    transfers_asked: usize,
+    transfers_done: usize,
+    /// The latest transfer asked for: its target, the term and the time it was asked in.
+    transfer: Option<(NodeId, u64, u64)>,
     committed: Vec<(u64, u64)>,
     /// The timestamp of the last entry in `committed`.
     committed_ts: u64,
@@ -303,6 +315,9 @@ impl Sim {
             snapshots: 0,
             installs: 0,
             snapshot_chunks: 0,
+            transfers_asked: 0,
+            transfers_done: 0,
+            transfer: None,
             committed: Vec::new(),
             committed_ts: 0,
             state_at: BTreeMap::new(),
@@ -353,6 +368,10 @@ impl Sim {
         if sim.faults_on {
             let at = sim.rng.gen_range(200..800);
             sim.schedule(at, Ev::Fault);
+        }
+        if sim.cfg.transfer_every_ms > 0 {
+            let every = sim.cfg.transfer_every_ms;
+            sim.schedule(every, Ev::Transfer);
         }
         sim
     }
@@ -477,6 +496,8 @@ impl Sim {
             snapshots: self.snapshots,
             installs: self.installs,
             snapshot_chunks: self.snapshot_chunks,
+            transfers_asked: self.transfers_asked,
+            transfers_done: self.transfers_done,
         })
     }
 
@@ -538,6 +559,13 @@ impl Sim {
                     self.fault()?;
                     let at = self.rng.gen_range(100..700);
                     self.schedule(at, Ev::Fault);
+                }
+            }
+            Ev::Transfer => {
+                if self.now < self.cfg.duration_ms {
+                    self.transfer_leadership()?;
+                    let every = self.cfg.transfer_every_ms;
+                    self.schedule(every, Ev::Transfer);
                 }
             }
             Ev::Restart { node } => {
@@ -642,14 +670,35 @@ impl Sim {
                     self.crash(i);
                 }
             }
-            _ => {
+            90..=94 => {
                 // Crash the leader.
                 if let Some(l) = self.current_leader() {
                     self.crash((l - 1) as usize);
                 }
             }
+            _ => self.transfer_leadership()?,
         }
         Ok(())
+    }
+
+    /// Asks the leader to hand leadership to another member, chosen at random.
+    fn transfer_leadership(&mut self) -> Result<(), String> {
+        let Some(l) = self.current_leader() else {
+            return Ok(());
+        };
+        let n = self.nodes.len() as NodeId;
+        let to = (l + self.rng.gen_range(1..n) - 1) % n + 1;
+        self.trace(b"transfer");
+        let i = (l - 1) as usize;
+        let Some(core) = self.nodes[i].core.as_mut() else {
+            return Ok(());
+        };
+        let term = core.term();
+        core.transfer_leadership(to)
+            .map_err(|e| format!("node {l}, leading term {term}, refused a transfer: {e:?}"))?;
+        self.transfers_asked += 1;
+        self.transfer = Some((to, term, self.now));
+        self.drain(i)
     }
 
     fn current_leader(&self) -> Option<NodeId> {
@@ -735,6 +784,15 @@ impl Sim {
                     return Err(format!("two leaders in term {term}: {other} and {id}"));
                 }
                 self.leaders.insert(term, id);
+                // Counted only if it won soon after (a hand-over takes a round trip or two).
+                if let Some((to, asked_in, at)) = self.transfer
+                    && to == id
+                    && term > asked_in
+                    && self.now <= at + 150
+                {
+                    self.transfers_done += 1;
+                    self.transfer = None;
+                }
             }
             for (to, m) in &ready.messages {
                 self.send(id, *to, m);
@@ -1137,6 +1195,10 @@ impl Sim {
             Err(ProposeRefusal::TermMismatch { .. }) => Err("unexpected term mismatch".into()),
             Err(ProposeRefusal::Overloaded) => {
                 retry(self, Some(target));
+                Ok(())
+            }
+            Err(ProposeRefusal::Transferring { to }) => {
+                retry(self, Some(to));
                 Ok(())
             }
         }

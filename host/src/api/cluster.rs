@@ -1,0 +1,103 @@
+//! The members as this node sees them, and moving leadership between them.
+
+use std::time::Duration;
+
+use hyper::{Request, Response, StatusCode};
+use serde_json::json;
+
+use super::body::{RequestBody, read_body};
+use super::{ApiError, ApiState, Body, json_response, leader_or_redirect, redirect, role_name};
+use crate::raft::TransferError;
+
+/// Longest a leadership transfer is waited for: the leader gives one up after an election
+/// timeout, but a cluster that loses its quorum meanwhile may elect nobody.
+const TRANSFER_WAIT: Duration = Duration::from_secs(10);
+
+pub(super) fn cluster(state: &ApiState) -> Response<Body> {
+    let s = state.node.status();
+    let leader = s
+        .leader
+        .map(|id| json!({"id": id, "http": (state.http_addr)(id)}));
+    let members: Vec<_> = state
+        .members
+        .iter()
+        .map(|(id, raft)| {
+            let match_index = s
+                .members
+                .iter()
+                .find(|m| m.id == *id)
+                .and_then(|m| m.match_index);
+            json!({"id": id, "raft": raft, "http": (state.http_addr)(*id), "match_index": match_index})
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "cluster_id": state.cluster_id,
+            "node_id": s.id,
+            "role": role_name(s.role),
+            "term": s.term,
+            "leader": leader,
+            "commit_index": s.commit_index,
+            "applied_index": s.applied_index,
+            "last_index": s.last_index,
+            "snapshot_index": s.snapshot_index,
+            "compacted_index": s.compacted_index,
+            "members": members,
+        }),
+    )
+}
+
+/// `POST /v1/cluster/leader` with `{"id": N}`: hands leadership to member N and answers once
+/// it leads (200, the new leader), or why it does not (400 not a member, 503
+/// `transfer_failed` when it did not take over). A follower redirects to the leader.
+pub(super) async fn transfer_leader(
+    state: &ApiState,
+    req: Request<RequestBody>,
+) -> Result<Response<Body>, ApiError> {
+    if let Some(r) = leader_or_redirect(state, req.uri()) {
+        return Ok(r);
+    }
+    let uri = req.uri().clone();
+    let (body, _read) = read_body(req, 4096, &state.bodies).await?;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Target {
+        id: u64,
+    }
+    let Target { id } = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!("the body must be {{\"id\": <member id>}}: {e}"))
+    })?;
+    let failed = |message: String| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "transfer_failed", message)
+    };
+    match tokio::time::timeout(TRANSFER_WAIT, state.node.transfer_leadership(id)).await {
+        Ok(Ok(())) => {
+            let term = state.node.status().term;
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"leader": {"id": id, "http": (state.http_addr)(id)}, "term": term}),
+            ))
+        }
+        Ok(Err(TransferError::NotLeader { leader })) => Ok(redirect(state, leader, &uri)),
+        Ok(Err(TransferError::NotAMember(id))) => {
+            let members: Vec<String> = state.members.iter().map(|(m, _)| m.to_string()).collect();
+            Err(ApiError::bad_request(format!(
+                "node {id} is not a member (members: {})",
+                members.join(", ")
+            )))
+        }
+        Ok(Err(e @ (TransferError::GaveUp { .. } | TransferError::WentElsewhere { .. }))) => {
+            Err(failed(e.to_string()))
+        }
+        Ok(Err(TransferError::ShuttingDown)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "this node is shutting down",
+        )),
+        Err(_) => Err(failed(format!(
+            "no leader was known {} s after the hand-over to node {id} began",
+            TRANSFER_WAIT.as_secs()
+        ))),
+    }
+}
