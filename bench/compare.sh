@@ -82,7 +82,7 @@ ETCD_BODY='{"key":"a2V5","value":"MDEyMzQ1Njc4OWFiY2RlZg=="}' # value: 16 bytes
 # Each point runs ROUNDS times, the three targets interleaved (so a slow minute on this shared
 # machine hits all three alike); the table shows each target's median round by throughput (its
 # p50 and p99 are that round's; with an even ROUNDS, the lower of the two middle rounds) and the
-# ratios of those throughputs, and every round's throughput follows it.
+# ratios of those throughputs, and every round's throughput (and p99) follows it.
 RESULTS="$WORK/results"
 for c in $CONNS; do
   for r in $(seq 1 "$ROUNDS"); do
@@ -110,7 +110,7 @@ done
 echo
 for c in $CONNS; do
   for t in lockstep etcd ceiling; do
-    printf '%-4s conns, %-8s per round: %s\n' "$c" "$t" "$(awk -v t=$t -v c="$c" '$1 == t && $2 == c { printf "%s ", $4 }' "$RESULTS")"
+    printf '%-4s conns, %-8s per round (p99 ms): %s\n' "$c" "$t" "$(awk -v t=$t -v c="$c" '$1 == t && $2 == c { printf "%s (%s) ", $4, $6 }' "$RESULTS")"
   done
 done
 errors=$(awk '$7 != 0 { printf "%s at %s conns round %s: %s errors; ", $1, $2, $3, $7 }' "$RESULTS")

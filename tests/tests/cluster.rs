@@ -318,6 +318,48 @@ fn leadership_moves_to_the_member_asked_for_and_no_write_is_lost() {
     assert_no_acked_write_lost(&c, &acked);
 }
 
+/// A transfer to a member that is down is given up after an election timeout: the caller is
+/// told, and the leader takes tasks again.
+#[test]
+fn a_transfer_to_a_stopped_member_fails_clearly_and_the_leader_leads_on() {
+    let _serial = serial();
+    let mut c = TestCluster::start(3);
+    c.deploy_guest("counter", guests::COUNTER);
+    let leader = c.wait_for_leader(Duration::from_secs(10));
+    let target = (leader + 1) % 3;
+    c.kill(target);
+    let body = format!(r#"{{"id":{}}}"#, c.nodes[target].id);
+    let asked = Instant::now();
+    let r = c
+        .client(leader)
+        .post("/v1/cluster/leader", body.as_bytes())
+        .expect("post");
+    let took = asked.elapsed();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(
+        r.error_code().as_deref(),
+        Some("transfer_failed"),
+        "{}",
+        r.text()
+    );
+    assert!(r.header("retry-after").is_some());
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(5),
+        "given up after {took:?}"
+    );
+    let r = c
+        .client(leader)
+        .post("/v1/machines/counter/tasks", br#"{"add":1}"#)
+        .expect("post");
+    assert_eq!(
+        r.status,
+        200,
+        "tasks again after the hand-over was given up: {}",
+        r.text()
+    );
+    c.restart(target);
+}
+
 #[test]
 fn follower_redirects_to_the_leader() {
     let _serial = serial();

@@ -87,6 +87,11 @@ pub(super) async fn transfer_leader(
                 members.join(", ")
             )))
         }
+        Ok(Err(e @ TransferError::InProgress { .. })) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "transfer_in_progress",
+            e.to_string(),
+        )),
         Ok(Err(e @ (TransferError::GaveUp { .. } | TransferError::WentElsewhere { .. }))) => {
             Err(failed(e.to_string()))
         }

@@ -148,8 +148,15 @@ pub enum ProposeRefused {
 /// Why a leadership transfer could not start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransferRefused {
-    NotLeader { leader: Option<NodeId> },
+    NotLeader {
+        leader: Option<NodeId>,
+    },
     NotAMember,
+    /// Leadership is already moving to `to`: one hand-over at a time, so two targets never
+    /// campaign against each other.
+    InProgress {
+        to: NodeId,
+    },
 }
 
 /// A leadership hand-over in progress (braft's `transfer_leadership_to`, etcd's `MsgTimeoutNow`).
@@ -158,7 +165,8 @@ struct Transfer {
     to: NodeId,
     /// Given up at this time if `to` has not taken over: proposals are accepted again.
     deadline: u64,
-    sent: bool,
+    /// When `TimeoutNow` last went out: it is sent again a heartbeat later, in case it was lost.
+    sent_at: Option<u64>,
 }
 
 /// Reports in a row of a last index below a follower's match that mean it lost its log.
@@ -474,6 +482,7 @@ impl RaftCore {
                     // The target did not take over (down, cut off, or too far behind): lead on.
                     self.transfer = None;
                 }
+                self.maybe_timeout_now();
                 if self.now >= self.next_heartbeat {
                     self.next_heartbeat = self.now + self.cfg.heartbeat_ms;
                     self.broadcast_heartbeat();
@@ -680,7 +689,8 @@ impl RaftCore {
     /// the whole log and all of it is committed (so every proposal's outcome is known here),
     /// it is told to campaign at once (`TimeoutNow`), and its votes are granted even by
     /// members that still hear this leader. Given up after a maximum election timeout.
-    /// Asking for this node itself ends a hand-over in progress.
+    /// Asking for the member already asked for changes nothing; for another one (this node
+    /// included) while a hand-over is in progress is refused.
     pub fn transfer_leadership(&mut self, to: NodeId) -> Result<(), TransferRefused> {
         if self.role != CoreRole::Leader {
             return Err(TransferRefused::NotLeader {
@@ -690,35 +700,52 @@ impl RaftCore {
         if !self.cfg.members.contains(&to) {
             return Err(TransferRefused::NotAMember);
         }
-        if to == self.cfg.id {
-            self.transfer = None;
-            return Ok(());
-        }
-        if self.transfer.is_some_and(|t| t.to == to) {
-            return Ok(());
+        match self.transfer {
+            Some(t) if t.to == to => return Ok(()),
+            Some(t) => return Err(TransferRefused::InProgress { to: t.to }),
+            None if to == self.cfg.id => return Ok(()),
+            None => {}
         }
         self.transfer = Some(Transfer {
             to,
             deadline: self.now + self.cfg.election_timeout_ms.1,
-            sent: false,
+            sent_at: None,
         });
         self.send_append(to);
         self.maybe_timeout_now();
         Ok(())
     }
 
-    /// Sends the transfer target `TimeoutNow` once it holds the whole log, committed.
+    /// Sends the transfer target `TimeoutNow` once it holds the whole log, committed, and
+    /// again every heartbeat interval until it takes over (a lost one would otherwise cost the
+    /// whole hand-over; an old-term one is dropped by a target that already campaigned).
     fn maybe_timeout_now(&mut self) {
         let Some(t) = self.transfer else {
             return;
         };
-        if t.sent || self.commit < self.last_index || self.match_index(t.to) < self.last_index {
+        let resend_due = t
+            .sent_at
+            .is_none_or(|at| self.now >= at + self.cfg.heartbeat_ms);
+        if !resend_due || self.commit < self.last_index || self.match_index(t.to) < self.last_index
+        {
             return;
         }
         self.ready
             .messages
             .push((t.to, Message::TimeoutNow { term: self.term }));
-        self.transfer = Some(Transfer { sent: true, ..t });
+        self.transfer = Some(Transfer {
+            sent_at: Some(self.now),
+            ..t
+        });
+    }
+
+    /// Whether a vote marked `transfer` from `from` is one this node's own hand-over asked for
+    /// (a leader grants only those; a follower cannot tell, and trusts its peers).
+    fn asked_to_campaign(&self, from: NodeId) -> bool {
+        self.role != CoreRole::Leader
+            || self
+                .transfer
+                .is_some_and(|t| t.to == from && t.sent_at.is_some())
     }
 
     /// Handles one message from `from`.
@@ -736,9 +763,9 @@ impl RaftCore {
             match msg {
                 Message::PreVote { .. } => {}
                 Message::PreVoteResp { granted: true, .. } => {}
-                Message::Vote {
-                    transfer: false, ..
-                } if self.in_lease() => {
+                Message::Vote { transfer, .. }
+                    if self.in_lease() && !(transfer && self.asked_to_campaign(from)) =>
+                {
                     // A current leader is alive: a disruptive candidate is ignored (unless that
                     // leader sent it to campaign).
                     return;
@@ -904,9 +931,9 @@ impl RaftCore {
                 }
             }
             Message::TimeoutNow { .. } => {
-                // The leader of this term hands over: campaign now. (An election is always
-                // safe; a late one only costs a term.)
-                if self.role != CoreRole::Leader {
+                // Our leader hands over: campaign now. (An election is always safe; one from a
+                // hand-over given up meanwhile only costs a term, and the leader refuses it.)
+                if self.role == CoreRole::Follower && self.leader == Some(from) {
                     self.start_election(true);
                 }
             }
@@ -2484,26 +2511,72 @@ mod tests {
         assert_eq!(t.role(), CoreRole::Candidate);
         let out = flush(&mut t);
         assert!(out.contains(&(3, vote(true))), "{out:?}");
-        // The old leader itself steps down and votes for it.
+        // A follower ignores a `TimeoutNow` from anyone but its leader (a forged or confused
+        // one).
+        let mut o = core(3, 3, &[], 1);
+        o.step(1, heartbeat.clone());
+        flush(&mut o);
+        o.step(2, Message::TimeoutNow { term: 1 });
+        assert_eq!(o.role(), CoreRole::Follower);
+        assert!(flush(&mut o).is_empty());
+
+        // A leader grants a transfer vote only from the member it told to campaign.
         let mut l = core(1, 3, &[], 0);
         elect(&mut l, 3);
-        let last = l.last_index();
-        l.step(
-            2,
-            Message::Vote {
-                term: l.term() + 1,
-                last_index: last,
-                last_term: l.term(),
-                transfer: true,
-            },
+        let (term, last) = (l.term(), l.last_index());
+        let transfer_vote = Message::Vote {
+            term: term + 1,
+            last_index: last,
+            last_term: term,
+            transfer: true,
+        };
+        l.step(2, transfer_vote.clone());
+        assert!(
+            l.is_leader(),
+            "no hand-over asked for: an ordinary disruptive vote"
         );
-        assert!(!l.is_leader());
+        assert!(flush(&mut l).is_empty());
+        l.transfer_leadership(2).expect("leader");
+        l.step(2, ack(term, last));
+        assert!(flush(&mut l).contains(&(2, Message::TimeoutNow { term })));
+        l.step(2, transfer_vote);
+        assert!(!l.is_leader(), "the old leader steps down");
         let out = flush(&mut l);
         assert!(
             out.iter()
                 .any(|m| matches!(m, (2, Message::VoteResp { granted: true, .. }))),
             "{out:?}"
         );
+    }
+
+    #[test]
+    fn one_hand_over_at_a_time_and_a_lost_timeout_now_is_sent_again() {
+        let mut c = core(1, 3, &[], 0);
+        elect(&mut c, 3);
+        let term = c.term();
+        c.step(2, ack(term, c.last_index()));
+        c.transfer_leadership(2).expect("leader");
+        c.transfer_leadership(2).expect("the same target again");
+        assert_eq!(
+            c.transfer_leadership(3),
+            Err(TransferRefused::InProgress { to: 2 })
+        );
+        assert_eq!(
+            c.transfer_leadership(1),
+            Err(TransferRefused::InProgress { to: 2 }),
+            "a TimeoutNow already sent cannot be called back"
+        );
+        let timeouts = |out: Vec<(NodeId, Message)>| {
+            out.iter()
+                .filter(|m| matches!(m, (2, Message::TimeoutNow { .. })))
+                .count()
+        };
+        assert_eq!(timeouts(flush(&mut c)), 1);
+        // Lost: nothing more until a heartbeat interval has passed, then once again.
+        c.tick(1_005, 0);
+        assert_eq!(timeouts(flush(&mut c)), 0);
+        c.tick(1_020, 0);
+        assert_eq!(timeouts(flush(&mut c)), 1);
     }
 
     #[test]

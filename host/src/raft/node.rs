@@ -72,9 +72,15 @@ pub enum TransferError {
     NotLeader { leader: Option<NodeId> },
     #[error("node {0} is not a member")]
     NotAMember(NodeId),
+    /// Leadership is already moving to `to`.
+    #[error("leadership is already moving to node {to}; ask again once it has moved")]
+    InProgress { to: NodeId },
     /// The leader gave the hand-over up (the target did not take over within an election
-    /// timeout) and leads on.
-    #[error("node {to} did not take over within an election timeout; node {leader} leads on")]
+    /// timeout) and leads on, as far as it knows.
+    #[error(
+        "node {to} did not take over within an election timeout; node {leader} gave the \
+         hand-over up and leads on, as far as it knows"
+    )]
     GaveUp { to: NodeId, leader: NodeId },
     /// The target's election lost to another member's.
     #[error("node {to} did not win the election; node {leader} leads")]
@@ -634,6 +640,9 @@ impl<SM: StateMachine> CoreLoop<SM> {
                                     TransferError::NotLeader { leader }
                                 }
                                 TransferRefused::NotAMember => TransferError::NotAMember(to),
+                                TransferRefused::InProgress { to } => {
+                                    TransferError::InProgress { to }
+                                }
                             }));
                         }
                     },
@@ -645,6 +654,8 @@ impl<SM: StateMachine> CoreLoop<SM> {
                     Event::Shutdown(tx) => shutdown = Some(tx),
                 }
             }
+            // (Proposals that arrived in this pass before a `Transfer` are refused with it:
+            // the batch is submitted after every event. Nothing is proposed, so no harm.)
             if let Some(b) = batch.take() {
                 self.submit(b);
             }

@@ -25,7 +25,9 @@ use rand::{Rng, SeedableRng, rngs::SmallRng};
 
 use super::NodeId;
 use super::core::ProposeRefused as ProposeRefusal;
-use super::core::{CoreConfig, DurableState, HardState, LogRead, LogWrite, RaftCore, Snapshot};
+use super::core::{
+    CoreConfig, DurableState, HardState, LogRead, LogWrite, RaftCore, Snapshot, TransferRefused,
+};
 use super::message::{EntryKind, LogEntry, Message};
 
 /// What one simulation run looks like.
@@ -654,7 +656,7 @@ impl Sim {
                     }
                 }
             }
-            35..=54 => {
+            35..=49 => {
                 for row in &mut self.blocked {
                     row.iter_mut().for_each(|b| *b = false);
                 }
@@ -670,13 +672,13 @@ impl Sim {
                     self.crash(i);
                 }
             }
-            90..=94 => {
+            50..=54 => self.transfer_leadership()?,
+            _ => {
                 // Crash the leader.
                 if let Some(l) = self.current_leader() {
                     self.crash((l - 1) as usize);
                 }
             }
-            _ => self.transfer_leadership()?,
         }
         Ok(())
     }
@@ -694,8 +696,16 @@ impl Sim {
             return Ok(());
         };
         let term = core.term();
-        core.transfer_leadership(to)
-            .map_err(|e| format!("node {l}, leading term {term}, refused a transfer: {e:?}"))?;
+        match core.transfer_leadership(to) {
+            Ok(()) => {}
+            // The previous hand-over is still under way.
+            Err(TransferRefused::InProgress { .. }) => return Ok(()),
+            Err(e) => {
+                return Err(format!(
+                    "node {l}, leading term {term}, refused a transfer: {e:?}"
+                ));
+            }
+        }
         self.transfers_asked += 1;
         self.transfer = Some((to, term, self.now));
         self.drain(i)
