@@ -927,6 +927,52 @@ fn the_cli_gets_the_answer_a_node_gives_before_reading_the_body() {
     }
 }
 
+/// The CLI covers the API a module author and an operator use: deploy, list, describe,
+/// batch, delete; a name no node would take is refused before any request.
+#[test]
+fn the_cli_lists_describes_batches_and_deletes_machines() {
+    let _serial = serial();
+    let c = TestCluster::start(1);
+    let url = format!("http://{}", c.nodes[0].http);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(lockstep_tests::cluster::lockstep_bin())
+            .args(args)
+            .args(["--url", &url])
+            .output()
+            .expect("run the CLI");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let wasm = dir.path().join("counter.wasm");
+    std::fs::write(&wasm, guests::read(guests::COUNTER)).expect("write the module");
+    let wasm = wasm.to_string_lossy().into_owned();
+
+    let (ok, out) = cli(&["deploy", "counter", &wasm]);
+    assert!(ok, "{out}");
+    let (ok, out) = cli(&["list"]);
+    assert!(ok && out.contains(r#""name":"counter""#), "{out}");
+    let (ok, out) = cli(&["batch", "counter", r#"[{"add":2},{"add":3}]"#]);
+    assert!(ok, "{out}");
+    let results: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+    assert_eq!(results["results"][1]["output"]["value"], 5, "{out}");
+    let (ok, out) = cli(&["batch", "counter", "not json"]);
+    assert!(!ok && out.contains("400 bad_request"), "{out}");
+    let (ok, out) = cli(&["describe", "counter", "--digest"]);
+    assert!(ok && out.contains("state_digest"), "{out}");
+    let (ok, out) = cli(&["delete", "counter"]);
+    assert!(ok && out.contains(r#""deleted":true"#), "{out}");
+    let (ok, out) = cli(&["describe", "counter"]);
+    assert!(!ok && out.contains("not_found"), "{out}");
+    for bad in ["a/b", "../x", "with space"] {
+        let (ok, out) = cli(&["submit", bad, "{}"]);
+        assert!(!ok && out.contains("use 1 to"), "{bad}: {out}");
+    }
+}
+
 /// A raw connection to node 0 that has sent the headers of a task for `machine` with a body of
 /// `len` bytes, and waits at most 10 s for any answer.
 fn task_headers_sent(c: &TestCluster, machine: &str, len: usize) -> TcpStream {

@@ -1,5 +1,6 @@
-//! The `lockstep` command line: `serve` and `dev` run nodes; `deploy`, `submit`, `query`,
-//! `status` and `transfer-leader` talk to a running cluster over HTTP.
+//! The `lockstep` command line: `serve` and `dev` run nodes; `deploy`, `list`, `describe`,
+//! `delete`, `submit`, `batch`, `query`, `status` and `transfer-leader` talk to a running
+//! cluster over HTTP.
 
 pub mod client;
 pub mod dev;
@@ -45,6 +46,26 @@ enum Cmd {
         #[arg(long, env = "LOCKSTEP_URL", default_value = DEV_URL)]
         url: String,
     },
+    /// List the deployed machines.
+    List {
+        #[arg(long, env = "LOCKSTEP_URL", default_value = DEV_URL)]
+        url: String,
+    },
+    /// Show a machine's module and the last entry applied to it.
+    Describe {
+        name: String,
+        #[arg(long, env = "LOCKSTEP_URL", default_value = DEV_URL)]
+        url: String,
+        /// Also a sha256 of its state (compare replicas).
+        #[arg(long)]
+        digest: bool,
+    },
+    /// Delete a machine and its state.
+    Delete {
+        name: String,
+        #[arg(long, env = "LOCKSTEP_URL", default_value = DEV_URL)]
+        url: String,
+    },
     /// Submit a task; PAYLOAD is inline, @file, or - for stdin.
     Submit {
         name: String,
@@ -52,6 +73,17 @@ enum Cmd {
         #[arg(long, env = "LOCKSTEP_URL", default_value = DEV_URL)]
         url: String,
         /// Refuse the task unless the leader is in this term.
+        #[arg(long)]
+        expected_term: Option<u64>,
+    },
+    /// Submit many tasks in one request: TASKS is a JSON array (inline, @file, or - for stdin)
+    /// of task payloads; prints one result per task, in order.
+    Batch {
+        name: String,
+        tasks: String,
+        #[arg(long, env = "LOCKSTEP_URL", default_value = DEV_URL)]
+        url: String,
+        /// Refuse the tasks unless the leader is in this term.
         #[arg(long)]
         expected_term: Option<u64>,
     },
@@ -262,16 +294,30 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Serve(args) => serve(args).await,
         Cmd::Dev(args) => dev::run(args).await,
         Cmd::Deploy { name, file, url } => {
+            let target = machine_url(&url, &name, "")?;
             let module =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let r = client::request(Method::PUT, &target, module.into(), &[]).await?;
+            print_reply(&r)
+        }
+        Cmd::List { url } => {
             let r = client::request(
-                Method::PUT,
-                &format!("{url}/v1/machines/{name}"),
-                module.into(),
+                Method::GET,
+                &format!("{url}/v1/machines"),
+                Bytes::new(),
                 &[],
             )
             .await?;
             print_reply(&r)
+        }
+        Cmd::Describe { name, url, digest } => {
+            let query = if digest { "?digest=1" } else { "" };
+            let target = machine_url(&url, &name, query)?;
+            print_reply(&client::request(Method::GET, &target, Bytes::new(), &[]).await?)
+        }
+        Cmd::Delete { name, url } => {
+            let target = machine_url(&url, &name, "")?;
+            print_reply(&client::request(Method::DELETE, &target, Bytes::new(), &[]).await?)
         }
         Cmd::Submit {
             name,
@@ -279,15 +325,28 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             url,
             expected_term,
         } => {
-            let headers: Vec<(&str, String)> = expected_term
-                .map(|t| (crate::api::EXPECTED_TERM, t.to_string()))
-                .into_iter()
-                .collect();
+            let target = machine_url(&url, &name, "/tasks")?;
             let r = client::request(
                 Method::POST,
-                &format!("{url}/v1/machines/{name}/tasks"),
+                &target,
                 read_arg(&payload)?,
-                &headers,
+                &term_header(expected_term),
+            )
+            .await?;
+            print_reply(&r)
+        }
+        Cmd::Batch {
+            name,
+            tasks,
+            url,
+            expected_term,
+        } => {
+            let target = machine_url(&url, &name, "/tasks:batch")?;
+            let r = client::request(
+                Method::POST,
+                &target,
+                read_arg(&tasks)?,
+                &term_header(expected_term),
             )
             .await?;
             print_reply(&r)
@@ -299,13 +358,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             local,
         } => {
             let consistency = if local { "local" } else { "linearizable" };
-            let r = client::request(
-                Method::POST,
-                &format!("{url}/v1/machines/{name}/query?consistency={consistency}"),
-                read_arg(&request)?,
-                &[],
-            )
-            .await?;
+            let target = machine_url(&url, &name, &format!("/query?consistency={consistency}"))?;
+            let r = client::request(Method::POST, &target, read_arg(&request)?, &[]).await?;
             print_reply(&r)
         }
         Cmd::Status { url } => {
@@ -324,6 +378,20 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             print_reply(&r)
         }
     }
+}
+
+/// `{url}/v1/machines/{name}{rest}`, once the name is one a node would take (a name with a
+/// `/` or a space would otherwise make another URL, or none).
+fn machine_url(url: &str, name: &str, rest: &str) -> anyhow::Result<String> {
+    crate::machines::validate_name(name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(format!("{url}/v1/machines/{name}{rest}"))
+}
+
+fn term_header(expected_term: Option<u64>) -> Vec<(&'static str, String)> {
+    expected_term
+        .map(|t| (crate::api::EXPECTED_TERM, t.to_string()))
+        .into_iter()
+        .collect()
 }
 
 /// `@file` reads a file, `-` reads stdin, anything else is the payload itself.
