@@ -217,6 +217,16 @@ impl TestCluster {
         std::fs::read_to_string(self.nodes[i].data_dir.with_extension("log")).unwrap_or_default()
     }
 
+    /// Runs the `lockstep` command line with `args` against node `i` (`--url`).
+    pub fn cli(&self, i: usize, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(lockstep_bin())
+            .args(args)
+            .arg("--url")
+            .arg(format!("http://{}", self.nodes[i].http))
+            .output()
+            .expect("run the CLI")
+    }
+
     pub fn client(&self, i: usize) -> Client {
         Client::new(self.nodes[i].http.to_string())
     }

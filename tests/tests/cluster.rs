@@ -299,11 +299,7 @@ fn leadership_moves_to_the_member_asked_for_and_no_write_is_lost() {
     wait_for_acks(&w, before + 200);
 
     // And back, through the CLI.
-    let out = std::process::Command::new(lockstep_tests::cluster::lockstep_bin())
-        .args(["transfer-leader", &leader_id.to_string(), "--url"])
-        .arg(format!("http://{}", c.nodes[other].http))
-        .output()
-        .expect("run the CLI");
+    let out = c.cli(other, &["transfer-leader", &leader_id.to_string()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -911,14 +907,9 @@ fn the_cli_gets_the_answer_a_node_gives_before_reading_the_body() {
     let dir = tempfile::tempdir().expect("temp dir");
     let payload = dir.path().join("payload");
     std::fs::write(&payload, vec![b' '; 3 << 20]).expect("payload");
-    let url = format!("http://{}", c.nodes[0].http);
+    let payload = format!("@{}", payload.display());
     for attempt in 0..10 {
-        let out = std::process::Command::new(lockstep_tests::cluster::lockstep_bin())
-            .args(["submit", "counter"])
-            .arg(format!("@{}", payload.display()))
-            .args(["--url", &url])
-            .output()
-            .expect("run the CLI");
+        let out = c.cli(0, &["submit", "counter", &payload]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             stderr.contains("413 too_large"),
@@ -933,13 +924,8 @@ fn the_cli_gets_the_answer_a_node_gives_before_reading_the_body() {
 fn the_cli_lists_describes_batches_and_deletes_machines() {
     let _serial = serial();
     let c = TestCluster::start(1);
-    let url = format!("http://{}", c.nodes[0].http);
     let cli = |args: &[&str]| {
-        let out = std::process::Command::new(lockstep_tests::cluster::lockstep_bin())
-            .args(args)
-            .args(["--url", &url])
-            .output()
-            .expect("run the CLI");
+        let out = c.cli(0, args);
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned()

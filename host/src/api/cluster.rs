@@ -95,11 +95,7 @@ pub(super) async fn transfer_leader(
         Ok(Err(e @ (TransferError::GaveUp { .. } | TransferError::WentElsewhere { .. }))) => {
             Err(failed(e.to_string()))
         }
-        Ok(Err(TransferError::ShuttingDown)) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "this node is shutting down",
-        )),
+        Ok(Err(TransferError::ShuttingDown)) => Err(ApiError::shutting_down()),
         Err(_) => Err(failed(format!(
             "no leader was known {} s after the hand-over to node {id} began",
             TRANSFER_WAIT.as_secs()

@@ -108,6 +108,14 @@ impl ApiError {
         )
     }
 
+    pub fn shutting_down() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "this node is shutting down",
+        )
+    }
+
     /// An outcome the route cannot have produced (a task answered with a deploy, say).
     pub fn unexpected(outcome: &Effect) -> Self {
         Self::internal(format!("unexpected outcome {outcome:?}"))
@@ -221,11 +229,7 @@ impl From<ReadError> for ApiError {
                 "no_leader",
                 format!("{e}; retry (on the new leader)"),
             ),
-            ReadError::ShuttingDown => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "shutting_down",
-                "this node is shutting down",
-            ),
+            ReadError::ShuttingDown => Self::shutting_down(),
         }
     }
 }

@@ -89,6 +89,17 @@ pub enum TransferError {
     ShuttingDown,
 }
 
+impl TransferError {
+    /// The core's refusal of a transfer to `to`.
+    fn refused(to: NodeId, refused: TransferRefused) -> Self {
+        match refused {
+            TransferRefused::NotLeader { leader } => TransferError::NotLeader { leader },
+            TransferRefused::NotAMember => TransferError::NotAMember(to),
+            TransferRefused::InProgress { to } => TransferError::InProgress { to },
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReadError {
     #[error("not the leader (leader: {leader:?})")]
@@ -459,7 +470,8 @@ impl<SM: StateMachine> Node<SM> {
     /// Hands leadership to member `to` (braft's `transfer_leadership_to`, etcd's move-leader)
     /// and waits until it leads, as far as this node knows. Meanwhile the leader proposes
     /// nothing new (callers get `LeaderMoving`); once `to` holds the whole log, committed, it
-    /// is told to campaign at once. Asking a leader for itself ends a hand-over in progress.
+    /// is told to campaign at once. One hand-over at a time: asking for another member
+    /// meanwhile is refused (`InProgress`).
     pub async fn transfer_leadership(&self, to: NodeId) -> Result<(), TransferError> {
         let (tx, rx) = oneshot::channel();
         if self
@@ -635,15 +647,7 @@ impl<SM: StateMachine> CoreLoop<SM> {
                     Event::Transfer { to, done } => match self.core.transfer_leadership(to) {
                         Ok(()) => self.transfers.push((to, done)),
                         Err(refused) => {
-                            let _ = done.send(Err(match refused {
-                                TransferRefused::NotLeader { leader } => {
-                                    TransferError::NotLeader { leader }
-                                }
-                                TransferRefused::NotAMember => TransferError::NotAMember(to),
-                                TransferRefused::InProgress { to } => {
-                                    TransferError::InProgress { to }
-                                }
-                            }));
+                            let _ = done.send(Err(TransferError::refused(to, refused)));
                         }
                     },
                     Event::Peer { from, msg } => self.core.step(from, msg),
@@ -876,13 +880,10 @@ impl<SM: StateMachine> CoreLoop<SM> {
             }
             let outcome = match leader {
                 Some(l) if l == to => Ok(()),
-                Some(l) if l == me && moving == Some(to) => {
-                    waiting.push((to, done));
-                    continue;
-                }
-                Some(l) if l == me => Err(TransferError::GaveUp { to, leader: l }),
-                Some(l) => Err(TransferError::WentElsewhere { to, leader: l }),
-                None => {
+                Some(l) if l != me => Err(TransferError::WentElsewhere { to, leader: l }),
+                Some(l) if moving != Some(to) => Err(TransferError::GaveUp { to, leader: l }),
+                // Still handing over, or no leader known yet.
+                _ => {
                     waiting.push((to, done));
                     continue;
                 }
