@@ -12,7 +12,8 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::Duration;
 
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -22,6 +23,10 @@ use super::metrics::Metrics;
 use super::{Applied, Completion, Event, ProposeError, ReadError, ReadJob};
 use crate::state_machine::{Entry, StateMachine};
 use crate::storage::SnapshotStore;
+
+/// How often a snapshot that fell due during the previous one's write checks whether that write
+/// is done.
+const WRITER_POLL: Duration = Duration::from_millis(20);
 
 pub(crate) enum FsmTask<SM: StateMachine> {
     /// Committed entries in order, and the completions of those this node proposed (by index).
@@ -63,9 +68,22 @@ impl<SM: StateMachine> FsmCaller<SM> {
         // Reads whose index is not applied yet, in arrival order.
         let mut waiting: Vec<(u64, ReadJob<SM>)> = Vec::new();
         loop {
-            match self.rx.recv() {
+            // A snapshot falls due while the previous one is still being written: it is taken
+            // once that one is done, whether or not more entries come.
+            let next = if self.snapshot_due() {
+                match self.rx.recv_timeout(WRITER_POLL) {
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.maybe_snapshot();
+                        continue;
+                    }
+                    next => next.map_err(|_| ()),
+                }
+            } else {
+                self.rx.recv().map_err(|_| ())
+            };
+            match next {
                 Ok(t) => tasks.push(t),
-                Err(_) => return,
+                Err(()) => return,
             }
             while tasks.len() < 1024 {
                 match self.rx.try_recv() {
@@ -129,19 +147,21 @@ impl<SM: StateMachine> FsmCaller<SM> {
         }
     }
 
+    fn snapshot_due(&self) -> bool {
+        self.snapshot_every != 0
+            && self.applied.load(Ordering::Relaxed) >= self.snapshot_index + self.snapshot_every
+    }
+
     /// Every `snapshot_every` entries the machine's state is taken here, between applies, and
     /// made durable beside the log on a thread of its own (the fsync would hold up applying),
     /// which then hands it to the core. A failure skips this one (the log stays longer) and is
-    /// retried as many entries on; so is a snapshot due while the previous one is still being
-    /// written.
+    /// retried as many entries on. One due while the previous one is still being written waits
+    /// for it (see `run`).
     fn maybe_snapshot(&mut self) {
-        let applied = self.applied.load(Ordering::Relaxed);
-        if self.snapshot_every == 0
-            || applied < self.snapshot_index + self.snapshot_every
-            || self.writing.swap(true, Ordering::AcqRel)
-        {
+        if !self.snapshot_due() || self.writing.swap(true, Ordering::AcqRel) {
             return;
         }
+        let applied = self.applied.load(Ordering::Relaxed);
         self.snapshot_index = applied;
         let started = std::time::Instant::now();
         let data = match self.sm.snapshot() {
@@ -289,5 +309,83 @@ impl<SM: StateMachine> FsmCaller<SM> {
         if last > self.applied.load(Ordering::Relaxed) {
             self.applied.store(last, Ordering::Release);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    /// Counts the entries it applied; its snapshot is that count.
+    struct Count(u64);
+
+    impl StateMachine for Count {
+        type Output = ();
+        fn apply(&mut self, batch: Vec<Entry>) -> Vec<()> {
+            self.0 += batch.len() as u64;
+            vec![(); batch.len()]
+        }
+        fn snapshot(&mut self) -> anyhow::Result<Vec<u8>> {
+            Ok(self.0.to_le_bytes().to_vec())
+        }
+    }
+
+    fn entry(index: u64) -> LogEntry {
+        LogEntry {
+            index,
+            term: 1,
+            timestamp_ms: 0,
+            kind: super::super::message::EntryKind::Normal,
+            payload: Bytes::from_static(b"x"),
+        }
+    }
+
+    /// Regression (a CI run): a snapshot that fell due while the previous one was still being
+    /// written waited for the next apply, so with no more writes it never came.
+    #[test]
+    fn a_snapshot_due_during_a_write_is_taken_once_the_write_is_done_without_more_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (events, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let writing = Arc::new(AtomicBool::new(true)); // the previous snapshot's write
+        let caller = FsmCaller {
+            sm: Count(0),
+            rx,
+            applied: Default::default(),
+            metrics: Default::default(),
+            events,
+            snapshots: SnapshotStore::new(dir.path().to_path_buf()),
+            snapshot_every: 5,
+            snapshot_index: 0,
+            last_entry: (0, 0),
+            writing: writing.clone(),
+            writer: None,
+        };
+        let thread = std::thread::spawn(move || caller.run());
+        let applied = |n| FsmTask::Apply {
+            entries: (1..=n).map(entry).collect(),
+            done: Vec::new(),
+        };
+        tx.send(applied(7)).expect("send");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(events_rx.try_recv().is_err(), "no snapshot while writing");
+
+        writing.store(false, Ordering::Release);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let snapshot = loop {
+            match events_rx.try_recv() {
+                Ok(Event::Snapshotted(s)) => break s,
+                Ok(_) => continue,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(_) => panic!("the due snapshot was never taken"),
+            }
+        };
+        assert_eq!(snapshot.index, 7);
+        assert_eq!(&snapshot.data[..], &7u64.to_le_bytes());
+        tx.send(FsmTask::Stop).expect("send");
+        thread.join().expect("the caller stops");
     }
 }
