@@ -158,3 +158,30 @@ fn negative_control_ack_before_durable_is_caught() {
         "the simulator did not catch followers acking before durable"
     );
 }
+
+/// Members added and removed one at a time, every 300 ms, under the faults of every run
+/// (leaders removing themselves included, and nodes that start outside the group and join
+/// it): every run's checks hold, the changes commit, and the group ends where they took it.
+#[test]
+fn members_are_added_and_removed_one_at_a_time() {
+    let (mut asked, mut committed, mut ok, mut reshaped) = (0, 0, 0, 0);
+    for seed in 4000..4060 {
+        let mut c = config(seed);
+        c.membership_changes = true;
+        c.membership_every_ms = 300;
+        c.initial_members = c.nodes - 1;
+        let initial: Vec<u64> = (1..=c.initial_members as u64).collect();
+        let r = run(c).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        asked += r.changes_asked;
+        committed += r.changes_committed;
+        ok += r.ops_ok;
+        reshaped += usize::from(r.members != initial);
+    }
+    println!(
+        "60 seeds: {committed} of {asked} membership changes committed, {reshaped} groups \
+         reshaped, {ok} operations acknowledged"
+    );
+    assert!(asked >= 60 * 5, "{asked} changes asked");
+    assert!(committed * 2 >= asked, "{committed} of {asked} committed");
+    assert!(reshaped >= 30, "{reshaped} of 60 groups changed");
+}

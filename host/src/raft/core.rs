@@ -13,12 +13,15 @@ use rand::{Rng, SeedableRng, rngs::SmallRng};
 
 use super::NodeId;
 use super::ballot_box::BallotBox;
+use super::membership::{ChangeRefused, Membership};
 use super::message::{EntryKind, LogEntry, MAX_WIRE_NUMBER, Message};
 
 /// The core's own view of the configuration (times in milliseconds of the injected clock).
 #[derive(Clone, Debug)]
 pub struct CoreConfig {
     pub id: NodeId,
+    /// The members the cluster started with (empty: this node joins a running cluster, and
+    /// learns its members from the leader). Membership entries in the log override them.
     pub members: Vec<NodeId>,
     pub election_timeout_ms: (u64, u64),
     pub heartbeat_ms: u64,
@@ -57,6 +60,9 @@ pub struct DurableState {
     pub applied: u64,
     pub compacted: (u64, u64),
     pub snapshot: Option<Snapshot>,
+    /// Memberships by the index they are in effect from (membership entries, and the
+    /// membership at an installed snapshot's index), in index order.
+    pub memberships: Vec<(u64, Membership)>,
 }
 
 /// The state machine's applied state at `index` (entry `index` has `term` and `timestamp_ms`),
@@ -68,6 +74,9 @@ pub struct Snapshot {
     pub term: u64,
     pub timestamp_ms: u64,
     pub data: Bytes,
+    /// The membership in effect at `index` (empty in snapshots from before membership
+    /// changes, and taken before a joining member learnt any: it records nothing).
+    pub membership: Membership,
 }
 
 /// Reads the durable log below the in-memory tail (entries a lagging follower still needs).
@@ -96,6 +105,9 @@ pub struct LogWrite {
     pub last_term: u64,
     /// Messages that promise durability (votes, append acknowledgements).
     pub after: Vec<(NodeId, Message)>,
+    /// The membership in effect from this index on, recorded beside the log: an installed
+    /// snapshot's (membership entries in `entries` are recorded by their kind).
+    pub membership: Option<(u64, Membership)>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,6 +224,7 @@ struct Receiving {
     timestamp_ms: u64,
     total: u64,
     data: Vec<u8>,
+    membership: Membership,
 }
 
 /// The leader's view of one follower (braft's Replicator state, etcd's Progress).
@@ -266,6 +279,11 @@ pub struct RaftCore {
     /// Follower: a snapshot arriving in chunks, then one handed to the shell to install.
     receiving: Option<Receiving>,
     installing: Option<Snapshot>,
+    /// Memberships by the index they are in effect from, oldest first: the last one is in
+    /// effect (`voters` are its ids); older ones are kept back to the one in effect at the
+    /// compaction point, which a snapshot sent to a follower carries.
+    memberships: Vec<(u64, Membership)>,
+    voters: Vec<NodeId>,
     last_index: u64,
     /// In-memory tail: entries `mem_first..=last_index`; older ones are read through `storage`.
     mem: VecDeque<LogEntry>,
@@ -312,8 +330,11 @@ impl RaftCore {
             applied,
             compacted: (compacted, compacted_term),
             snapshot,
+            memberships: recorded,
         } = state;
         let last_index = tail.last().map(|e| e.index).unwrap_or(applied);
+        let mut memberships = vec![(0, Membership::of_ids(cfg.members.iter().copied()))];
+        memberships.extend(recorded.into_iter().filter(|(i, _)| *i <= last_index));
         let mem_bytes = tail.iter().map(|e| e.payload.len()).sum();
         let snapshot_ts = snapshot.as_ref().map_or(0, |s| s.timestamp_ms);
         let last_timestamp = match tail.last() {
@@ -345,6 +366,8 @@ impl RaftCore {
             snapshot,
             receiving: None,
             installing: None,
+            memberships,
+            voters: Vec::new(),
             last_index,
             mem_first: applied + 1,
             mem: tail.into(),
@@ -367,9 +390,10 @@ impl RaftCore {
             ready: Ready::default(),
             cfg,
         };
+        core.refresh_voters();
         core.reset_election_deadline();
         // A lone member need not wait for anybody.
-        if core.cfg.members.len() == 1 && core.cfg.members[0] == core.cfg.id {
+        if core.voters == [core.cfg.id] {
             core.election_deadline = now;
         }
         core
@@ -407,8 +431,15 @@ impl RaftCore {
     pub fn durable_index(&self) -> u64 {
         self.durable
     }
+    /// The voting members in effect (the latest membership in the log).
     pub fn members(&self) -> &[NodeId] {
-        &self.cfg.members
+        &self.voters
+    }
+    /// The membership in effect, and the index of the entry that made it (0: the one the
+    /// cluster started with).
+    pub fn membership(&self) -> (u64, &Membership) {
+        let (index, m) = self.memberships.last().expect("never empty");
+        (*index, m)
     }
     /// The leader's match index for `peer` (its own durable index for itself).
     pub fn match_index(&self, peer: NodeId) -> u64 {
@@ -494,7 +525,12 @@ impl RaftCore {
             }
             _ => {
                 if self.now >= self.election_deadline {
-                    self.start_pre_vote();
+                    if self.may_campaign() {
+                        self.start_pre_vote();
+                    } else {
+                        // Not a member (yet, or any more): nothing to campaign for.
+                        self.reset_election_deadline();
+                    }
                 }
             }
         }
@@ -578,6 +614,20 @@ impl RaftCore {
             w.truncate_from = Some(index + 1);
             self.truncated_by = w.id;
         }
+        // The membership at the snapshot's index: the entries that made it may be gone.
+        let last_index = self.last_index;
+        let membership = snap.membership.clone();
+        if membership.is_empty() {
+            // A snapshot from before membership changes: the members never changed.
+            self.memberships
+                .retain(|(i, _)| *i == 0 || (*i <= last_index && last_index > index));
+        } else {
+            self.memberships
+                .retain(|(i, _)| *i > index && *i <= last_index);
+            self.memberships.insert(0, (index, membership.clone()));
+            self.write_mut(false).membership = Some((index, membership));
+        }
+        self.refresh_voters();
         self.applied = self.applied.max(index);
         self.snapshot = Some(snap);
         self.advance_commit(index);
@@ -609,6 +659,12 @@ impl RaftCore {
         }
         self.compacted = through;
         self.compacted_term = term;
+        // Keep the membership in effect at the compaction point, and those after it.
+        let keep_from = self
+            .memberships
+            .partition_point(|(i, _)| *i <= through)
+            .saturating_sub(1);
+        self.memberships.drain(..keep_from);
     }
 
     /// Appends user entries if this node leads `expected_term` (or any term). Returns the index
@@ -661,6 +717,43 @@ impl RaftCore {
         Ok((first, self.term))
     }
 
+    /// Appends a change to `next`, which adds or removes one member: in effect at once, done
+    /// once the returned index commits. One change at a time, and only once this leader's
+    /// first entry is committed (so a change of a previous term that this leader has not yet
+    /// seen committed cannot overlap with it).
+    pub fn change_membership(
+        &mut self,
+        next: Membership,
+        timestamp_ms: u64,
+    ) -> Result<u64, ChangeRefused> {
+        if self.role != CoreRole::Leader {
+            return Err(ChangeRefused::NotLeader {
+                leader: self.leader,
+            });
+        }
+        if let Some(t) = self.transfer {
+            return Err(ChangeRefused::Transferring { to: t.to });
+        }
+        let (made_at, current) = self.membership();
+        if made_at > self.commit || self.commit < self.term_start_index {
+            return Err(ChangeRefused::InProgress);
+        }
+        if !current.one_change_to(&next) {
+            return Err(ChangeRefused::NotOneChange);
+        }
+        let index = self.last_index + 1;
+        let entry = LogEntry {
+            index,
+            term: self.term,
+            timestamp_ms: timestamp_ms.max(self.last_timestamp),
+            kind: EntryKind::Config,
+            payload: next.encode(),
+        };
+        self.append_local(vec![entry]);
+        self.needs_replicate = true;
+        Ok(index)
+    }
+
     /// Starts a read-index round. The answer comes in `Ready::reads_ready` (or `reads_failed`).
     pub fn read_index(&mut self, id: u64) -> Result<(), ProposeRefused> {
         if self.role != CoreRole::Leader {
@@ -677,7 +770,7 @@ impl RaftCore {
             seq: self.read_seq,
             index,
         });
-        if self.cfg.members.len() == 1 {
+        if self.progress.is_empty() {
             self.release_reads();
         } else {
             self.broadcast_heartbeat();
@@ -697,7 +790,7 @@ impl RaftCore {
                 leader: self.leader,
             });
         }
-        if !self.cfg.members.contains(&to) {
+        if !self.is_voter(to) {
             return Err(TransferRefused::NotAMember);
         }
         match self.transfer {
@@ -750,7 +843,10 @@ impl RaftCore {
 
     /// Handles one message from `from`.
     pub fn step(&mut self, from: NodeId, msg: Message) {
-        if from == self.cfg.id || !self.cfg.members.contains(&from) {
+        // Messages from non-members are taken: a member being added hears from its leader
+        // before its log says it is a member, and a leader hears from it. Only votes count
+        // members alone (`tally`).
+        if from == self.cfg.id {
             return;
         }
         let mterm = msg.term();
@@ -857,13 +953,16 @@ impl RaftCore {
             }
             Message::PreVoteResp { granted, term } => {
                 // Grants carry the proposed term; refusals carry the voter's (possibly ours).
-                if self.role == CoreRole::PreCandidate && (!granted || term == self.term + 1) {
+                if self.role == CoreRole::PreCandidate
+                    && (!granted || term == self.term + 1)
+                    && self.is_voter(from)
+                {
                     self.votes.insert(from, granted);
                     self.tally(true);
                 }
             }
             Message::VoteResp { granted, .. } => {
-                if self.role == CoreRole::Candidate {
+                if self.role == CoreRole::Candidate && self.is_voter(from) {
                     self.votes.insert(from, granted);
                     self.tally(false);
                 }
@@ -912,14 +1011,20 @@ impl RaftCore {
                 offset,
                 total,
                 data,
+                membership,
                 ..
             } => {
                 self.heard_from_leader(from);
+                let Ok(membership) = Membership::decode(&membership) else {
+                    tracing::warn!(from, index, "dropping a snapshot chunk: bad membership");
+                    return;
+                };
                 let snapshot = Snapshot {
                     index,
                     term: last_term,
                     timestamp_ms,
                     data,
+                    membership,
                 };
                 self.handle_snapshot(from, snapshot, offset, total);
             }
@@ -933,7 +1038,10 @@ impl RaftCore {
             Message::TimeoutNow { .. } => {
                 // Our leader hands over: campaign now. (An election is always safe; one from a
                 // hand-over given up meanwhile only costs a term, and the leader refuses it.)
-                if self.role == CoreRole::Follower && self.leader == Some(from) {
+                if self.role == CoreRole::Follower
+                    && self.leader == Some(from)
+                    && self.may_campaign()
+                {
                     self.start_election(true);
                 }
             }
@@ -959,7 +1067,7 @@ impl RaftCore {
     pub fn take_ready(&mut self) -> Ready {
         if std::mem::take(&mut self.needs_replicate) && self.role == CoreRole::Leader {
             self.replicate_all();
-            if self.cfg.members.len() == 1 {
+            if self.progress.is_empty() {
                 self.maybe_commit();
             }
         }
@@ -982,7 +1090,58 @@ impl RaftCore {
     // ----- elections -----
 
     fn quorum(&self) -> usize {
-        self.cfg.members.len() / 2 + 1
+        self.voters.len() / 2 + 1
+    }
+
+    fn is_voter(&self, id: NodeId) -> bool {
+        self.voters.contains(&id)
+    }
+
+    /// A member campaigns; so does a node whose own removal is in its log but not committed
+    /// (a leader that removed itself and lost leadership before the removal committed): it
+    /// may hold entries no member has, which the members' votes need it to pass on. Its votes
+    /// are counted among the members as anybody's are.
+    fn may_campaign(&self) -> bool {
+        if self.is_voter(self.cfg.id) {
+            return true;
+        }
+        let (made_at, _) = self.membership();
+        let before = self.memberships.len().checked_sub(2);
+        made_at > self.commit && before.is_some_and(|k| self.memberships[k].1.contains(self.cfg.id))
+    }
+
+    /// Takes the latest membership into effect; a leader starts or stops replicating to the
+    /// members it adds or removes.
+    fn refresh_voters(&mut self) {
+        self.voters = self.membership().1.ids().collect();
+        if self.role != CoreRole::Leader {
+            return;
+        }
+        let voters = std::mem::take(&mut self.voters);
+        self.progress.retain(|id, _| voters.contains(id));
+        for &p in &voters {
+            if p != self.cfg.id && !self.progress.contains_key(&p) {
+                let fresh = self.fresh_progress();
+                self.progress.insert(p, fresh);
+            }
+        }
+        self.voters = voters;
+    }
+
+    fn fresh_progress(&self) -> Progress {
+        Progress {
+            next: self.last_index + 1,
+            matched: 0,
+            state: ProgressState::Probe,
+            inflight: VecDeque::new(),
+            probe_sent_at: None,
+            last_progress_at: self.now,
+            // Earned by answering: a leader nobody hears steps down at the first check-quorum.
+            active: false,
+            seq_acked: 0,
+            reported_less: 0,
+            sending: None,
+        }
     }
 
     fn reset_election_deadline(&mut self) {
@@ -1019,10 +1178,12 @@ impl RaftCore {
         self.role = CoreRole::PreCandidate;
         self.leader = None;
         self.votes.clear();
-        self.votes.insert(self.cfg.id, true);
+        if self.is_voter(self.cfg.id) {
+            self.votes.insert(self.cfg.id, true);
+        }
         self.reset_election_deadline();
         let (last_index, last_term) = (self.last_index, self.term_at(self.last_index));
-        for &p in &self.cfg.members {
+        for &p in &self.voters {
             if p != self.cfg.id {
                 let m = Message::PreVote {
                     term: self.term + 1,
@@ -1043,14 +1204,15 @@ impl RaftCore {
         self.vote = self.cfg.id;
         self.leader = None;
         self.votes.clear();
-        self.votes.insert(self.cfg.id, true);
+        if self.is_voter(self.cfg.id) {
+            self.votes.insert(self.cfg.id, true);
+        }
         self.reset_election_deadline();
         let hs = self.hard_state();
         self.write_mut(false).hard_state = Some(hs);
         let (last_index, last_term) = (self.last_index, self.term_at(self.last_index));
         let peers: Vec<NodeId> = self
-            .cfg
-            .members
+            .voters
             .iter()
             .copied()
             .filter(|&p| p != self.cfg.id)
@@ -1112,35 +1274,23 @@ impl RaftCore {
         self.ready.became_leader = true;
         self.transfer = None;
         self.progress.clear();
-        for &p in &self.cfg.members {
-            if p != self.cfg.id {
-                self.progress.insert(
-                    p,
-                    Progress {
-                        next: self.last_index + 1,
-                        matched: 0,
-                        state: ProgressState::Probe,
-                        inflight: VecDeque::new(),
-                        probe_sent_at: None,
-                        last_progress_at: self.now,
-                        // Earned by answering: a leader nobody hears steps down at the first
-                        // check-quorum.
-                        active: false,
-                        seq_acked: 0,
-                        reported_less: 0,
-                        sending: None,
-                    },
-                );
-            }
-        }
+        self.refresh_voters();
         self.next_quorum_check = self.now + self.cfg.election_timeout_ms.0;
         self.next_heartbeat = self.now + self.cfg.heartbeat_ms;
+        // The term's first entry. In a log with no membership entry yet it records the
+        // members the cluster started with, so a member added later learns them from the log.
+        let (made_at, membership) = self.membership();
+        let (kind, payload) = if made_at == 0 && !membership.is_empty() {
+            (EntryKind::Config, membership.encode())
+        } else {
+            (EntryKind::Noop, Bytes::new())
+        };
         let noop = LogEntry {
             index: self.last_index + 1,
             term: self.term,
             timestamp_ms: self.wall_ms.max(self.last_timestamp),
-            kind: EntryKind::Noop,
-            payload: Bytes::new(),
+            kind,
+            payload,
         };
         self.term_start_index = noop.index;
         self.append_local(vec![noop]);
@@ -1150,7 +1300,8 @@ impl RaftCore {
 
     fn check_quorum(&mut self) {
         self.next_quorum_check = self.now + self.cfg.election_timeout_ms.0;
-        let active = 1 + self.progress.values().filter(|p| p.active).count();
+        let me = usize::from(self.is_voter(self.cfg.id));
+        let active = me + self.progress.values().filter(|p| p.active).count();
         for p in self.progress.values_mut() {
             p.active = false;
         }
@@ -1196,9 +1347,17 @@ impl RaftCore {
     fn append_local(&mut self, entries: Vec<LogEntry>) {
         let Some(first) = entries.first() else { return };
         debug_assert_eq!(first.index, self.last_index + 1);
+        let mut reconfigured = false;
         for e in &entries {
             if self.term_runs.last().map(|&(_, t)| t) != Some(e.term) {
                 self.term_runs.push((e.index, e.term));
+            }
+            // In effect as soon as it is in the log (appends check that it decodes).
+            if e.kind == EntryKind::Config
+                && let Ok(m) = Membership::decode(&e.payload)
+            {
+                self.memberships.push((e.index, m));
+                reconfigured = true;
             }
         }
         if let Some(last) = entries.last() {
@@ -1212,6 +1371,9 @@ impl RaftCore {
         self.mem.extend(entries.iter().cloned());
         let w = self.write_mut(false);
         w.entries.extend(entries);
+        if reconfigured {
+            self.refresh_voters();
+        }
     }
 
     /// Deletes entries from `from` on (a conflict with the leader's log).
@@ -1232,6 +1394,12 @@ impl RaftCore {
         }
         self.mem_bytes = self.mem.iter().map(|e| e.payload.len()).sum();
         self.durable = self.durable.min(from - 1);
+        // A membership change truncated away is undone.
+        let before = self.memberships.len();
+        self.memberships.retain(|(i, _)| *i < from);
+        if self.memberships.len() != before {
+            self.refresh_voters();
+        }
         // A write of its own: acknowledgements queued before must not be mixed into it.
         let w = self.write_mut(true);
         w.truncate_from = Some(from);
@@ -1316,7 +1484,8 @@ impl RaftCore {
         // A well-formed append carries consecutive entries after `prev_index`, in terms that
         // never decrease nor exceed the leader's; anything else is dropped, not trusted.
         let well_formed = entries.iter().enumerate().all(|(k, e)| {
-            e.index == prev_index + 1 + k as u64
+            (e.kind != EntryKind::Config || Membership::decode(&e.payload).is_ok())
+                && e.index == prev_index + 1 + k as u64
                 && e.term <= self.term
                 && e.term
                     >= if k == 0 {
@@ -1429,6 +1598,7 @@ impl RaftCore {
                 timestamp_ms: chunk.timestamp_ms,
                 total,
                 data: Vec::new(),
+                membership: chunk.membership,
             });
         }
         let Some(r) = self.receiving.as_mut() else {
@@ -1444,6 +1614,7 @@ impl RaftCore {
                 term: r.term,
                 timestamp_ms: r.timestamp_ms,
                 data: Bytes::from(r.data),
+                membership: r.membership,
             };
             self.installing = Some(snapshot.clone());
             self.ready.install = Some(snapshot);
@@ -1632,6 +1803,7 @@ impl RaftCore {
             offset,
             total,
             data: snap.data.slice(offset as usize..end as usize),
+            membership: snap.membership.encode(),
         };
         sending.sent_at = Some(now);
         self.ready.messages.push((peer, msg));
@@ -1792,7 +1964,9 @@ impl RaftCore {
             return;
         }
         let mut acked: Vec<u64> = self.progress.values().map(|p| p.seq_acked).collect();
-        acked.push(u64::MAX);
+        if self.is_voter(self.cfg.id) {
+            acked.push(u64::MAX);
+        }
         acked.sort_unstable_by(|a, b| b.cmp(a));
         let quorum_seq = acked[self.quorum() - 1];
         while self.reads.front().is_some_and(|r| r.seq <= quorum_seq) {
@@ -1806,8 +1980,10 @@ impl RaftCore {
 
     /// The ballot box: commit the highest index a quorum holds durably, if it is of this term.
     fn maybe_commit(&mut self) {
-        let mut bb = BallotBox::new(self.cfg.members.len());
-        bb.vote(self.durable);
+        let mut bb = BallotBox::new(self.voters.len());
+        if self.is_voter(self.cfg.id) {
+            bb.vote(self.durable);
+        }
         for p in self.progress.values() {
             bb.vote(p.matched);
         }
@@ -1815,8 +1991,37 @@ impl RaftCore {
         if q > self.commit && self.term_at(q) == self.term {
             self.advance_commit(q);
             self.release_reads();
+            self.leave_if_removed();
+            if self.role != CoreRole::Leader {
+                return;
+            }
         }
         self.maybe_timeout_now();
+    }
+
+    /// A leader whose own removal is committed steps down. The members hear the commit at
+    /// once, and one holding the whole log is told to campaign, so the group is not left
+    /// without a leader for an election timeout.
+    fn leave_if_removed(&mut self) {
+        if self.role != CoreRole::Leader
+            || self.is_voter(self.cfg.id)
+            || self.membership().0 > self.commit
+        {
+            return;
+        }
+        tracing::info!(id = self.cfg.id, "removed from the members: stepping down");
+        self.broadcast_heartbeat();
+        let successor = self
+            .progress
+            .iter()
+            .find(|(_, p)| p.matched >= self.last_index)
+            .map(|(&id, _)| id);
+        if let Some(to) = successor {
+            self.ready
+                .messages
+                .push((to, Message::TimeoutNow { term: self.term }));
+        }
+        self.become_follower(self.term, None);
     }
 }
 
@@ -2876,6 +3081,110 @@ mod tests {
         );
     }
 
+    /// A leader of {1,2,3} adds 4: the change is in effect at once (4 is replicated to, and
+    /// commits then need 3 of 4); a second change waits for the first to commit.
+    #[test]
+    fn an_added_member_counts_at_once_and_changes_go_one_at_a_time() {
+        let mut c = core(1, 3, &[], 0);
+        elect(&mut c, 3);
+        let start = c.last_index();
+        c.step(2, ack(c.term(), start));
+        flush(&mut c);
+        assert_eq!(c.commit_index(), start, "the term's first entry commits");
+        let (_, m) = c.membership();
+        let added = m.with(4, "10.0.0.4:7000".into()).expect("a new member");
+        let at = c.change_membership(added.clone(), 0).expect("leader");
+        assert_eq!(c.members(), &[1, 2, 3, 4]);
+        let sent = flush(&mut c);
+        assert!(sent.iter().any(|(to, _)| *to == 4), "4 is replicated to");
+        assert_eq!(
+            c.change_membership(added.without(2).expect("member"), 0),
+            Err(ChangeRefused::InProgress)
+        );
+        c.step(2, ack(c.term(), at));
+        flush(&mut c);
+        assert!(c.commit_index() < at, "2 of 4 is no quorum");
+        c.step(3, ack(c.term(), at));
+        flush(&mut c);
+        assert_eq!(c.commit_index(), at, "3 of 4 is");
+        assert!(
+            c.change_membership(added.without(2).expect("member"), 0)
+                .is_ok()
+        );
+    }
+
+    /// A follower takes a change when it is appended, and undoes it when the entry is
+    /// truncated by a new leader's log.
+    #[test]
+    fn a_truncated_change_is_undone() {
+        let mut c = core(2, 3, &[1], 1);
+        let change = LogEntry {
+            kind: EntryKind::Config,
+            payload: Membership::of_ids([1, 2]).encode(),
+            ..entry(2, 1)
+        };
+        c.step(
+            1,
+            Message::Append {
+                term: 1,
+                prev_index: 1,
+                prev_term: 1,
+                commit: 0,
+                seq: 0,
+                entries: vec![change],
+            },
+        );
+        flush(&mut c);
+        assert_eq!(c.members(), &[1, 2]);
+        c.step(
+            3,
+            Message::Append {
+                term: 2,
+                prev_index: 1,
+                prev_term: 1,
+                commit: 0,
+                seq: 0,
+                entries: vec![entry(2, 2)],
+            },
+        );
+        flush(&mut c);
+        assert_eq!(c.members(), &[1, 2, 3], "back to the members before it");
+        assert_eq!(c.membership().0, 0);
+    }
+
+    /// A leader that removes itself leads on without counting itself until the removal
+    /// commits, then steps down and tells a member holding its whole log to campaign.
+    #[test]
+    fn a_leader_that_removes_itself_steps_down_once_that_commits() {
+        let mut c = core(1, 3, &[], 0);
+        elect(&mut c, 3);
+        let start = c.last_index();
+        c.step(2, ack(c.term(), start));
+        flush(&mut c);
+        let (_, m) = c.membership();
+        let at = c
+            .change_membership(m.without(1).expect("member"), 0)
+            .expect("leader");
+        assert_eq!(c.members(), &[2, 3]);
+        flush(&mut c);
+        c.step(2, ack(c.term(), at));
+        flush(&mut c);
+        assert!(c.is_leader(), "its own copy does not count: 1 of {{2, 3}}");
+        c.step(3, ack(c.term(), at));
+        let sent = flush(&mut c);
+        assert_eq!(c.commit_index(), at);
+        assert!(!c.is_leader(), "removed: steps down");
+        assert!(
+            sent.iter()
+                .any(|(to, m)| *to == 2 && matches!(m, Message::TimeoutNow { .. })),
+            "{sent:?}"
+        );
+        // A node outside the members never campaigns.
+        c.tick(100_000, 0);
+        assert!(flush(&mut c).is_empty());
+        assert_eq!(c.role(), CoreRole::Follower);
+    }
+
     /// The chunks of `snap` as a leader in `term` sends them, `chunk` bytes each.
     fn chunks(term: u64, snap: &Snapshot, chunk: usize) -> Vec<Message> {
         let total = snap.data.len();
@@ -2889,6 +3198,7 @@ mod tests {
                 offset: offset as u64,
                 total: total as u64,
                 data: snap.data.slice(offset..(offset + chunk).min(total)),
+                membership: snap.membership.encode(),
             })
             .collect()
     }
@@ -2899,6 +3209,7 @@ mod tests {
             term,
             timestamp_ms: 7_000,
             data: Bytes::from((0..20u8).collect::<Vec<_>>()),
+            membership: Membership::of_ids([1, 2, 3]),
         }
     }
 

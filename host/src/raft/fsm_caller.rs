@@ -18,7 +18,8 @@ use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::core::Snapshot;
-use super::message::LogEntry;
+use super::membership::Membership;
+use super::message::{EntryKind, LogEntry};
 use super::metrics::Metrics;
 use super::{Applied, Completion, Event, ProposeError, ReadError, ReadJob};
 use crate::state_machine::{Entry, StateMachine};
@@ -52,8 +53,10 @@ pub(crate) struct FsmCaller<SM: StateMachine> {
     pub snapshot_every: u64,
     /// The latest snapshot's index.
     pub snapshot_index: u64,
-    /// Term and timestamp of the last entry applied (what a snapshot there records).
+    /// Term and timestamp of the last entry applied, and the membership in effect there (what
+    /// a snapshot there records).
     pub last_entry: (u64, u64),
+    pub membership: Membership,
     /// Set while a snapshot is being written, by this thread (joined before the caller stops,
     /// so that a stopped node writes nothing more).
     pub writing: Arc<AtomicBool>,
@@ -101,6 +104,15 @@ impl<SM: StateMachine> FsmCaller<SM> {
                         if let Some(e) = entries.last().filter(|e| e.index > applied) {
                             last = e.index;
                             self.last_entry = (e.term, e.timestamp_ms);
+                        }
+                        let changes = entries
+                            .iter()
+                            .filter(|e| e.index > applied && e.kind == EntryKind::Config);
+                        if let Some(m) = changes
+                            .filter_map(|e| Membership::decode(&e.payload).ok())
+                            .last()
+                        {
+                            self.membership = m;
                         }
                         batch.extend(
                             entries
@@ -180,6 +192,7 @@ impl<SM: StateMachine> FsmCaller<SM> {
             term: self.last_entry.0,
             timestamp_ms: self.last_entry.1,
             data: data.into(),
+            membership: self.membership.clone(),
         };
         let taken = started.elapsed();
         let (store, events, metrics, writing) = (
@@ -245,6 +258,9 @@ impl<SM: StateMachine> FsmCaller<SM> {
                 .fetch_add(1, Ordering::Relaxed);
             self.snapshot_index = index;
             self.last_entry = (snapshot.term, snapshot.timestamp_ms);
+            if !snapshot.membership.is_empty() {
+                self.membership = snapshot.membership.clone();
+            }
             self.applied.store(index, Ordering::Release);
         }
         // Also when the machine had it all already: the core waits for this either way.
@@ -336,7 +352,7 @@ mod tests {
             index,
             term: 1,
             timestamp_ms: 0,
-            kind: super::super::message::EntryKind::Normal,
+            kind: EntryKind::Normal,
             payload: Bytes::from_static(b"x"),
         }
     }
@@ -359,6 +375,7 @@ mod tests {
             snapshot_every: 5,
             snapshot_index: 0,
             last_entry: (0, 0),
+            membership: Membership::of_ids([1]),
             writing: writing.clone(),
             writer: None,
         };
@@ -385,6 +402,7 @@ mod tests {
         };
         assert_eq!(snapshot.index, 7);
         assert_eq!(&snapshot.data[..], &7u64.to_le_bytes());
+        assert_eq!(snapshot.membership, Membership::of_ids([1]));
         tx.send(FsmTask::Stop).expect("send");
         thread.join().expect("the caller stops");
     }

@@ -12,6 +12,8 @@ pub enum EntryKind {
     Normal = 0,
     /// The entry a new leader appends at the start of its term (commits earlier terms' entries).
     Noop = 1,
+    /// A new membership (`Membership::encode`), in effect from the moment it is in a log.
+    Config = 2,
 }
 
 /// One entry of the replicated log.
@@ -134,6 +136,9 @@ pub enum Message {
         offset: u64,
         total: u64,
         data: Bytes,
+        /// The membership in effect at `index` (`Membership::encode`): the entries that say
+        /// so may be compacted away.
+        membership: Bytes,
     },
     /// The follower holds the first `received` bytes of snapshot `index`: the next chunk starts
     /// there. (Once installed it answers with an `AppendResp` at `index`.)
@@ -166,6 +171,10 @@ pub enum DecodeError {
     Trailing(usize),
     #[error("bad boolean {0}")]
     BadBool(u8),
+    #[error("text is not UTF-8")]
+    BadText,
+    #[error("a membership names member 0 or a member twice")]
+    BadMembership,
 }
 
 /// The largest number a message may carry (terms, indexes, lengths, timestamps): far beyond
@@ -293,6 +302,7 @@ impl Message {
                 offset,
                 total,
                 data,
+                membership,
             } => {
                 out.push(TAG_INSTALL_SNAPSHOT);
                 put_u64(out, *term);
@@ -303,6 +313,8 @@ impl Message {
                 put_u64(out, *total);
                 put_u64(out, data.len() as u64);
                 out.extend_from_slice(data);
+                put_u64(out, membership.len() as u64);
+                out.extend_from_slice(membership);
             }
             Message::SnapshotResp {
                 term,
@@ -392,6 +404,7 @@ impl Message {
                 offset: r.u64()?,
                 total: r.u64()?,
                 data: r.bytes()?,
+                membership: r.bytes()?,
             },
             TAG_SNAPSHOT_RESP => Message::SnapshotResp {
                 term: r.u64()?,
@@ -406,7 +419,7 @@ impl Message {
     }
 }
 
-fn put_u64(out: &mut Vec<u8>, mut v: u64) {
+pub(super) fn put_u64(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -414,13 +427,13 @@ fn put_u64(out: &mut Vec<u8>, mut v: u64) {
     out.push(v as u8);
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
+pub(super) struct Reader<'a> {
+    pub(super) buf: &'a [u8],
+    pub(super) pos: usize,
 }
 
 impl Reader<'_> {
-    fn remaining(&self) -> usize {
+    pub(super) fn remaining(&self) -> usize {
         self.buf.len() - self.pos
     }
 
@@ -438,7 +451,7 @@ impl Reader<'_> {
         }
     }
 
-    fn u64(&mut self) -> Result<u64, DecodeError> {
+    pub(super) fn u64(&mut self) -> Result<u64, DecodeError> {
         let mut v: u64 = 0;
         for shift in (0..64).step_by(7) {
             let b = self.byte()?;
@@ -461,7 +474,7 @@ impl Reader<'_> {
     }
 
     /// A length-prefixed byte string.
-    fn bytes(&mut self) -> Result<Bytes, DecodeError> {
+    pub(super) fn bytes(&mut self) -> Result<Bytes, DecodeError> {
         let len = self.u64()?;
         if len > self.remaining() as u64 {
             return Err(DecodeError::Truncated);
@@ -479,6 +492,7 @@ impl Reader<'_> {
         let kind = match self.byte()? {
             0 => EntryKind::Normal,
             1 => EntryKind::Noop,
+            2 => EntryKind::Config,
             k => return Err(DecodeError::UnknownKind(k)),
         };
         let payload = self.bytes()?;
@@ -491,7 +505,7 @@ impl Reader<'_> {
         })
     }
 
-    fn finish(&self) -> Result<(), DecodeError> {
+    pub(super) fn finish(&self) -> Result<(), DecodeError> {
         match self.remaining() {
             0 => Ok(()),
             n => Err(DecodeError::Trailing(n)),
@@ -584,6 +598,7 @@ mod tests {
                 offset: 64,
                 total: 200,
                 data: Bytes::from(vec![7u8; 64]),
+                membership: crate::raft::Membership::of_ids([1, 2, 3]).encode(),
             },
             Message::SnapshotResp {
                 term: 4,

@@ -6,6 +6,7 @@ pub mod core;
 mod fsm_caller;
 pub mod local;
 mod log_manager;
+pub mod membership;
 pub mod message;
 pub mod metrics;
 mod node;
@@ -15,6 +16,7 @@ use std::time::Duration;
 pub use self::core::{
     CoreConfig, CoreRole, DurableState, HardState, LogRead, LogWrite, RaftCore, Ready, Snapshot,
 };
+pub use membership::{ChangeRefused, Membership};
 pub use message::{DecodeError, EntryKind, LogEntry, Message};
 pub use metrics::{HistogramSnapshot, MetricsSnapshot};
 pub use node::{

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::core::{CoreRole, DurableState, ProposeRefused, RaftCore, TransferRefused};
 use super::fsm_caller::{FsmCaller, FsmTask};
 use super::log_manager::{DiskQueue, DiskTask};
+use super::membership::Membership;
 use super::message::{LogEntry, Message};
 use super::metrics::{Metrics, MetricsSnapshot};
 use super::{HardState, NodeId, RaftConfig};
@@ -280,6 +281,19 @@ impl<SM: StateMachine> Node<SM> {
                 .as_ref()
                 .map_or((0, 0), |s| (s.term, s.timestamp_ms)),
         };
+        // The snapshot's membership supersedes the records up to it (which may be missing: a
+        // crash before the log was cut behind an installed snapshot).
+        let mut memberships = rec.memberships;
+        if let Some(s) = snapshot.as_ref().filter(|s| !s.membership.is_empty()) {
+            memberships.retain(|(i, _)| *i > s.index);
+            memberships.insert(0, (s.index, s.membership.clone()));
+        }
+        let applied_membership = memberships
+            .iter()
+            .rev()
+            .find(|(i, _)| *i <= applied)
+            .map(|(_, m)| m.clone())
+            .unwrap_or_else(|| Membership::of_ids(config.members.iter().copied()));
         let state = DurableState {
             hard: HardState {
                 commit,
@@ -290,6 +304,7 @@ impl<SM: StateMachine> Node<SM> {
             applied,
             compacted: rec.compacted,
             snapshot,
+            memberships,
         };
         let core = RaftCore::new(
             config.core_config(),
@@ -354,6 +369,7 @@ impl<SM: StateMachine> Node<SM> {
             snapshot_every: config.snapshot_every,
             snapshot_index: from,
             last_entry,
+            membership: applied_membership,
             writing: Arc::default(),
             writer: None,
         };

@@ -9,7 +9,8 @@
 //! one (as the FSM caller's thread lags the commit index); clients writing and reading a small
 //! key-value machine through the same completion bookkeeping as the runtime; snapshots of that
 //! machine every few entries, the log compacted behind them, and followers that fell behind
-//! the compaction sent the snapshot in chunks. It checks: at most
+//! the compaction sent the snapshot in chunks; leadership transfers; members added and removed
+//! one at a time (some nodes start outside the group, to join it). It checks: at most
 //! one leader per term, committed entries (timestamps included) never change, timestamps never
 //! go back along the committed log, equal state at equal applied index (a replica restored
 //! from a snapshot included), linearizability of the
@@ -28,6 +29,7 @@ use super::core::ProposeRefused as ProposeRefusal;
 use super::core::{
     CoreConfig, DurableState, HardState, LogRead, LogWrite, RaftCore, Snapshot, TransferRefused,
 };
+use super::membership::{ChangeRefused, Membership};
 use super::message::{EntryKind, LogEntry, Message};
 
 /// What one simulation run looks like.
@@ -47,6 +49,13 @@ pub struct SimConfig {
     /// The leader is asked to hand leadership to another member this often (0: only now and
     /// then, as one of the faults).
     pub transfer_every_ms: u64,
+    /// The members the cluster starts with: nodes `1..=initial_members` (the others start
+    /// outside it, to be added).
+    pub initial_members: usize,
+    /// Whether the leader is asked, now and then, as one of the faults, to add or remove a
+    /// node; and how often besides (0: only as a fault).
+    pub membership_changes: bool,
+    pub membership_every_ms: u64,
 }
 
 impl SimConfig {
@@ -66,6 +75,10 @@ impl SimConfig {
                 8 + seed % 40
             },
             transfer_every_ms: 0,
+            // Half the seeds change members; half of those start with a node outside.
+            initial_members: nodes - usize::from(seed % 4 == 1 && nodes > 1),
+            membership_changes: seed % 4 < 2,
+            membership_every_ms: 0,
         }
     }
 }
@@ -86,6 +99,11 @@ pub struct SimReport {
     /// Leadership transfers asked for, and those whose target then won an election.
     pub transfers_asked: usize,
     pub transfers_done: usize,
+    /// Membership changes a leader appended, and those that committed.
+    pub changes_asked: usize,
+    pub changes_committed: usize,
+    /// The members at the end.
+    pub members: Vec<NodeId>,
 }
 
 const TICK_MS: u64 = 10;
@@ -100,6 +118,8 @@ struct Disk {
     compacted: (u64, u64),
     /// The latest snapshot, durable as soon as it is stored (the runtime's rename + fsync).
     snapshot: Option<Snapshot>,
+    /// Membership records by index (the log store's `memberships` table).
+    memberships: BTreeMap<u64, Membership>,
 }
 
 impl Disk {
@@ -172,9 +192,11 @@ struct SimNode {
     disk_busy: bool,
     kv: BTreeMap<u64, u64>,
     applied: u64,
-    /// Term and timestamp of the entry at `applied` (what a snapshot there records).
+    /// Term and timestamp of the entry at `applied`, and the membership in effect there (what
+    /// a snapshot there records).
     applied_term: u64,
     applied_ts: u64,
+    membership: Membership,
     /// The state-machine queue: committed up to here, applied once `ApplyDone` fires (as on
     /// the FSM caller's thread, which lags the commit index, sometimes by much).
     apply_to: u64,
@@ -226,6 +248,7 @@ enum Ev {
     },
     Fault,
     Transfer,
+    Reconfigure,
     Restart {
         node: usize,
     },
@@ -268,6 +291,8 @@ pub struct Sim {
     snapshot_chunks: usize,
     transfers_asked: usize,
     transfers_done: usize,
+    /// Index and term of the membership entries leaders appended.
+    changes: Vec<(u64, u64)>,
     /// The latest transfer asked for: its target, the term and the time it was asked in.
     transfer: Option<(NodeId, u64, u64)>,
     committed: Vec<(u64, u64)>,
@@ -319,6 +344,7 @@ impl Sim {
             snapshot_chunks: 0,
             transfers_asked: 0,
             transfers_done: 0,
+            changes: Vec::new(),
             transfer: None,
             committed: Vec::new(),
             committed_ts: 0,
@@ -340,6 +366,7 @@ impl Sim {
                 applied: 0,
                 applied_term: 0,
                 applied_ts: 0,
+                membership: Membership::default(),
                 apply_to: 0,
                 apply_busy: false,
                 reads_waiting: Vec::new(),
@@ -375,13 +402,21 @@ impl Sim {
             let every = sim.cfg.transfer_every_ms;
             sim.schedule(every, Ev::Transfer);
         }
+        if sim.cfg.membership_every_ms > 0 {
+            let every = sim.cfg.membership_every_ms;
+            sim.schedule(every, Ev::Reconfigure);
+        }
         sim
     }
 
     fn core_config(&self, id: NodeId) -> CoreConfig {
         CoreConfig {
             id,
-            members: (1..=self.cfg.nodes as NodeId).collect(),
+            members: if id as usize <= self.cfg.initial_members {
+                (1..=self.cfg.initial_members as NodeId).collect()
+            } else {
+                Vec::new()
+            },
             election_timeout_ms: (150, 300),
             heartbeat_ms: 30,
             max_batch_entries: 8,
@@ -412,7 +447,7 @@ impl Sim {
         let cfg = self.core_config(self.nodes[i].id);
         let node_seed = self.rng.r#gen::<u64>();
         let clock_skew_ms = self.rng.gen_range(0..5_000);
-        let (hard, entries, compacted, snapshot) = {
+        let (hard, entries, compacted, snapshot, recorded) = {
             let mut d = self.nodes[i].disk.0.lock().map_err(|_| "poisoned disk")?;
             // A crash between storing an installed snapshot and cutting the log: the log
             // is brought in line with the snapshot first (as `Node::start` does).
@@ -422,8 +457,23 @@ impl Sim {
                 d.compact(index, term);
                 d.hard.commit = d.hard.commit.max(index);
             }
-            (d.hard, d.entries.clone(), d.compacted, d.snapshot.clone())
+            let recorded: Vec<(u64, Membership)> =
+                d.memberships.iter().map(|(&i, m)| (i, m.clone())).collect();
+            (
+                d.hard,
+                d.entries.clone(),
+                d.compacted,
+                d.snapshot.clone(),
+                recorded,
+            )
         };
+        // As `Node::start`: the snapshot's membership supersedes the records up to it.
+        let mut memberships = recorded;
+        if let Some(s) = snapshot.as_ref().filter(|s| !s.membership.is_empty()) {
+            memberships.retain(|(i, _)| *i > s.index);
+            memberships.insert(0, (s.index, s.membership.clone()));
+        }
+        let boot_membership = Membership::of_ids(cfg.members.iter().copied());
         let base = compacted.0;
         let snapshot_index = snapshot.as_ref().map_or(0, |s| s.index);
         let commit = hard
@@ -435,6 +485,7 @@ impl Sim {
         n.clock_skew_ms = clock_skew_ms;
         n.apply_busy = false;
         n.checked = 0;
+        n.membership = boot_membership;
         restore(n, snapshot.as_ref())?;
         let from = n.applied;
         self.check_restored(i)?;
@@ -454,6 +505,7 @@ impl Sim {
             applied: commit,
             compacted,
             snapshot,
+            memberships,
         };
         let core = RaftCore::new(cfg, node_seed, state, Box::new(n.disk.clone()), self.now);
         n.core = Some(core);
@@ -488,6 +540,12 @@ impl Sim {
         self.check_caught_up()?;
         self.check_linearizable()?;
         self.check_acked_writes()?;
+        let members = self.final_members()?;
+        let changes_committed = self
+            .changes
+            .iter()
+            .filter(|&&(i, t)| self.committed.get(i as usize - 1).is_some_and(|c| c.0 == t))
+            .count();
         let ops_ok = self.history.iter().filter(|o| o.ret.is_some()).count();
         Ok(SimReport {
             trace_hash: self.hash,
@@ -500,6 +558,9 @@ impl Sim {
             snapshot_chunks: self.snapshot_chunks,
             transfers_asked: self.transfers_asked,
             transfers_done: self.transfers_done,
+            changes_asked: self.changes.len(),
+            changes_committed,
+            members,
         })
     }
 
@@ -568,6 +629,13 @@ impl Sim {
                     self.transfer_leadership()?;
                     let every = self.cfg.transfer_every_ms;
                     self.schedule(every, Ev::Transfer);
+                }
+            }
+            Ev::Reconfigure => {
+                if self.now < self.cfg.duration_ms {
+                    self.change_membership()?;
+                    let every = self.cfg.membership_every_ms;
+                    self.schedule(every, Ev::Reconfigure);
                 }
             }
             Ev::Restart { node } => {
@@ -656,6 +724,7 @@ impl Sim {
                     }
                 }
             }
+            35..=39 if self.cfg.membership_changes => self.change_membership()?,
             35..=49 => {
                 for row in &mut self.blocked {
                     row.iter_mut().for_each(|b| *b = false);
@@ -688,10 +757,16 @@ impl Sim {
         let Some(l) = self.current_leader() else {
             return Ok(());
         };
-        let n = self.nodes.len() as NodeId;
-        let to = (l + self.rng.gen_range(1..n) - 1) % n + 1;
-        self.trace(b"transfer");
         let i = (l - 1) as usize;
+        let Some(core) = self.nodes[i].core.as_ref() else {
+            return Ok(());
+        };
+        let others: Vec<NodeId> = core.members().iter().copied().filter(|&m| m != l).collect();
+        if others.is_empty() {
+            return Ok(());
+        }
+        let to = others[self.rng.gen_range(0..others.len())];
+        self.trace(b"transfer");
         let Some(core) = self.nodes[i].core.as_mut() else {
             return Ok(());
         };
@@ -708,6 +783,42 @@ impl Sim {
         }
         self.transfers_asked += 1;
         self.transfer = Some((to, term, self.now));
+        self.drain(i)
+    }
+
+    /// Asks the leader to add a node chosen at random if it is not a member, or to remove it
+    /// if it is (the leader itself included).
+    fn change_membership(&mut self) -> Result<(), String> {
+        let Some(l) = self.current_leader() else {
+            return Ok(());
+        };
+        let x = self.rng.gen_range(1..=self.nodes.len() as NodeId);
+        self.trace(b"reconfigure");
+        let i = (l - 1) as usize;
+        let wall = WALL_EPOCH_MS + self.now + self.nodes[i].clock_skew_ms;
+        let Some(core) = self.nodes[i].core.as_mut() else {
+            return Ok(());
+        };
+        let (_, current) = core.membership();
+        let next = if current.contains(x) {
+            current.without(x)
+        } else {
+            current.with(x, String::new())
+        };
+        let Ok(next) = next else {
+            return Ok(()); // the last member
+        };
+        let term = core.term();
+        match core.change_membership(next, wall) {
+            Ok(index) => self.changes.push((index, term)),
+            // The previous change is not committed yet, or leadership is moving.
+            Err(ChangeRefused::InProgress | ChangeRefused::Transferring { .. }) => {}
+            Err(e) => {
+                return Err(format!(
+                    "node {l}, leading term {term}, refused a membership change: {e:?}"
+                ));
+            }
+        }
         self.drain(i)
     }
 
@@ -765,6 +876,9 @@ impl Sim {
             }
             let ready = core.take_ready();
             let (id, term, is_leader) = (core.id(), core.term(), core.is_leader());
+            // Or it removed itself, and that is not committed yet.
+            let leads_as_member =
+                core.members().contains(&id) || core.membership().0 > core.commit_index();
             let commit_index = core.commit_index();
             if ready.stepped_down {
                 // Proposals of a term this node no longer leads: outcome unknown, unless already
@@ -788,6 +902,9 @@ impl Sim {
                 }
             }
             if ready.became_leader {
+                if !leads_as_member {
+                    return Err(format!("node {id} leads term {term} outside its members"));
+                }
                 if let Some(&other) = self.leaders.get(&term)
                     && other != id
                 {
@@ -916,6 +1033,7 @@ impl Sim {
             term: n.applied_term,
             timestamp_ms: n.applied_ts,
             data: encode_state(n),
+            membership: n.membership.clone(),
         };
         let keep = self.rng.gen_range(0..4);
         self.trace(b"snapshot");
@@ -1005,6 +1123,7 @@ impl Sim {
             if let Some(from) = w.truncate_from {
                 let keep = from.saturating_sub(d.compacted.0 + 1);
                 d.entries.truncate(keep as usize);
+                d.memberships.retain(|&i, _| i < from);
             }
             for e in &w.entries {
                 if e.index != d.last_index() + 1 {
@@ -1015,6 +1134,13 @@ impl Sim {
                     ));
                 }
                 d.entries.push(e.clone());
+                if e.kind == EntryKind::Config {
+                    let m = Membership::decode(&e.payload).map_err(|e| e.to_string())?;
+                    d.memberships.insert(e.index, m);
+                }
+            }
+            if let Some((index, m)) = &w.membership {
+                d.memberships.insert(*index, m.clone());
             }
             if let Some(hs) = w.hard_state {
                 d.hard.term = hs.term;
@@ -1073,10 +1199,16 @@ impl Sim {
                 None => return Err("commit record gap".into()),
             }
             let mut out = None;
-            if e.kind == EntryKind::Normal {
-                let (k, v) = decode_put(&e.payload).ok_or("bad payload")?;
-                n.kv.insert(k, v);
-                out = Some(());
+            match e.kind {
+                EntryKind::Normal => {
+                    let (k, v) = decode_put(&e.payload).ok_or("bad payload")?;
+                    n.kv.insert(k, v);
+                    out = Some(());
+                }
+                EntryKind::Config => {
+                    n.membership = Membership::decode(&e.payload).map_err(|e| e.to_string())?;
+                }
+                EntryKind::Noop => {}
             }
             n.applied = e.index;
             n.applied_term = e.term;
@@ -1226,7 +1358,9 @@ impl Sim {
             .max()
             .unwrap_or(0)
             .max(self.committed.len() as u64);
-        for n in &self.nodes {
+        // Nodes removed from the group hear from no leader any more.
+        let members = self.final_members()?;
+        for n in self.nodes.iter().filter(|n| members.contains(&n.id)) {
             let known = n.core.as_ref().map_or(0, |c| c.commit_index());
             if known != commit || n.applied != commit {
                 return Err(format!(
@@ -1237,6 +1371,47 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// Each node's role, term, commit and members, for a failure's message.
+    fn describe(&self) -> String {
+        let mut out = String::new();
+        for n in &self.nodes {
+            match &n.core {
+                Some(c) => {
+                    out += &format!(
+                        "\n  node {}: {:?} term {} leader {:?} commit {} last {} members {:?} \
+                         (from {})",
+                        n.id,
+                        c.role(),
+                        c.term(),
+                        c.leader(),
+                        c.commit_index(),
+                        c.last_index(),
+                        c.members(),
+                        c.membership().0
+                    )
+                }
+                None => out += &format!("\n  node {}: down", n.id),
+            }
+        }
+        out
+    }
+
+    /// The members as the final leader has them, once every change it holds is committed.
+    fn final_members(&self) -> Result<Vec<NodeId>, String> {
+        let l = self.current_leader().ok_or("no leader at the end")?;
+        let core = self.nodes[(l - 1) as usize]
+            .core
+            .as_ref()
+            .ok_or("leader down")?;
+        let (made_at, m) = core.membership();
+        if made_at > core.commit_index() {
+            return Err(format!(
+                "the membership change at {made_at} is not committed after the quiet phase"
+            ));
+        }
+        Ok(m.ids().collect())
     }
 
     /// After healing: every client reads every key through the leader (into the history).
@@ -1290,7 +1465,8 @@ impl Sim {
             }
             if !done {
                 return Err(format!(
-                    "no progress: the healed cluster did not serve a read of key {key}"
+                    "no progress: the healed cluster did not serve a read of key {key}: {}",
+                    self.describe()
                 ));
             }
         }
@@ -1386,6 +1562,9 @@ fn restore(n: &mut SimNode, snapshot: Option<&Snapshot>) -> Result<(), String> {
         return Err(format!("snapshot at {} says {applied}", snap.index));
     }
     n.kv = pairs.chunks(2).map(|p| (p[0], p[1])).collect();
+    if !snap.membership.is_empty() {
+        n.membership = snap.membership.clone();
+    }
     (n.applied, n.applied_term, n.applied_ts, n.state_hash) =
         (snap.index, snap.term, snap.timestamp_ms, *hash);
     Ok(())

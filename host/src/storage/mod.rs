@@ -29,10 +29,13 @@ mod snapshot;
 use file::LogFile;
 pub use snapshot::{DamagedSnapshot, SnapshotStore};
 
-use crate::raft::{HardState, LogEntry, LogRead, LogWrite};
+use crate::raft::{EntryKind, HardState, LogEntry, LogRead, LogWrite, Membership};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Memberships by the index they are in effect from: each membership entry's, and an installed
+/// snapshot's. Few (one per change), so never compacted; truncated with the log.
+const MEMBERSHIPS: TableDefinition<u64, &[u8]> = TableDefinition::new("memberships");
 /// Which cluster this log belongs to (`cluster` → id) and the limits its entries are applied
 /// under (`limits`), written at the first start.
 const IDENTITY: TableDefinition<&str, &str> = TableDefinition::new("identity");
@@ -70,6 +73,8 @@ pub struct Recovered {
     pub last_index: u64,
     /// The last entry compacted away and its term (`(0, 0)`: none).
     pub compacted: (u64, u64),
+    /// Memberships by the index they are in effect from, in index order.
+    pub memberships: Vec<(u64, Membership)>,
 }
 
 /// redb's own page cache (read cache and write buffer) for the log: small, enough for the pages
@@ -278,6 +283,14 @@ impl LogStore {
             }
         }
         r.hard_state.commit = r.hard_state.commit.min(r.last_index);
+        if let Some(table) = open_if_exists(txn.open_table(MEMBERSHIPS))? {
+            for item in table.iter()? {
+                let (k, v) = item?;
+                let m = Membership::decode(v.value())
+                    .with_context(|| format!("corrupt membership record at {}", k.value()))?;
+                r.memberships.push((k.value(), m));
+            }
+        }
         Ok(r)
     }
 
@@ -363,6 +376,8 @@ impl LogStore {
             let mut meta = txn.open_table(META)?;
             let mut commit = meta.get(META_COMMIT)?.map(|v| v.value()).unwrap_or(0);
             let mut hard = None;
+            // Membership records to delete from (a truncation) or to add, in order.
+            let mut memberships: Vec<(u64, Option<Vec<u8>>)> = Vec::new();
             // Consecutive appends of the group become one row.
             scratch.clear();
             let mut row_start = None;
@@ -382,10 +397,17 @@ impl LogStore {
                         scratch.clear();
                     }
                     self.truncate(&mut log, from)?;
+                    memberships.push((from, None));
                 }
                 for e in &w.entries {
                     row_start.get_or_insert(e.index);
                     e.encode(scratch);
+                    if e.kind == EntryKind::Config {
+                        memberships.push((e.index, Some(e.payload.to_vec())));
+                    }
+                }
+                if let Some((index, m)) = &w.membership {
+                    memberships.push((*index, Some(m.encode().to_vec())));
                 }
                 if let Some(hs) = w.hard_state {
                     hard = Some(hs);
@@ -400,9 +422,29 @@ impl LogStore {
                 meta.insert(META_VOTE, hs.vote)?;
             }
             meta.insert(META_COMMIT, commit)?;
+            if !memberships.is_empty() {
+                let mut table = txn.open_table(MEMBERSHIPS)?;
+                for (index, record) in memberships {
+                    match record {
+                        Some(bytes) => {
+                            table.insert(index, bytes.as_slice())?;
+                        }
+                        None => table.retain_in(index.., |_, _| false)?,
+                    }
+                }
+            }
         }
         txn.commit()?;
         Ok(())
+    }
+}
+
+/// A table that was never written reads as absent (a read transaction cannot create it).
+fn open_if_exists<T>(opened: Result<T, redb::TableError>) -> anyhow::Result<Option<T>> {
+    match opened {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -479,7 +521,6 @@ impl LogStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::raft::EntryKind;
     use bytes::Bytes;
 
     fn entry(index: u64, term: u64) -> LogEntry {
@@ -490,6 +531,60 @@ mod tests {
             kind: EntryKind::Normal,
             payload: Bytes::from(vec![index as u8; 10]),
         }
+    }
+
+    /// Membership entries are recorded as they are written, truncated with the log, and an
+    /// installed snapshot's membership is recorded at its index: a restart finds them all.
+    #[test]
+    fn memberships_are_recorded_truncated_and_recovered() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("log.redb");
+        let config = |index: u64, ids: &[u64]| LogEntry {
+            kind: EntryKind::Config,
+            payload: Membership::of_ids(ids.iter().copied()).encode(),
+            ..entry(index, 1)
+        };
+        let s = LogStore::open(&path)?;
+        let mut scratch = Vec::new();
+        let w = |id, entries| LogWrite {
+            id,
+            entries,
+            ..LogWrite::default()
+        };
+        s.write(
+            &[
+                w(1, vec![config(1, &[1, 2, 3]), entry(2, 1)]),
+                w(2, vec![config(3, &[1, 2, 3, 4]), entry(4, 1)]),
+            ],
+            &mut scratch,
+        )?;
+        // A new leader's log replaces the change at 3 with another at 4.
+        s.write(
+            &[LogWrite {
+                truncate_from: Some(3),
+                ..w(3, vec![entry(3, 2), config(4, &[1, 2])])
+            }],
+            &mut scratch,
+        )?;
+        s.write(
+            &[LogWrite {
+                membership: Some((9, Membership::of_ids([2, 5]))),
+                ..w(4, Vec::new())
+            }],
+            &mut scratch,
+        )?;
+        drop(s);
+        let recovered = LogStore::open(&path)?.recover()?;
+        let ids: Vec<(u64, Vec<u64>)> = recovered
+            .memberships
+            .iter()
+            .map(|(i, m)| (*i, m.ids().collect()))
+            .collect();
+        assert_eq!(
+            ids,
+            vec![(1, vec![1, 2, 3]), (4, vec![1, 2]), (9, vec![2, 5])]
+        );
+        Ok(())
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! One file per snapshot, `snapshot-<index>`, written whole to a temporary name, fsynced,
 //! renamed into place and the directory fsynced, so a crash leaves either the old snapshot or
 //! the new one, never half of one. Older snapshots are deleted once a newer one is in place.
-//! A file is a header (magic, index, term, timestamp, length), the state machine's bytes and
-//! a CRC-32 of all that: a damaged snapshot is refused, never restored as another state.
+//! A file is a header (magic, index, term, timestamp, length), the state machine's bytes, the
+//! membership at the index (`Membership::encode`, to the end) and a CRC-32 of all that: a
+//! damaged snapshot is refused, never restored as another state. Files of the first format
+//! (`LKSNAP01`, from before membership changes) have no membership.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -13,9 +15,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use bytes::Bytes;
 
-use crate::raft::Snapshot;
+use crate::raft::{Membership, Snapshot};
 
-const MAGIC: &[u8; 8] = b"LKSNAP01";
+const MAGIC: &[u8; 8] = b"LKSNAP02";
+const MAGIC_V1: &[u8; 8] = b"LKSNAP01";
 const HEADER_LEN: usize = 8 + 4 * 8;
 const PREFIX: &str = "snapshot-";
 const TEMP_PREFIX: &str = ".tmp-snapshot-";
@@ -60,6 +63,7 @@ impl SnapshotStore {
             bytes.extend_from_slice(&v.to_le_bytes());
         }
         bytes.extend_from_slice(&snapshot.data);
+        bytes.extend_from_slice(&snapshot.membership.encode());
         let crc = crc32fast::hash(&bytes);
         bytes.extend_from_slice(&crc.to_le_bytes());
         let mut f = File::create(&temp).with_context(|| format!("creating {}", temp.display()))?;
@@ -126,7 +130,8 @@ impl SnapshotStore {
 
 fn decode(bytes: &[u8]) -> Option<Snapshot> {
     let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
-    if crc32fast::hash(body).to_le_bytes() != crc || body.get(..8)? != MAGIC {
+    let magic = body.get(..8)?;
+    if crc32fast::hash(body).to_le_bytes() != crc || (magic != MAGIC && magic != MAGIC_V1) {
         return None;
     }
     let word = |k: usize| -> Option<u64> {
@@ -134,12 +139,21 @@ fn decode(bytes: &[u8]) -> Option<Snapshot> {
         Some(u64::from_le_bytes(body.get(at..at + 8)?.try_into().ok()?))
     };
     let (index, term, timestamp_ms, len) = (word(0)?, word(1)?, word(2)?, word(3)?);
-    let data = body.get(HEADER_LEN..)?;
-    (data.len() as u64 == len).then(|| Snapshot {
+    let rest = body.get(HEADER_LEN..)?;
+    let (data, membership) = rest.split_at_checked(usize::try_from(len).ok()?)?;
+    let membership = if magic == MAGIC {
+        Membership::decode(membership).ok()?
+    } else if membership.is_empty() {
+        Membership::default()
+    } else {
+        return None;
+    };
+    Some(Snapshot {
         index,
         term,
         timestamp_ms,
         data: Bytes::copy_from_slice(data),
+        membership,
     })
 }
 
@@ -153,6 +167,7 @@ mod tests {
             term: 3,
             timestamp_ms: 1_700_000_000_000,
             data: Bytes::from(vec![index as u8; 100]),
+            membership: Membership::of_ids([1, 2, 3]),
         }
     }
 
@@ -190,6 +205,23 @@ mod tests {
         // Cut short, likewise.
         std::fs::write(&path, &bytes[..10])?;
         assert!(store.load_latest().is_err());
+        Ok(())
+    }
+
+    /// A snapshot written before membership changes (format 1) still loads, with no
+    /// membership: the members never changed in such a cluster.
+    #[test]
+    fn a_first_format_snapshot_loads_without_a_membership() -> anyhow::Result<()> {
+        let mut bytes = MAGIC_V1.to_vec();
+        for v in [9u64, 2, 1_700_000_000_000, 3] {
+            bytes.extend_from_slice(&v.to_le_bytes());
+        }
+        bytes.extend_from_slice(b"abc");
+        let crc = crc32fast::hash(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        let snapshot = decode(&bytes).expect("format 1 decodes");
+        assert_eq!((snapshot.index, &snapshot.data[..]), (9, &b"abc"[..]));
+        assert!(snapshot.membership.is_empty());
         Ok(())
     }
 }

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// Marks a Lockstep peer connection, so garbage is refused before any length is believed.
 pub const MAGIC: [u8; 4] = *b"LKSP";
 /// Bumped on any incompatible change of the frame or message encoding.
-pub const PROTOCOL_VERSION: u8 = 4;
+pub const PROTOCOL_VERSION: u8 = 5;
 /// A hello carries two short strings and an id: anything larger is not a hello.
 pub const MAX_HELLO_BYTES: u32 = 4 * 1024;
 

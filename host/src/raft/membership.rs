@@ -1,0 +1,191 @@
+//! Who votes: the members of the group and the peer address each is reached at.
+//!
+//! A membership is in effect on a node from the moment its entry (`EntryKind::Config`) is in
+//! the node's log, committed or not (Raft's single-server changes): a change adds or removes
+//! one member, so any majority of the old members and any majority of the new ones share a
+//! member, and two leaders cannot be elected for one term across the change. A leader appends
+//! a change only once the previous one is committed. A truncated change is undone.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use super::NodeId;
+use super::message::{DecodeError, Reader, put_u64};
+
+/// The members, by id, with their peer (Raft) addresses. An address may be empty: the
+/// members a cluster was started with are reached at the addresses in `--peers`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Membership {
+    members: BTreeMap<NodeId, String>,
+}
+
+/// Why a membership change was refused (nothing was appended).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChangeRefused {
+    #[error("this node is not the leader")]
+    NotLeader { leader: Option<NodeId> },
+    #[error("a membership change is in progress (it is not committed yet); try again")]
+    InProgress,
+    #[error("leadership is moving to {to}; try again")]
+    Transferring { to: NodeId },
+    #[error("{0} is a member already")]
+    AlreadyAMember(NodeId),
+    #[error("{0} is not a member")]
+    NotAMember(NodeId),
+    #[error("the last member cannot be removed")]
+    LastMember,
+    #[error("member ids are never 0")]
+    ZeroId,
+    #[error("a membership change adds or removes exactly one member")]
+    NotOneChange,
+}
+
+impl Membership {
+    /// The members `ids`, at addresses known elsewhere (`--peers`).
+    pub fn of_ids(ids: impl IntoIterator<Item = NodeId>) -> Membership {
+        Membership {
+            members: ids.into_iter().map(|id| (id, String::new())).collect(),
+        }
+    }
+
+    pub fn from_addresses(members: BTreeMap<NodeId, String>) -> Membership {
+        Membership { members }
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.members.keys().copied()
+    }
+
+    pub fn contains(&self, id: NodeId) -> bool {
+        self.members.contains_key(&id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// `id`'s peer address, if this membership records one.
+    pub fn address(&self, id: NodeId) -> Option<&str> {
+        self.members
+            .get(&id)
+            .map(String::as_str)
+            .filter(|a| !a.is_empty())
+    }
+
+    pub fn addresses(&self) -> &BTreeMap<NodeId, String> {
+        &self.members
+    }
+
+    /// This membership with `id` added at `address`.
+    pub fn with(&self, id: NodeId, address: String) -> Result<Membership, ChangeRefused> {
+        if id == 0 {
+            return Err(ChangeRefused::ZeroId);
+        }
+        if self.contains(id) {
+            return Err(ChangeRefused::AlreadyAMember(id));
+        }
+        let mut next = self.clone();
+        next.members.insert(id, address);
+        Ok(next)
+    }
+
+    /// This membership without `id`.
+    pub fn without(&self, id: NodeId) -> Result<Membership, ChangeRefused> {
+        if !self.contains(id) {
+            return Err(ChangeRefused::NotAMember(id));
+        }
+        if self.len() == 1 {
+            return Err(ChangeRefused::LastMember);
+        }
+        let mut next = self.clone();
+        next.members.remove(&id);
+        Ok(next)
+    }
+
+    /// Whether `next` adds or removes exactly one member (addresses may differ).
+    pub fn one_change_to(&self, next: &Membership) -> bool {
+        let added = next.ids().filter(|&id| !self.contains(id)).count();
+        let removed = self.ids().filter(|&id| !next.contains(id)).count();
+        added + removed == 1
+    }
+
+    pub fn encode(&self) -> Bytes {
+        let mut out = Vec::new();
+        put_u64(&mut out, self.members.len() as u64);
+        for (&id, address) in &self.members {
+            put_u64(&mut out, id);
+            put_u64(&mut out, address.len() as u64);
+            out.extend_from_slice(address.as_bytes());
+        }
+        out.into()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Membership, DecodeError> {
+        let mut r = Reader { buf: bytes, pos: 0 };
+        let n = r.u64()?;
+        let mut members = BTreeMap::new();
+        for _ in 0..n {
+            let id = r.u64()?;
+            let address = r.bytes()?;
+            let address = String::from_utf8(address.to_vec()).map_err(|_| DecodeError::BadText)?;
+            if id == 0 || members.insert(id, address).is_some() {
+                return Err(DecodeError::BadMembership);
+            }
+        }
+        r.finish()?;
+        Ok(Membership { members })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrips_and_refuses_garbage() {
+        let m = Membership::of_ids([1, 2])
+            .with(7, "10.0.0.7:7000".into())
+            .expect("a new member");
+        assert_eq!(Membership::decode(&m.encode()), Ok(m.clone()));
+        assert_eq!(m.address(7), Some("10.0.0.7:7000"));
+        assert_eq!(m.address(1), None);
+        let bytes = m.encode();
+        for cut in 0..bytes.len() {
+            assert!(Membership::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut dup = Vec::new();
+        for v in [2, 1, 0, 1, 0] {
+            put_u64(&mut dup, v);
+        }
+        assert_eq!(
+            Membership::decode(&dup),
+            Err(DecodeError::BadMembership),
+            "a member twice"
+        );
+    }
+
+    #[test]
+    fn changes_are_one_member_at_a_time() {
+        let m = Membership::of_ids([1, 2, 3]);
+        assert_eq!(
+            m.with(3, String::new()),
+            Err(ChangeRefused::AlreadyAMember(3))
+        );
+        assert_eq!(m.with(0, String::new()), Err(ChangeRefused::ZeroId));
+        assert_eq!(m.without(4), Err(ChangeRefused::NotAMember(4)));
+        assert_eq!(
+            Membership::of_ids([1]).without(1),
+            Err(ChangeRefused::LastMember)
+        );
+        let added = m.with(4, String::new()).expect("add");
+        assert!(m.one_change_to(&added));
+        assert!(m.one_change_to(&m.without(2).expect("remove")));
+        assert!(!m.one_change_to(&m));
+        assert!(!m.one_change_to(&added.without(1).expect("remove")));
+    }
+}
