@@ -14,7 +14,7 @@ use tracing::info;
 
 use crate::api::{self, ApiState};
 use crate::machines::MachineSet;
-use crate::raft::{self, Message, Node, NodeId, RaftConfig};
+use crate::raft::{self, Membership, Message, Node, NodeId, RaftConfig};
 use crate::storage::LogStore;
 use crate::transport::{PeerTransport, TransportConfig, WireMessage};
 use crate::wasm::{Limits, ModuleRegistry, WasmEngine};
@@ -43,6 +43,9 @@ pub struct NodeConfig {
     pub snapshot_keep: u64,
     /// A file holding the secret every member's peer hello must prove (`--peer-secret-file`).
     pub peer_secret_file: Option<PathBuf>,
+    /// Joins a running cluster (`--join`): no members at the start; the leader that adds this
+    /// node sends it the members with the log. `peers` then only says where they are.
+    pub join: bool,
 }
 
 impl NodeConfig {
@@ -85,6 +88,22 @@ impl raft::Transport for TcpTransport {
     fn send(&self, to: NodeId, msg: Message) {
         self.0.send(to, msg)
     }
+
+    /// Dials the members at the addresses the membership records, and the other peers of
+    /// `--peers` as before (a joining node knows no members yet, and must answer its leader).
+    fn set_members(&self, members: &Membership) {
+        let mut peers = self.0.initial_peers().clone();
+        for id in members.ids() {
+            if let Some(address) = members.address(id) {
+                peers.insert(id, address.to_owned());
+            }
+        }
+        self.0.set_peers(&peers);
+    }
+
+    fn peer_address(&self, id: NodeId) -> Option<String> {
+        self.0.peer_address(id)
+    }
 }
 
 /// Whether `--raft` can be the address `--peers` gives for this node: the same port, and the
@@ -102,6 +121,10 @@ fn raft_addr_matches(entry: &str, raft: SocketAddr) -> bool {
 
 /// Starts every part of a node inside the current tokio runtime.
 pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
+    anyhow::ensure!(
+        !cfg.join || cfg.cluster_id.is_some(),
+        "--join needs --cluster-id: the running cluster's id, as GET /v1/cluster shows it"
+    );
     anyhow::ensure!(
         cfg.peers.contains_key(&cfg.id),
         "--peers must include this node's own id {}",
@@ -152,7 +175,15 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
         .with_context(|| format!("opening the log in {}", cfg.data_dir.display()))?;
     log.bind_cluster(&cluster_id)?;
     log.bind_limits(&cfg.limits.flags())?;
-    log.bind_members(&cfg.peers.keys().copied().collect::<Vec<_>>())?;
+    // The members it starts with, until its log records some.
+    let initial: Vec<NodeId> = if cfg.join {
+        Vec::new()
+    } else {
+        cfg.peers.keys().copied().collect()
+    };
+    if !log.has_memberships()? {
+        log.bind_members(&initial)?;
+    }
 
     // Inbound messages may arrive before the node exists; those are dropped like any loss.
     let inbox: Arc<OnceLock<Node<MachineSet>>> = Arc::new(OnceLock::new());
@@ -178,7 +209,7 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
             }
         },
     );
-    let members: Vec<NodeId> = cfg.peers.keys().copied().collect();
+    let members = initial;
     let raft_config = RaftConfig {
         max_unapplied_bytes: cfg.max_unapplied_bytes,
         snapshot_every: cfg.snapshot_every,
@@ -194,12 +225,13 @@ pub async fn start(cfg: NodeConfig) -> anyhow::Result<RunningNode> {
     let _ = inbox.set(node.clone());
 
     let http_of = transport.clone();
+    let raft_of = transport.clone();
     let state = Arc::new(ApiState {
         cluster_id,
         node: node.clone(),
         registry,
         catalog,
-        members: cfg.peers.iter().map(|(id, a)| (*id, a.clone())).collect(),
+        raft_addr: Box::new(move |id| raft_of.peer_address(id)),
         http_addr: Box::new(move |id| http_of.http_addr(id)),
         metrics: api::metrics::Metrics::new(guest_errors),
         bodies: Default::default(),

@@ -85,6 +85,8 @@ pub struct TestNode {
     pub raft: SocketAddr,
     data_dir: PathBuf,
     child: Option<Child>,
+    /// For a node that joined the running cluster: its `--peers` and `--join --cluster-id`.
+    joined: Option<(String, String)>,
 }
 
 pub struct TestCluster {
@@ -122,6 +124,7 @@ impl TestCluster {
                 raft: free_addr(),
                 data_dir: dir.path().join(format!("node{id}")),
                 child: None,
+                joined: None,
             })
             .collect();
         let peers = nodes
@@ -155,8 +158,15 @@ impl TestCluster {
         cmd.args(["serve", "--id", &n.id.to_string()])
             .arg("--data-dir")
             .arg(&n.data_dir)
-            .args(["--http", &n.http.to_string(), "--raft", &n.raft.to_string()])
-            .args(["--peers", &self.peers]);
+            .args(["--http", &n.http.to_string(), "--raft", &n.raft.to_string()]);
+        match &n.joined {
+            Some((peers, cluster_id)) => {
+                cmd.args(["--peers", peers, "--join", "--cluster-id", cluster_id]);
+            }
+            None => {
+                cmd.args(["--peers", &self.peers]);
+            }
+        }
         if let Some(host) = self.advertise_host {
             cmd.arg("--advertise-http")
                 .arg(format!("{host}:{}", n.http.port()));
@@ -176,6 +186,32 @@ impl TestCluster {
                 .then_some(())
         })
         .unwrap_or_else(|| panic!("node {} did not come up", n.id));
+    }
+
+    /// Starts one more node with `--join` (not a member until `add-member`) and returns its
+    /// index.
+    pub fn join(&mut self) -> usize {
+        let leader = self.wait_for_leader(Duration::from_secs(20));
+        let status = self.cluster_status(leader).expect("status");
+        let cluster_id = status["cluster_id"]
+            .as_str()
+            .expect("cluster id")
+            .to_owned();
+        let id = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+        let raft = free_addr();
+        let peers = format!("{},{id}={raft}", self.peers);
+        let dir = self._dir.path().join(format!("node{id}"));
+        self.nodes.push(TestNode {
+            id,
+            http: free_addr(),
+            raft,
+            data_dir: dir,
+            child: None,
+            joined: Some((peers, cluster_id)),
+        });
+        let i = self.nodes.len() - 1;
+        self.spawn(i);
+        i
     }
 
     /// kill -9: the process gets no chance to flush or say goodbye.

@@ -1303,3 +1303,109 @@ fn a_bad_worker_thread_count_is_refused_with_a_clear_error() {
         );
     }
 }
+
+/// Members change under load: a fourth node started with `--join` is added through the CLI
+/// and catches up (same state as the others), then the leader removes itself: it steps down,
+/// another member leads, no acknowledged write is lost, and the new membership survives a
+/// restart.
+#[test]
+fn a_member_joins_and_the_leader_removes_itself_under_load() {
+    let _serial = serial();
+    let mut c = TestCluster::start(3);
+    c.deploy_guest("kv", guests::KV);
+    let w = Writers::start(&c, 4);
+    wait_for_acks(&w, 100);
+
+    let joiner = c.join();
+    let s = c.cluster_status(joiner).expect("status");
+    assert_eq!(s["members"], serde_json::json!([]), "not a member yet: {s}");
+    let leader = c.wait_for_leader(Duration::from_secs(5));
+    // Bad requests change nothing.
+    for (bad, expect) in [
+        (r#"{"id":2,"raft":"127.0.0.1:1"}"#, "2 is a member already"),
+        (r#"{"id":0,"raft":"127.0.0.1:1"}"#, "member ids are never 0"),
+        (r#"{"id":9}"#, "the body must be"),
+        (r#"{"id":9,"raft":""}"#, "peer address"),
+    ] {
+        let r = c
+            .client(leader)
+            .post("/v1/cluster/members", bad.as_bytes())
+            .expect("post");
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+        assert!(r.text().contains(expect), "{bad}: {}", r.text());
+    }
+    let joiner_id = c.nodes[joiner].id.to_string();
+    let raft = c.nodes[joiner].raft.to_string();
+    let out = c.cli(leader, &["add-member", &joiner_id, &raft]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(r#""members":[1,2,3,4]"#), "{stdout}");
+    wait_for_acks(&w, w.acked_count() + 100);
+    let s = wait_until(Duration::from_secs(20), || {
+        let s = c.cluster_status(joiner)?;
+        (s["members"].as_array()?.len() == 4).then_some(s)
+    })
+    .expect("the new member learns the members");
+    assert_eq!(s["role"], "follower", "{s}");
+
+    // The leader removes itself (through a follower: redirected).
+    let leader = c.wait_for_leader(Duration::from_secs(5));
+    let leader_id = c.nodes[leader].id;
+    let r = c
+        .client(joiner)
+        .request(
+            "DELETE",
+            &format!("/v1/cluster/members/{leader_id}"),
+            &[],
+            b"",
+        )
+        .expect("delete");
+    assert_eq!(r.status, 307, "{}", r.text());
+    let r = c
+        .client(leader)
+        .request(
+            "DELETE",
+            &format!("/v1/cluster/members/{leader_id}"),
+            &[],
+            b"",
+        )
+        .expect("delete");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let new_leader = wait_until(Duration::from_secs(10), || {
+        c.leader().filter(|&l| l != leader)
+    })
+    .expect("another member leads");
+    let s = c.cluster_status(new_leader).expect("status");
+    let members: Vec<u64> = s["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m["id"].as_u64())
+        .collect();
+    assert!(!members.contains(&leader_id) && members.len() == 3, "{s}");
+    wait_for_acks(&w, w.acked_count() + 100);
+    let acked = w.stop();
+    c.kill(leader);
+    assert_no_acked_write_lost(&c, &acked);
+
+    // The membership is in the log: a restarted member still has it.
+    let other = (0..c.nodes.len())
+        .find(|&i| i != leader && i != new_leader)
+        .expect("a third member");
+    c.restart(other);
+    let s = wait_until(Duration::from_secs(20), || {
+        let s = c.cluster_status(other)?;
+        (s["members"].as_array()?.len() == 3).then_some(s)
+    })
+    .expect("the restarted member's members");
+    assert!(
+        !s["members"]
+            .to_string()
+            .contains(&format!(r#""id":{leader_id},"#)),
+        "{s}"
+    );
+}

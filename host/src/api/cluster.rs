@@ -1,4 +1,5 @@
-//! The members as this node sees them, and moving leadership between them.
+//! The members as this node sees them: adding and removing them, moving leadership between
+//! them.
 
 use std::time::Duration;
 
@@ -7,7 +8,7 @@ use serde_json::json;
 
 use super::body::{RequestBody, read_body};
 use super::{ApiError, ApiState, Body, json_response, leader_or_redirect, redirect, role_name};
-use crate::raft::TransferError;
+use crate::raft::{ChangeRefused, MemberChange, MembershipError, NodeId, TransferError};
 
 /// Longest a leadership transfer is waited for: the leader gives one up after an election
 /// timeout, but a cluster that loses its quorum meanwhile may elect nobody.
@@ -18,16 +19,16 @@ pub(super) fn cluster(state: &ApiState) -> Response<Body> {
     let leader = s
         .leader
         .map(|id| json!({"id": id, "http": (state.http_addr)(id)}));
-    let members: Vec<_> = state
+    let members: Vec<_> = s
         .members
         .iter()
-        .map(|(id, raft)| {
-            let match_index = s
-                .members
-                .iter()
-                .find(|m| m.id == *id)
-                .and_then(|m| m.match_index);
-            json!({"id": id, "raft": raft, "http": (state.http_addr)(*id), "match_index": match_index})
+        .map(|m| {
+            json!({
+                "id": m.id,
+                "raft": (state.raft_addr)(m.id),
+                "http": (state.http_addr)(m.id),
+                "match_index": m.match_index,
+            })
         })
         .collect();
     json_response(
@@ -81,7 +82,13 @@ pub(super) async fn transfer_leader(
         }
         Ok(Err(TransferError::NotLeader { leader })) => Ok(redirect(state, leader, &uri)),
         Ok(Err(TransferError::NotAMember(id))) => {
-            let members: Vec<String> = state.members.iter().map(|(m, _)| m.to_string()).collect();
+            let members: Vec<String> = state
+                .node
+                .status()
+                .members
+                .iter()
+                .map(|m| m.id.to_string())
+                .collect();
             Err(ApiError::bad_request(format!(
                 "node {id} is not a member (members: {})",
                 members.join(", ")
@@ -99,6 +106,92 @@ pub(super) async fn transfer_leader(
         Err(_) => Err(failed(format!(
             "no leader was known {} s after the hand-over to node {id} began",
             TRANSFER_WAIT.as_secs()
+        ))),
+    }
+}
+
+/// Longest a membership change is waited for: it commits within a round trip or two when a
+/// quorum of the new members answers.
+const CHANGE_WAIT: Duration = Duration::from_secs(10);
+
+/// `POST /v1/cluster/members` with `{"id": N, "raft": "HOST:PORT"}`: adds member N, reached at
+/// that peer address (start it first with `--join`). Answers once the change commits.
+pub(super) async fn add_member(
+    state: &ApiState,
+    req: Request<RequestBody>,
+) -> Result<Response<Body>, ApiError> {
+    if let Some(r) = leader_or_redirect(state, req.uri()) {
+        return Ok(r);
+    }
+    let uri = req.uri().clone();
+    let (body, _read) = read_body(req, 4096, &state.bodies).await?;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NewMember {
+        id: NodeId,
+        raft: String,
+    }
+    let NewMember { id, raft } = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body must be {{\"id\": <new member id>, \"raft\": \"HOST:PORT\"}}: {e}"
+        ))
+    })?;
+    if raft.trim().is_empty() || !raft.contains(':') {
+        return Err(ApiError::bad_request(format!(
+            "\"raft\" must be the new member's peer address, HOST:PORT (got {raft:?})"
+        )));
+    }
+    let change = MemberChange::Add { id, address: raft };
+    change_members(state, change, &uri).await
+}
+
+/// `DELETE /v1/cluster/members/{id}`: removes member `id` (the leader included: it steps down
+/// once the change commits). Answers once the change commits.
+pub(super) async fn remove_member(
+    state: &ApiState,
+    id: &str,
+    req: Request<RequestBody>,
+) -> Result<Response<Body>, ApiError> {
+    if let Some(r) = leader_or_redirect(state, req.uri()) {
+        return Ok(r);
+    }
+    let id: NodeId = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("{id:?} is not a member id")))?;
+    change_members(state, MemberChange::Remove(id), req.uri()).await
+}
+
+async fn change_members(
+    state: &ApiState,
+    change: MemberChange,
+    uri: &hyper::Uri,
+) -> Result<Response<Body>, ApiError> {
+    let unknown = |message: String| {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "outcome_unknown", message)
+    };
+    match tokio::time::timeout(CHANGE_WAIT, state.node.change_members(change)).await {
+        Ok(Ok(index)) => {
+            let members: Vec<NodeId> = state.node.status().members.iter().map(|m| m.id).collect();
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"index": index, "members": members}),
+            ))
+        }
+        Ok(Err(MembershipError::NotLeader { leader })) => Ok(redirect(state, leader, uri)),
+        Ok(Err(MembershipError::Refused(
+            e @ (ChangeRefused::InProgress | ChangeRefused::Transferring { .. }),
+        ))) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "membership_change_in_progress",
+            e.to_string(),
+        )),
+        Ok(Err(MembershipError::Refused(e))) => Err(ApiError::bad_request(e.to_string())),
+        Ok(Err(e @ MembershipError::OutcomeUnknown)) => Err(unknown(e.to_string())),
+        Ok(Err(MembershipError::ShuttingDown)) => Err(ApiError::shutting_down()),
+        Err(_) => Err(unknown(format!(
+            "the change did not commit within {} s (is a quorum of the new members up?); it \
+             may still commit: see GET /v1/cluster",
+            CHANGE_WAIT.as_secs()
         ))),
     }
 }

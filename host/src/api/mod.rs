@@ -25,7 +25,7 @@ use crate::machines::{Catalog, MachineSet, validate_name};
 use crate::raft::{Node, NodeId, Role};
 use crate::wasm::ModuleRegistry;
 use body::{BodyBudget, RequestBody};
-use cluster::{cluster, transfer_leader};
+use cluster::{add_member, cluster, remove_member, transfer_leader};
 pub use error::{ApiError, Body, Clipped};
 use machines::{delete, deploy, describe, list, query};
 pub use server::serve;
@@ -51,8 +51,8 @@ pub struct ApiState {
     pub node: Node<MachineSet>,
     pub registry: Arc<ModuleRegistry>,
     pub catalog: Catalog,
-    /// Raft address of every member.
-    pub members: Vec<(NodeId, String)>,
+    /// The peer address this node reaches a member at.
+    pub raft_addr: Box<dyn Fn(NodeId) -> Option<String> + Send + Sync>,
     /// HTTP address of a member, as learnt from the peer transport.
     pub http_addr: Box<dyn Fn(NodeId) -> Option<String> + Send + Sync>,
     pub metrics: metrics::Metrics,
@@ -95,6 +95,8 @@ async fn route(state: &ApiState, req: Request<RequestBody>) -> Result<Response<B
         (Method::GET, ["metrics"]) => Ok(text(StatusCode::OK, &state.metrics.render(state))),
         (Method::GET, ["v1", "cluster"]) => Ok(cluster(state)),
         (Method::POST, ["v1", "cluster", "leader"]) => transfer_leader(state, req).await,
+        (Method::POST, ["v1", "cluster", "members"]) => add_member(state, req).await,
+        (Method::DELETE, ["v1", "cluster", "members", id]) => remove_member(state, id, req).await,
         (Method::GET, ["v1", "machines"]) => Ok(list(state)),
         (Method::PUT, ["v1", "machines", name]) => deploy(state, name, req).await,
         (Method::GET, ["v1", "machines", name]) => describe(state, name, &req).await,
@@ -134,9 +136,9 @@ fn allowed_methods(segs: &[&str]) -> Option<&'static str> {
     Some(match segs {
         ["healthz" | "metrics"] | ["v1", "cluster" | "machines"] => "GET, HEAD",
         ["v1", "machines", _] => "GET, HEAD, PUT, DELETE",
-        ["v1", "machines", _, "tasks" | "tasks:batch" | "query"] | ["v1", "cluster", "leader"] => {
-            "POST"
-        }
+        ["v1", "machines", _, "tasks" | "tasks:batch" | "query"]
+        | ["v1", "cluster", "leader" | "members"] => "POST",
+        ["v1", "cluster", "members", _] => "DELETE",
         _ => return None,
     })
 }

@@ -47,6 +47,7 @@ impl DevArgs {
             cluster_id: Some(format!("lockstep-dev-{}", self.nodes)),
             // Local processes on 127.0.0.1: nobody else to keep out.
             peer_secret_file: None,
+            join: false,
             fuel_per_task: None,
             memory_mib: None,
             max_connections: crate::api::DEFAULT_MAX_CONNECTIONS,

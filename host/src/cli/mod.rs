@@ -1,6 +1,6 @@
 //! The `lockstep` command line: `serve` and `dev` run nodes; `deploy`, `list`, `describe`,
-//! `delete`, `submit`, `batch`, `query`, `status` and `transfer-leader` talk to a running
-//! cluster over HTTP.
+//! `delete`, `submit`, `batch`, `query`, `status`, `transfer-leader`, `add-member` and
+//! `remove-member` talk to a running cluster over HTTP.
 
 pub mod client;
 pub mod dev;
@@ -109,6 +109,20 @@ enum Cmd {
         #[arg(long, env = "LOCKSTEP_URL", default_value = DEV_URL)]
         url: String,
     },
+    /// Add member ID, reached by its peers at RAFT (HOST:PORT); start it first with --join.
+    /// Waits until the change commits.
+    AddMember {
+        id: u64,
+        raft: String,
+        #[arg(long, env = "LOCKSTEP_URL", default_value = DEV_URL)]
+        url: String,
+    },
+    /// Remove member ID (the leader included: it steps down). Waits until the change commits.
+    RemoveMember {
+        id: u64,
+        #[arg(long, env = "LOCKSTEP_URL", default_value = DEV_URL)]
+        url: String,
+    },
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -139,6 +153,10 @@ pub struct ServeArgs {
     /// reaches --raft can pose as a member.
     #[arg(long)]
     pub peer_secret_file: Option<PathBuf>,
+    /// Join a running cluster (with its --cluster-id): start with no members, and be added by
+    /// `lockstep add-member` on the leader. --peers then only says where the members are.
+    #[arg(long)]
+    pub join: bool,
     /// Fuel each task may burn before it fails with out_of_fuel (the same on every member).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub fuel_per_task: Option<u64>,
@@ -238,6 +256,7 @@ impl ServeArgs {
             snapshot_every: self.snapshot_every,
             snapshot_keep: self.snapshot_keep,
             peer_secret_file: self.peer_secret_file.clone(),
+            join: self.join,
         }
     }
 }
@@ -365,6 +384,17 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Status { url } => {
             let r = client::request(Method::GET, &format!("{url}/v1/cluster"), Bytes::new(), &[])
                 .await?;
+            print_reply(&r)
+        }
+        Cmd::AddMember { id, raft, url } => {
+            let body = serde_json::json!({ "id": id, "raft": raft }).to_string();
+            let target = format!("{url}/v1/cluster/members");
+            let r = client::request(Method::POST, &target, body.into(), &[]).await?;
+            print_reply(&r)
+        }
+        Cmd::RemoveMember { id, url } => {
+            let target = format!("{url}/v1/cluster/members/{id}");
+            let r = client::request(Method::DELETE, &target, Bytes::new(), &[]).await?;
             print_reply(&r)
         }
         Cmd::TransferLeader { id, url } => {

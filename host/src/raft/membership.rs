@@ -107,6 +107,18 @@ impl Membership {
         Ok(next)
     }
 
+    /// This membership with the addresses it lacks filled in by `address_of`.
+    pub fn with_addresses(mut self, address_of: impl Fn(NodeId) -> Option<String>) -> Membership {
+        for (&id, address) in self.members.iter_mut() {
+            if address.is_empty()
+                && let Some(a) = address_of(id)
+            {
+                *address = a;
+            }
+        }
+        self
+    }
+
     /// Whether `next` adds or removes exactly one member (addresses may differ).
     pub fn one_change_to(&self, next: &Membership) -> bool {
         let added = next.ids().filter(|&id| !self.contains(id)).count();

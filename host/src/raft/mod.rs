@@ -20,7 +20,8 @@ pub use membership::{ChangeRefused, Membership};
 pub use message::{DecodeError, EntryKind, LogEntry, Message};
 pub use metrics::{HistogramSnapshot, MetricsSnapshot};
 pub use node::{
-    Applied, MemberStatus, Node, ProposeError, ReadError, Role, Status, TransferError, Transport,
+    Applied, MemberChange, MemberStatus, MembershipError, Node, ProposeError, ReadError, Role,
+    Status, TransferError, Transport,
 };
 pub(crate) use node::{Completion, Event, ReadJob};
 

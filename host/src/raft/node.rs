@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::core::{CoreRole, DurableState, ProposeRefused, RaftCore, TransferRefused};
 use super::fsm_caller::{FsmCaller, FsmTask};
 use super::log_manager::{DiskQueue, DiskTask};
-use super::membership::Membership;
+use super::membership::{ChangeRefused, Membership};
 use super::message::{LogEntry, Message};
 use super::metrics::{Metrics, MetricsSnapshot};
 use super::{HardState, NodeId, RaftConfig};
@@ -34,6 +34,54 @@ use crate::storage::LogStore;
 /// it must not block; queue and return.
 pub trait Transport: Send + Sync + 'static {
     fn send(&self, to: NodeId, msg: Message);
+
+    /// The members changed: reach every one of them (at the address the membership records,
+    /// where it records one).
+    fn set_members(&self, members: &Membership) {
+        let _ = members;
+    }
+
+    /// The peer address this node reaches `id` at, if it knows one.
+    fn peer_address(&self, id: NodeId) -> Option<String> {
+        let _ = id;
+        None
+    }
+}
+
+/// One change of the members (`Node::change_members`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberChange {
+    /// Adds member `id`, reached at peer address `address`.
+    Add {
+        id: NodeId,
+        address: String,
+    },
+    Remove(NodeId),
+}
+
+/// Why the members did not change as asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MembershipError {
+    /// Nothing was appended; `leader` is the leader this node knows of, if any.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
+    /// Nothing was appended.
+    #[error("{0}")]
+    Refused(ChangeRefused),
+    /// Appended, then leadership was lost before it committed: it may still commit.
+    #[error("leadership lost before the change committed: outcome unknown")]
+    OutcomeUnknown,
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+impl From<ChangeRefused> for MembershipError {
+    fn from(refused: ChangeRefused) -> Self {
+        match refused {
+            ChangeRefused::NotLeader { leader } => MembershipError::NotLeader { leader },
+            other => MembershipError::Refused(other),
+        }
+    }
 }
 
 /// A committed, applied entry and what the machine returned for it.
@@ -159,6 +207,11 @@ pub(crate) enum Event<SM: StateMachine> {
         done: Vec<Completion<SM::Output>>,
     },
     Read(ReadJob<SM>),
+    /// Change the members; `done` is answered with the change's index once it commits.
+    ChangeMembers {
+        change: MemberChange,
+        done: oneshot::Sender<Result<u64, MembershipError>>,
+    },
     /// Hand leadership to `to`; `done` is answered once it has moved (or did not).
     Transfer {
         to: NodeId,
@@ -223,8 +276,9 @@ impl<SM: StateMachine> Node<SM> {
             !config.members.contains(&0) && config.id != 0,
             "node id 0 is reserved (ids start at 1)"
         );
+        // No members: a node that joins a running cluster (it learns them from the leader).
         anyhow::ensure!(
-            config.members.contains(&config.id),
+            config.members.is_empty() || config.members.contains(&config.id),
             "node {} is not among the members",
             config.id
         );
@@ -397,6 +451,8 @@ impl<SM: StateMachine> Node<SM> {
             snapshot_keep: config.snapshot_keep,
             refusing: false,
             transfers: Vec::new(),
+            changes: Vec::new(),
+            told_members: None,
             threads: vec![disk_thread, fsm_thread],
         };
         tokio::spawn(core_loop.run(events_rx));
@@ -501,6 +557,24 @@ impl<SM: StateMachine> Node<SM> {
         rx.await.unwrap_or(Err(TransferError::ShuttingDown))
     }
 
+    /// Adds or removes one member and waits until the change commits (it is in effect at
+    /// once on the leader, and on each member as soon as that member has it in its log).
+    /// Returns the index of the change's entry. One change at a time: another one while it
+    /// is not committed is refused (`ChangeRefused::InProgress`), as is one during a
+    /// leadership hand-over.
+    pub async fn change_members(&self, change: MemberChange) -> Result<u64, MembershipError> {
+        let (tx, rx) = oneshot::channel();
+        if self
+            .inner
+            .events
+            .send(Event::ChangeMembers { change, done: tx })
+            .is_err()
+        {
+            return Err(MembershipError::ShuttingDown);
+        }
+        rx.await.unwrap_or(Err(MembershipError::ShuttingDown))
+    }
+
     /// Hands an inbound peer message to the node.
     pub fn receive(&self, from: NodeId, msg: Message) {
         let _ = self.inner.events.send(Event::Peer { from, msg });
@@ -598,8 +672,15 @@ struct CoreLoop<SM: StateMachine> {
     refusing: bool,
     /// Callers of `transfer_leadership`, each with the member it asked for.
     transfers: Vec<(NodeId, oneshot::Sender<Result<(), TransferError>>)>,
+    /// Callers of `change_members`, with their change's index and term.
+    changes: Vec<(u64, u64, ChangeDone)>,
+    /// The index of the membership the transport was last told of.
+    told_members: Option<u64>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
+
+/// Where a membership change's caller is answered (the change's index once it commits).
+type ChangeDone = oneshot::Sender<Result<u64, MembershipError>>;
 
 /// One apply-queue batch being assembled.
 struct Batch<O> {
@@ -660,6 +741,12 @@ impl<SM: StateMachine> CoreLoop<SM> {
                         }
                     }
                     Event::Read(job) => reads.push(job),
+                    Event::ChangeMembers { change, done } => match self.change_members(change) {
+                        Ok(at) => self.changes.push((at, self.core.term(), done)),
+                        Err(e) => {
+                            let _ = done.send(Err(e));
+                        }
+                    },
                     Event::Transfer { to, done } => match self.core.transfer_leadership(to) {
                         Ok(()) => self.transfers.push((to, done)),
                         Err(refused) => {
@@ -690,6 +777,10 @@ impl<SM: StateMachine> CoreLoop<SM> {
             if !self.transfers.is_empty() {
                 self.answer_transfers();
             }
+            if !self.changes.is_empty() {
+                self.answer_changes();
+            }
+            self.tell_transport_members();
             // Let woken submitters run before draining again: the next batch is bigger and
             // the cycle costs fewer appends, writes and thread wake-ups.
             tokio::task::yield_now().await;
@@ -923,6 +1014,50 @@ impl<SM: StateMachine> CoreLoop<SM> {
         self.pending = keep;
     }
 
+    /// Appends the change, with the addresses of members the log records none for (those the
+    /// cluster started with) filled in from the transport, so that members added later reach
+    /// every member from the log alone.
+    fn change_members(&mut self, change: MemberChange) -> Result<u64, MembershipError> {
+        let (_, current) = self.core.membership();
+        let next = match change {
+            MemberChange::Add { id, address } => current.with(id, address)?,
+            MemberChange::Remove(id) => current.without(id)?,
+        };
+        let next = next.with_addresses(|id| self.transport.peer_address(id));
+        Ok(self.core.change_membership(next, wall_ms())?)
+    }
+
+    /// Answers the callers of `change_members` whose change committed, or whose outcome this
+    /// node can no longer know (it stopped leading the term it appended the change in).
+    fn answer_changes(&mut self) {
+        let commit = self.core.commit_index();
+        let term = self.core.term();
+        let leading = self.core.is_leader();
+        let mut waiting = Vec::new();
+        for (index, t, done) in self.changes.drain(..) {
+            let answer = if index <= commit && self.core.term_at(index) == t {
+                Ok(index)
+            } else if index <= commit || !leading || term != t {
+                Err(MembershipError::OutcomeUnknown)
+            } else {
+                waiting.push((index, t, done));
+                continue;
+            };
+            let _ = done.send(answer);
+        }
+        self.changes = waiting;
+    }
+
+    /// Tells the transport of a membership that came into effect (appended, truncated or
+    /// installed with a snapshot).
+    fn tell_transport_members(&mut self) {
+        let (at, members) = self.core.membership();
+        if self.told_members != Some(at) {
+            self.transport.set_members(members);
+            self.told_members = Some(at);
+        }
+    }
+
     fn publish_status(&self) {
         let Ok(mut s) = self.shared.status.lock() else {
             return;
@@ -939,9 +1074,16 @@ impl<SM: StateMachine> CoreLoop<SM> {
         s.term_start_index = self.core.term_start_index();
         s.snapshot_index = self.core.snapshot_index();
         s.compacted_index = self.core.compacted_index();
-        for m in s.members.iter_mut() {
-            m.match_index = self.core.is_leader().then(|| self.core.match_index(m.id));
-        }
+        let leading = self.core.is_leader();
+        s.members = self
+            .core
+            .members()
+            .iter()
+            .map(|&id| MemberStatus {
+                id,
+                match_index: leading.then(|| self.core.match_index(id)),
+            })
+            .collect();
     }
 
     async fn stop(
@@ -960,6 +1102,9 @@ impl<SM: StateMachine> CoreLoop<SM> {
                 job(Err(ReadError::ShuttingDown));
             }
         }
+        for (_, _, done) in self.changes.drain(..) {
+            let _ = done.send(Err(MembershipError::OutcomeUnknown));
+        }
         for (_, done) in self.transfers.drain(..) {
             let _ = done.send(Err(TransferError::ShuttingDown));
         }
@@ -976,6 +1121,9 @@ impl<SM: StateMachine> CoreLoop<SM> {
                     }
                 }
                 Event::Read(job) => job(Err(ReadError::ShuttingDown)),
+                Event::ChangeMembers { done, .. } => {
+                    let _ = done.send(Err(MembershipError::ShuttingDown));
+                }
                 Event::Transfer { done, .. } => {
                     let _ = done.send(Err(TransferError::ShuttingDown));
                 }

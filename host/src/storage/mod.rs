@@ -199,20 +199,40 @@ impl LogStore {
         })
     }
 
-    /// Ties this log to the ids of the cluster's members. `--cluster-id` lets members move to
-    /// new addresses; it must not let a node restart into another membership: a member
+    /// Ties this log to the members it started with (none: it joins a running cluster), until
+    /// its log records a membership (see `has_memberships`). `--cluster-id` lets members move
+    /// to new addresses; it must not let a node restart into another membership: a member
     /// started alone as a cluster of one elects itself, commits entries the real cluster never
     /// saw, and its log can no longer be reconciled with theirs.
     pub fn bind_members(&self, members: &[u64]) -> anyhow::Result<()> {
         let mut ids = members.to_vec();
         ids.sort_unstable();
         let ids = ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+        let named = |ids: &str| {
+            if ids.is_empty() {
+                "none (it joins a running cluster: --join)".to_string()
+            } else {
+                ids.to_string()
+            }
+        };
         self.bind(IDENTITY_MEMBERS, &ids, |bound| {
             format!(
-                "this data directory's log belongs to a cluster of members {bound}, and this node \
-                 was started with members {ids}. Lockstep does not change membership: start it \
-                 with --peers naming the members {bound} (their addresses may change)"
+                "this data directory's log was started with members {}, and this node is started \
+                 with members {}: start it as it was first started (--peers naming the same ids, \
+                 at any addresses, or --join). Members change with `lockstep add-member` and \
+                 `remove-member`, not with --peers",
+                named(bound),
+                named(&ids)
             )
+        })
+    }
+
+    /// Whether the log records a membership: then it, not `--peers`, says who the members are.
+    pub fn has_memberships(&self) -> anyhow::Result<bool> {
+        let txn = self.db.begin_read()?;
+        Ok(match open_if_exists(txn.open_table(MEMBERSHIPS))? {
+            Some(table) => !table.is_empty()?,
+            None => false,
         })
     }
 

@@ -4,7 +4,8 @@
 //! what a peer sends back arrives on the connection the peer dialled. Messages are
 //! fire-and-forget (Raft retries whatever is lost), so a full queue or a broken connection drops
 //! messages instead of blocking the consensus loop. A writer drains everything queued for a peer
-//! into one `write` call: under load many messages share a syscall.
+//! into one `write` call: under load many messages share a syscall. The peers change with the
+//! members (`set_peers`): a connection is accepted only from a peer this node would dial.
 
 pub mod frame;
 
@@ -61,7 +62,7 @@ pub struct TransportConfig {
     /// The limits this node applies entries under: a peer with others is refused at the hello,
     /// since the same entry could fail on one replica and succeed on another.
     pub apply_limits: String,
-    /// Raft address of every member, this node included.
+    /// Raft address of every member at the start, this node included.
     pub peers: BTreeMap<NodeId, String>,
     /// Hard limit on one frame; a larger length prefix closes the connection.
     pub max_frame_bytes: u32,
@@ -104,15 +105,28 @@ impl<M: WireMessage> Clone for PeerTransport<M> {
 }
 
 struct Inner<M> {
-    queues: HashMap<NodeId, mpsc::Sender<M>>,
+    config: Arc<TransportConfig>,
+    peers: Arc<RwLock<HashMap<NodeId, Peer<M>>>>,
     http_addrs: Arc<RwLock<HashMap<NodeId, String>>>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// A peer this node dials: its address, and the queue its dialler sends from.
+struct Peer<M> {
+    address: String,
+    queue: mpsc::Sender<M>,
+    dialler: JoinHandle<()>,
 }
 
 impl<M> Drop for Inner<M> {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
+        }
+        if let Ok(peers) = self.peers.read() {
+            for p in peers.values() {
+                p.dialler.abort();
+            }
         }
     }
 }
@@ -131,35 +145,80 @@ impl<M: WireMessage> PeerTransport<M> {
             config.node_id,
             config.http_addr.clone(),
         )])));
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(accept_loop(
+        let peers = Arc::new(RwLock::new(HashMap::new()));
+        let known = peers.clone();
+        let is_peer = move |id| known.read().is_ok_and(|p| p.contains_key(&id));
+        let tasks = vec![tokio::spawn(accept_loop(
             listener,
             config.clone(),
             http_addrs.clone(),
             on_message,
-        )));
-        let mut queues = HashMap::new();
-        for (&id, addr) in &config.peers {
-            if id == config.node_id {
-                continue;
-            }
-            let (tx, rx) = mpsc::channel(config.queue_depth.max(1));
-            queues.insert(id, tx);
-            tasks.push(tokio::spawn(dial_loop(addr.clone(), config.clone(), rx)));
-        }
-        PeerTransport {
+            Arc::new(is_peer),
+        ))];
+        let transport = PeerTransport {
             inner: Arc::new(Inner {
-                queues,
+                config: config.clone(),
+                peers,
                 http_addrs,
                 tasks,
             }),
+        };
+        transport.set_peers(&config.peers);
+        transport
+    }
+
+    /// Dials `peers` (this node's own entry aside) from now on, at the addresses given, and
+    /// no other: a peer at a new address is dialled there.
+    pub fn set_peers(&self, peers: &BTreeMap<NodeId, String>) {
+        let config = &self.inner.config;
+        let Ok(mut current) = self.inner.peers.write() else {
+            return;
+        };
+        current.retain(|id, p| {
+            let keep = peers.get(id) == Some(&p.address);
+            if !keep {
+                p.dialler.abort();
+            }
+            keep
+        });
+        for (&id, address) in peers {
+            if id == config.node_id || current.contains_key(&id) {
+                continue;
+            }
+            let (queue, rx) = mpsc::channel(config.queue_depth.max(1));
+            let dialler = tokio::spawn(dial_loop(address.clone(), config.clone(), rx));
+            current.insert(
+                id,
+                Peer {
+                    address: address.clone(),
+                    queue,
+                    dialler,
+                },
+            );
         }
+    }
+
+    /// The address this node dials `id` at.
+    pub fn peer_address(&self, id: NodeId) -> Option<String> {
+        if id == self.inner.config.node_id {
+            return self.inner.config.peers.get(&id).cloned();
+        }
+        let peers = self.inner.peers.read().ok()?;
+        peers.get(&id).map(|p| p.address.clone())
+    }
+
+    /// The addresses this node was started with (`--peers`).
+    pub fn initial_peers(&self) -> &BTreeMap<NodeId, String> {
+        &self.inner.config.peers
     }
 
     /// Queues `msg` for `to`; drops it when the peer is unknown or its queue is full.
     pub fn send(&self, to: NodeId, msg: M) {
-        if let Some(q) = self.inner.queues.get(&to)
-            && q.try_send(msg).is_err()
+        let Ok(peers) = self.inner.peers.read() else {
+            return;
+        };
+        if let Some(p) = peers.get(&to)
+            && p.queue.try_send(msg).is_err()
         {
             debug!(to, "peer queue full or closed: message dropped");
         }
@@ -235,11 +294,14 @@ fn inbound(shared: &SharedInbound) -> std::sync::MutexGuard<'_, Inbound> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+type IsPeer = Arc<dyn Fn(NodeId) -> bool + Send + Sync>;
+
 async fn accept_loop<M: WireMessage>(
     listener: TcpListener,
     config: Arc<TransportConfig>,
     http_addrs: Arc<RwLock<HashMap<NodeId, String>>>,
     on_message: Handler<M>,
+    is_peer: IsPeer,
 ) {
     let conns = SharedInbound::default();
     loop {
@@ -256,16 +318,22 @@ async fn accept_loop<M: WireMessage>(
         let mut registry = inbound(&conns);
         registry.next += 1;
         let conn = registry.next;
-        let (config, http_addrs, on_message, shared) = (
+        let (config, http_addrs, on_message, shared, is_peer) = (
             config.clone(),
             http_addrs.clone(),
             on_message.clone(),
             conns.clone(),
+            is_peer.clone(),
         );
         let task = tokio::spawn(async move {
-            let served = serve_inbound(stream, &config, &http_addrs, &on_message, |member| {
-                inbound(&shared).promote(conn, member)
-            })
+            let served = serve_inbound(
+                stream,
+                &config,
+                &http_addrs,
+                &on_message,
+                &*is_peer,
+                |member| inbound(&shared).promote(conn, member),
+            )
             .await;
             inbound(&shared).forget(conn);
             if let Err(e) = served {
@@ -284,6 +352,7 @@ async fn serve_inbound<M: WireMessage>(
     config: &TransportConfig,
     http_addrs: &RwLock<HashMap<NodeId, String>>,
     on_message: &Handler<M>,
+    is_peer: &(dyn Fn(NodeId) -> bool + Send + Sync),
     said_hello: impl FnOnce(NodeId) -> bool,
 ) -> Result<(), FrameError> {
     tune(&stream);
@@ -329,7 +398,7 @@ async fn serve_inbound<M: WireMessage>(
             hello.node_id, hello.apply_limits, config.apply_limits
         )));
     }
-    if hello.node_id == config.node_id || !config.peers.contains_key(&hello.node_id) {
+    if hello.node_id == config.node_id || !is_peer(hello.node_id) {
         return Err(FrameError::BadHello("peer id is not a member"));
     }
     let from = hello.node_id;
