@@ -110,9 +110,10 @@ pub(super) async fn transfer_leader(
     }
 }
 
-/// Longest a membership change is waited for: it commits within a round trip or two when a
-/// quorum of the new members answers.
-const CHANGE_WAIT: Duration = Duration::from_secs(10);
+/// Longest a membership change is waited for: a new member is first caught up with the log
+/// (given up after 10 maximum election timeouts, 20 s), then the change commits within a round
+/// trip or two when a quorum of the new members answers.
+const CHANGE_WAIT: Duration = Duration::from_secs(30);
 
 /// `POST /v1/cluster/members` with `{"id": N, "raft": "HOST:PORT"}`: adds member N, reached at
 /// that peer address (start it first with `--join`). Answers once the change commits.
@@ -187,6 +188,11 @@ async fn change_members(
         )),
         Ok(Err(MembershipError::Refused(e))) => Err(ApiError::bad_request(e.to_string())),
         Ok(Err(e @ MembershipError::OutcomeUnknown)) => Err(unknown(e.to_string())),
+        Ok(Err(e @ MembershipError::NotCaughtUp(_))) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_caught_up",
+            e.to_string(),
+        )),
         Ok(Err(MembershipError::ShuttingDown)) => Err(ApiError::shutting_down()),
         Err(_) => Err(unknown(format!(
             "the change did not commit within {} s (is a quorum of the new members up?); it \

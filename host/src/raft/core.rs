@@ -135,6 +135,8 @@ pub struct Ready {
     /// A snapshot received from the leader: the shell makes it durable, restores the state
     /// machine from it, then calls [`RaftCore::installed`].
     pub install: Option<Snapshot>,
+    /// What became of a membership change that was catching a new member up.
+    pub membership: Option<ChangeOutcome>,
 }
 
 /// Why a proposal was refused (nothing was appended).
@@ -180,6 +182,37 @@ struct Transfer {
     /// When `TimeoutNow` last went out: it is sent again a heartbeat later, in case it was lost.
     sent_at: Option<u64>,
 }
+
+/// A member being added: replicated to, but not counted, until it holds nearly the whole log
+/// (braft's catch-up, etcd's learner); only then is the change appended, so a new member that
+/// starts empty does not stall commits while it catches up.
+#[derive(Clone, Debug)]
+struct CatchUp {
+    id: NodeId,
+    next: Membership,
+    /// Given up at this time if it has not caught up (down, or not at the address given).
+    deadline: u64,
+}
+
+/// What became of a membership change a leader started (`Ready::membership`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeOutcome {
+    /// The change's entry was appended at this index (it is done once that commits).
+    Appended(u64),
+    /// The member being added did not catch up in time: nothing was appended.
+    NotCaughtUp(NodeId),
+}
+
+/// How `RaftCore::change_membership` began.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeStarted {
+    Appended(u64),
+    /// The member being added is caught up first; `Ready::membership` says what came of it.
+    CatchingUp,
+}
+
+/// Election timeouts a member being added has to catch up.
+const CATCH_UP_TIMEOUTS: u64 = 10;
 
 /// Reports in a row of a last index below a follower's match that mean it lost its log.
 const LOST_LOG_REPORTS: u8 = 3;
@@ -309,6 +342,7 @@ pub struct RaftCore {
     read_seq: u64,
     reads: VecDeque<PendingRead>,
     transfer: Option<Transfer>,
+    catch_up: Option<CatchUp>,
 
     needs_replicate: bool,
     ready: Ready,
@@ -386,6 +420,7 @@ impl RaftCore {
             read_seq: 0,
             reads: VecDeque::new(),
             transfer: None,
+            catch_up: None,
             needs_replicate: false,
             ready: Ready::default(),
             cfg,
@@ -431,6 +466,16 @@ impl RaftCore {
     pub fn durable_index(&self) -> u64 {
         self.durable
     }
+    /// The members this node must reach: those in effect, and, on a leader catching a new
+    /// member up, that one too (the index says which membership is in effect; the id, which
+    /// member is being caught up).
+    pub fn members_to_reach(&self) -> (u64, Option<NodeId>, &Membership) {
+        match &self.catch_up {
+            Some(c) => (self.membership().0, Some(c.id), &c.next),
+            None => (self.membership().0, None, self.membership().1),
+        }
+    }
+
     /// The voting members in effect (the latest membership in the log).
     pub fn members(&self) -> &[NodeId] {
         &self.voters
@@ -514,6 +559,7 @@ impl RaftCore {
                     self.transfer = None;
                 }
                 self.maybe_timeout_now();
+                self.maybe_caught_up();
                 if self.now >= self.next_heartbeat {
                     self.next_heartbeat = self.now + self.cfg.heartbeat_ms;
                     self.broadcast_heartbeat();
@@ -725,7 +771,7 @@ impl RaftCore {
         &mut self,
         next: Membership,
         timestamp_ms: u64,
-    ) -> Result<u64, ChangeRefused> {
+    ) -> Result<ChangeStarted, ChangeRefused> {
         if self.role != CoreRole::Leader {
             return Err(ChangeRefused::NotLeader {
                 leader: self.leader,
@@ -735,12 +781,55 @@ impl RaftCore {
             return Err(ChangeRefused::Transferring { to: t.to });
         }
         let (made_at, current) = self.membership();
-        if made_at > self.commit || self.commit < self.term_start_index {
+        if made_at > self.commit || self.commit < self.term_start_index || self.catch_up.is_some() {
             return Err(ChangeRefused::InProgress);
         }
         if !current.one_change_to(&next) {
             return Err(ChangeRefused::NotOneChange);
         }
+        let added = next.ids().find(|&id| !current.contains(id));
+        if let Some(id) = added.filter(|&id| id != self.cfg.id) {
+            let fresh = self.fresh_progress();
+            self.progress.entry(id).or_insert(fresh);
+            self.catch_up = Some(CatchUp {
+                id,
+                next,
+                deadline: self.now + CATCH_UP_TIMEOUTS * self.cfg.election_timeout_ms.1,
+            });
+            self.send_append(id);
+            self.maybe_caught_up();
+            return Ok(ChangeStarted::CatchingUp);
+        }
+        Ok(ChangeStarted::Appended(
+            self.append_membership(next, timestamp_ms),
+        ))
+    }
+
+    /// Appends the change once the member being added holds all but the last batch of the
+    /// log (its snapshot installed, if it needed one), or gives it up at the deadline.
+    fn maybe_caught_up(&mut self) {
+        let Some(c) = &self.catch_up else {
+            return;
+        };
+        let margin = self.cfg.max_batch_entries as u64;
+        let caught = self.progress.get(&c.id).is_some_and(|p| {
+            p.state == ProgressState::Replicate && p.matched + margin >= self.last_index
+        });
+        if caught {
+            let Some(c) = self.catch_up.take() else {
+                return;
+            };
+            let index = self.append_membership(c.next, self.wall_ms);
+            self.ready.membership = Some(ChangeOutcome::Appended(index));
+        } else if self.now >= c.deadline {
+            let id = c.id;
+            self.catch_up = None;
+            self.progress.remove(&id);
+            self.ready.membership = Some(ChangeOutcome::NotCaughtUp(id));
+        }
+    }
+
+    fn append_membership(&mut self, next: Membership, timestamp_ms: u64) -> u64 {
         let index = self.last_index + 1;
         let entry = LogEntry {
             index,
@@ -751,7 +840,7 @@ impl RaftCore {
         };
         self.append_local(vec![entry]);
         self.needs_replicate = true;
-        Ok(index)
+        index
     }
 
     /// Starts a read-index round. The answer comes in `Ready::reads_ready` (or `reads_failed`).
@@ -770,7 +859,7 @@ impl RaftCore {
             seq: self.read_seq,
             index,
         });
-        if self.progress.is_empty() {
+        if self.alone() {
             self.release_reads();
         } else {
             self.broadcast_heartbeat();
@@ -1067,7 +1156,7 @@ impl RaftCore {
     pub fn take_ready(&mut self) -> Ready {
         if std::mem::take(&mut self.needs_replicate) && self.role == CoreRole::Leader {
             self.replicate_all();
-            if self.progress.is_empty() {
+            if self.alone() {
                 self.maybe_commit();
             }
         }
@@ -1085,6 +1174,7 @@ impl RaftCore {
             || r.stepped_down
             || r.became_leader
             || r.install.is_some()
+            || r.membership.is_some()
     }
 
     // ----- elections -----
@@ -1095,6 +1185,19 @@ impl RaftCore {
 
     fn is_voter(&self, id: NodeId) -> bool {
         self.voters.contains(&id)
+    }
+
+    /// The leader's view of the other members (not of a member being caught up).
+    fn voting_progress(&self) -> impl Iterator<Item = &Progress> {
+        self.progress
+            .iter()
+            .filter(|(id, _)| self.voters.contains(id))
+            .map(|(_, p)| p)
+    }
+
+    /// Whether no other member's answer is needed (a lone member).
+    fn alone(&self) -> bool {
+        self.voting_progress().next().is_none()
     }
 
     /// A member campaigns; so does a node whose own removal is in its log but not committed
@@ -1118,7 +1221,9 @@ impl RaftCore {
             return;
         }
         let voters = std::mem::take(&mut self.voters);
-        self.progress.retain(|id, _| voters.contains(id));
+        let learner = self.catch_up.as_ref().map(|c| c.id);
+        self.progress
+            .retain(|id, _| voters.contains(id) || Some(*id) == learner);
         for &p in &voters {
             if p != self.cfg.id && !self.progress.contains_key(&p) {
                 let fresh = self.fresh_progress();
@@ -1258,6 +1363,7 @@ impl RaftCore {
         self.leader = leader;
         self.votes.clear();
         self.transfer = None;
+        self.catch_up = None;
         if was_leader {
             self.progress.clear();
             self.ready.stepped_down = true;
@@ -1273,6 +1379,7 @@ impl RaftCore {
         self.leader = Some(self.cfg.id);
         self.ready.became_leader = true;
         self.transfer = None;
+        self.catch_up = None;
         self.progress.clear();
         self.refresh_voters();
         self.next_quorum_check = self.now + self.cfg.election_timeout_ms.0;
@@ -1301,7 +1408,7 @@ impl RaftCore {
     fn check_quorum(&mut self) {
         self.next_quorum_check = self.now + self.cfg.election_timeout_ms.0;
         let me = usize::from(self.is_voter(self.cfg.id));
-        let active = me + self.progress.values().filter(|p| p.active).count();
+        let active = me + self.voting_progress().filter(|p| p.active).count();
         for p in self.progress.values_mut() {
             p.active = false;
         }
@@ -1871,6 +1978,10 @@ impl RaftCore {
             }
             p.next = p.next.max(p.matched + 1);
             self.maybe_commit();
+            if self.role != CoreRole::Leader {
+                return;
+            }
+            self.maybe_caught_up();
         } else {
             if index <= p.matched {
                 self.lost_log(from, last_index);
@@ -1963,7 +2074,7 @@ impl RaftCore {
         if self.commit < self.term_start_index {
             return;
         }
-        let mut acked: Vec<u64> = self.progress.values().map(|p| p.seq_acked).collect();
+        let mut acked: Vec<u64> = self.voting_progress().map(|p| p.seq_acked).collect();
         if self.is_voter(self.cfg.id) {
             acked.push(u64::MAX);
         }
@@ -1984,7 +2095,7 @@ impl RaftCore {
         if self.is_voter(self.cfg.id) {
             bb.vote(self.durable);
         }
-        for p in self.progress.values() {
+        for p in self.voting_progress() {
             bb.vote(p.matched);
         }
         let q = bb.quorum_index();
@@ -2014,7 +2125,7 @@ impl RaftCore {
         let successor = self
             .progress
             .iter()
-            .find(|(_, p)| p.matched >= self.last_index)
+            .find(|(id, p)| self.is_voter(**id) && p.matched >= self.last_index)
             .map(|(&id, _)| id);
         if let Some(to) = successor {
             self.ready
@@ -3081,10 +3192,11 @@ mod tests {
         );
     }
 
-    /// A leader of {1,2,3} adds 4: the change is in effect at once (4 is replicated to, and
-    /// commits then need 3 of 4); a second change waits for the first to commit.
+    /// A leader of {1,2,3} adds 4: 4 is first caught up, uncounted, and only then is the
+    /// change appended; it is in effect at once (commits then need 3 of 4); a second change
+    /// waits for the first to commit.
     #[test]
-    fn an_added_member_counts_at_once_and_changes_go_one_at_a_time() {
+    fn a_new_member_is_caught_up_then_counts_and_changes_go_one_at_a_time() {
         let mut c = core(1, 3, &[], 0);
         elect(&mut c, 3);
         let start = c.last_index();
@@ -3093,14 +3205,27 @@ mod tests {
         assert_eq!(c.commit_index(), start, "the term's first entry commits");
         let (_, m) = c.membership();
         let added = m.with(4, "10.0.0.4:7000".into()).expect("a new member");
-        let at = c.change_membership(added.clone(), 0).expect("leader");
-        assert_eq!(c.members(), &[1, 2, 3, 4]);
+        assert_eq!(
+            c.change_membership(added.clone(), 0),
+            Ok(ChangeStarted::CatchingUp)
+        );
         let sent = flush(&mut c);
         assert!(sent.iter().any(|(to, _)| *to == 4), "4 is replicated to");
+        assert_eq!(c.members(), &[1, 2, 3], "not counted while catching up");
         assert_eq!(
             c.change_membership(added.without(2).expect("member"), 0),
             Err(ChangeRefused::InProgress)
         );
+        c.step(4, ack(c.term(), c.last_index()));
+        let r = c.take_ready();
+        let Some(ChangeOutcome::Appended(at)) = r.membership else {
+            panic!("caught up: the change is appended ({:?})", r.membership);
+        };
+        for w in r.writes {
+            c.persisted(w.id, w.last_index, w.last_term);
+        }
+        flush(&mut c);
+        assert_eq!(c.members(), &[1, 2, 3, 4]);
         c.step(2, ack(c.term(), at));
         flush(&mut c);
         assert!(c.commit_index() < at, "2 of 4 is no quorum");
@@ -3111,6 +3236,34 @@ mod tests {
             c.change_membership(added.without(2).expect("member"), 0)
                 .is_ok()
         );
+    }
+
+    /// A new member that never answers is given up: nothing is appended, and it is no longer
+    /// replicated to.
+    #[test]
+    fn a_new_member_that_does_not_catch_up_is_given_up() {
+        let mut c = core(1, 3, &[], 0);
+        elect(&mut c, 3);
+        c.step(2, ack(c.term(), c.last_index()));
+        flush(&mut c);
+        let last = c.last_index();
+        let (_, m) = c.membership();
+        let added = m.with(4, String::new()).expect("a new member");
+        assert_eq!(c.change_membership(added, 0), Ok(ChangeStarted::CatchingUp));
+        flush(&mut c);
+        let mut outcome = None;
+        for t in (1_000..30_000).step_by(100) {
+            c.tick(t, 0);
+            c.step(2, ack(c.term(), c.last_index()));
+            let r = c.take_ready();
+            outcome = outcome.or(r.membership);
+        }
+        assert_eq!(outcome, Some(ChangeOutcome::NotCaughtUp(4)));
+        assert_eq!(c.last_index(), last, "nothing appended");
+        assert_eq!(c.members(), &[1, 2, 3]);
+        c.tick(31_000, 0);
+        let sent = flush(&mut c);
+        assert!(!sent.iter().any(|(to, _)| *to == 4), "{sent:?}");
     }
 
     /// A follower takes a change when it is appended, and undoes it when the entry is
@@ -3162,9 +3315,10 @@ mod tests {
         c.step(2, ack(c.term(), start));
         flush(&mut c);
         let (_, m) = c.membership();
-        let at = c
-            .change_membership(m.without(1).expect("member"), 0)
-            .expect("leader");
+        let Ok(ChangeStarted::Appended(at)) = c.change_membership(m.without(1).expect("member"), 0)
+        else {
+            panic!("a removal is appended at once");
+        };
         assert_eq!(c.members(), &[2, 3]);
         flush(&mut c);
         c.step(2, ack(c.term(), at));

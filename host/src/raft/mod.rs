@@ -14,7 +14,8 @@ mod node;
 use std::time::Duration;
 
 pub use self::core::{
-    CoreConfig, CoreRole, DurableState, HardState, LogRead, LogWrite, RaftCore, Ready, Snapshot,
+    ChangeOutcome, ChangeStarted, CoreConfig, CoreRole, DurableState, HardState, LogRead, LogWrite,
+    RaftCore, Ready, Snapshot,
 };
 pub use membership::{ChangeRefused, Membership};
 pub use message::{DecodeError, EntryKind, LogEntry, Message};

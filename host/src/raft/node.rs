@@ -19,7 +19,9 @@ use anyhow::Context;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use super::core::{CoreRole, DurableState, ProposeRefused, RaftCore, TransferRefused};
+use super::core::{
+    ChangeOutcome, ChangeStarted, CoreRole, DurableState, ProposeRefused, RaftCore, TransferRefused,
+};
 use super::fsm_caller::{FsmCaller, FsmTask};
 use super::log_manager::{DiskQueue, DiskTask};
 use super::membership::{ChangeRefused, Membership};
@@ -68,6 +70,13 @@ pub enum MembershipError {
     /// Nothing was appended.
     #[error("{0}")]
     Refused(ChangeRefused),
+    /// Nothing was appended: the member being added did not catch up with the log in time
+    /// (is it running, with `--join`, at the address given?).
+    #[error(
+        "node {0} did not catch up with the log in time (is it running, with --join, at the \
+         address given?); nothing changed"
+    )]
+    NotCaughtUp(NodeId),
     /// Appended, then leadership was lost before it committed: it may still commit.
     #[error("leadership lost before the change committed: outcome unknown")]
     OutcomeUnknown,
@@ -452,6 +461,7 @@ impl<SM: StateMachine> Node<SM> {
             refusing: false,
             transfers: Vec::new(),
             changes: Vec::new(),
+            catching_up: None,
             told_members: None,
             threads: vec![disk_thread, fsm_thread],
         };
@@ -672,10 +682,13 @@ struct CoreLoop<SM: StateMachine> {
     refusing: bool,
     /// Callers of `transfer_leadership`, each with the member it asked for.
     transfers: Vec<(NodeId, oneshot::Sender<Result<(), TransferError>>)>,
-    /// Callers of `change_members`, with their change's index and term.
+    /// Callers of `change_members`, with their change's index and term; and the one whose
+    /// new member is being caught up before its change is appended.
     changes: Vec<(u64, u64, ChangeDone)>,
-    /// The index of the membership the transport was last told of.
-    told_members: Option<u64>,
+    catching_up: Option<ChangeDone>,
+    /// The membership the transport was last told of: its index, and the member then being
+    /// caught up.
+    told_members: Option<(u64, Option<NodeId>)>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -742,7 +755,10 @@ impl<SM: StateMachine> CoreLoop<SM> {
                     }
                     Event::Read(job) => reads.push(job),
                     Event::ChangeMembers { change, done } => match self.change_members(change) {
-                        Ok(at) => self.changes.push((at, self.core.term(), done)),
+                        Ok(ChangeStarted::Appended(at)) => {
+                            self.changes.push((at, self.core.term(), done))
+                        }
+                        Ok(ChangeStarted::CatchingUp) => self.catching_up = Some(done),
                         Err(e) => {
                             let _ = done.send(Err(e));
                         }
@@ -777,7 +793,7 @@ impl<SM: StateMachine> CoreLoop<SM> {
             if !self.transfers.is_empty() {
                 self.answer_transfers();
             }
-            if !self.changes.is_empty() {
+            if !self.changes.is_empty() || self.catching_up.is_some() {
                 self.answer_changes();
             }
             self.tell_transport_members();
@@ -917,6 +933,19 @@ impl<SM: StateMachine> CoreLoop<SM> {
                     }
                 }
             }
+            match ready.membership {
+                Some(ChangeOutcome::Appended(at)) => {
+                    if let Some(done) = self.catching_up.take() {
+                        self.changes.push((at, self.core.term(), done));
+                    }
+                }
+                Some(ChangeOutcome::NotCaughtUp(id)) => {
+                    if let Some(done) = self.catching_up.take() {
+                        let _ = done.send(Err(MembershipError::NotCaughtUp(id)));
+                    }
+                }
+                None => {}
+            }
             for id in ready.reads_failed {
                 for job in self.reads.remove(&id).unwrap_or_default() {
                     job(Err(ReadError::LeadershipLost));
@@ -1017,7 +1046,7 @@ impl<SM: StateMachine> CoreLoop<SM> {
     /// Appends the change, with the addresses of members the log records none for (those the
     /// cluster started with) filled in from the transport, so that members added later reach
     /// every member from the log alone.
-    fn change_members(&mut self, change: MemberChange) -> Result<u64, MembershipError> {
+    fn change_members(&mut self, change: MemberChange) -> Result<ChangeStarted, MembershipError> {
         let (_, current) = self.core.membership();
         let next = match change {
             MemberChange::Add { id, address } => current.with(id, address)?,
@@ -1033,6 +1062,11 @@ impl<SM: StateMachine> CoreLoop<SM> {
         let commit = self.core.commit_index();
         let term = self.core.term();
         let leading = self.core.is_leader();
+        if !leading && let Some(done) = self.catching_up.take() {
+            // Nothing was appended: the new leader may be asked again.
+            let leader = self.core.leader();
+            let _ = done.send(Err(MembershipError::NotLeader { leader }));
+        }
         let mut waiting = Vec::new();
         for (index, t, done) in self.changes.drain(..) {
             let answer = if index <= commit && self.core.term_at(index) == t {
@@ -1049,12 +1083,12 @@ impl<SM: StateMachine> CoreLoop<SM> {
     }
 
     /// Tells the transport of a membership that came into effect (appended, truncated or
-    /// installed with a snapshot).
+    /// installed with a snapshot), or of a member being caught up before it is added.
     fn tell_transport_members(&mut self) {
-        let (at, members) = self.core.membership();
-        if self.told_members != Some(at) {
+        let (at, learner, members) = self.core.members_to_reach();
+        if self.told_members != Some((at, learner)) {
             self.transport.set_members(members);
-            self.told_members = Some(at);
+            self.told_members = Some((at, learner));
         }
     }
 
@@ -1104,6 +1138,9 @@ impl<SM: StateMachine> CoreLoop<SM> {
         }
         for (_, _, done) in self.changes.drain(..) {
             let _ = done.send(Err(MembershipError::OutcomeUnknown));
+        }
+        if let Some(done) = self.catching_up.take() {
+            let _ = done.send(Err(MembershipError::ShuttingDown));
         }
         for (_, done) in self.transfers.drain(..) {
             let _ = done.send(Err(TransferError::ShuttingDown));

@@ -27,7 +27,8 @@ use rand::{Rng, SeedableRng, rngs::SmallRng};
 use super::NodeId;
 use super::core::ProposeRefused as ProposeRefusal;
 use super::core::{
-    CoreConfig, DurableState, HardState, LogRead, LogWrite, RaftCore, Snapshot, TransferRefused,
+    ChangeOutcome, ChangeStarted, CoreConfig, DurableState, HardState, LogRead, LogWrite, RaftCore,
+    Snapshot, TransferRefused,
 };
 use super::membership::{ChangeRefused, Membership};
 use super::message::{EntryKind, LogEntry, Message};
@@ -810,7 +811,9 @@ impl Sim {
         };
         let term = core.term();
         match core.change_membership(next, wall) {
-            Ok(index) => self.changes.push((index, term)),
+            Ok(ChangeStarted::Appended(index)) => self.changes.push((index, term)),
+            // Appended (or given up) once the new member has caught up: see `drain`.
+            Ok(ChangeStarted::CatchingUp) => {}
             // The previous change is not committed yet, or leadership is moving.
             Err(ChangeRefused::InProgress | ChangeRefused::Transferring { .. }) => {}
             Err(e) => {
@@ -920,6 +923,9 @@ impl Sim {
                     self.transfers_done += 1;
                     self.transfer = None;
                 }
+            }
+            if let Some(ChangeOutcome::Appended(index)) = ready.membership {
+                self.changes.push((index, term));
             }
             for (to, m) in &ready.messages {
                 self.send(id, *to, m);
