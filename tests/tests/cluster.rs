@@ -566,6 +566,7 @@ fn bad_input_gets_clear_errors_and_the_cluster_stays_healthy() {
             cluster_id: cluster_id.clone(),
             node_id: 2,
             http_addr: "127.0.0.1:1".into(),
+            raft_addr: String::new(),
             apply_limits: lockstep::wasm::WasmEngine::new(lockstep::wasm::Limits::default())
                 .expect("engine")
                 .apply_identity(),
@@ -872,10 +873,12 @@ fn a_follower_behind_the_compacted_log_is_sent_a_snapshot_and_restarts_start_fro
     );
     let kept = snapshots(&c, follower);
     assert_eq!(kept.len(), 1, "{kept:?}");
-    assert_eq!(
-        metric(&c, follower, "lockstep_snapshots_installed_total"),
-        Some(1),
-        "{}",
+    // One, or two: a snapshot the leader takes while the first is being sent compacts the
+    // log past it, and the follower is sent that one as well.
+    let installed = metric(&c, follower, "lockstep_snapshots_installed_total");
+    assert!(
+        matches!(installed, Some(1 | 2)),
+        "{installed:?} {}",
         c.node_log(follower)
     );
     assert!(metric(&c, leader, "lockstep_snapshots_taken_total").is_some_and(|n| n >= 3));
@@ -1229,6 +1232,7 @@ fn a_caller_without_the_peer_secret_cannot_pose_as_a_member() {
             cluster_id: cluster_id.clone(),
             node_id: c.nodes[leader].id,
             http_addr: "impostor.example:80".into(),
+            raft_addr: String::new(),
             apply_limits: lockstep::wasm::WasmEngine::new(lockstep::wasm::Limits::default())
                 .expect("engine")
                 .apply_identity(),
@@ -1305,9 +1309,10 @@ fn a_bad_worker_thread_count_is_refused_with_a_clear_error() {
 }
 
 /// Members change under load: a fourth node started with `--join` is added through the CLI
-/// and catches up (same state as the others), then the leader removes itself: it steps down,
-/// another member leads, no acknowledged write is lost, and the new membership survives a
-/// restart.
+/// while a member is down, and catches up; it is handed leadership, and the member that was
+/// down comes back and follows it (knowing nothing of it at first). Then the leader removes
+/// itself: it steps down, another member leads, no acknowledged write is lost, every replica
+/// holds the same state, and the new membership survives a restart.
 #[test]
 fn a_member_joins_and_the_leader_removes_itself_under_load() {
     let _serial = serial();
@@ -1315,6 +1320,9 @@ fn a_member_joins_and_the_leader_removes_itself_under_load() {
     c.deploy_guest("kv", guests::KV);
     let w = Writers::start(&c, 4);
     wait_for_acks(&w, 100);
+    let first_leader = c.wait_for_leader(Duration::from_secs(5));
+    let away = (first_leader + 1) % 3;
+    c.kill(away);
 
     let joiner = c.join();
     let s = c.cluster_status(joiner).expect("status");
@@ -1352,11 +1360,37 @@ fn a_member_joins_and_the_leader_removes_itself_under_load() {
     .expect("the new member learns the members");
     assert_eq!(s["role"], "follower", "{s}");
 
-    // The leader removes itself (through a follower: redirected).
+    // The new member leads; the member that missed its addition returns and follows it.
+    let leader = c.wait_for_leader(Duration::from_secs(5));
+    let out = c.cli(leader, &["transfer-leader", &joiner_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    c.restart(away);
+    wait_for_acks(&w, w.acked_count() + 100);
+    let target = c.cluster_status(joiner).expect("status")["commit_index"]
+        .as_u64()
+        .expect("commit index");
+    wait_until(Duration::from_secs(20), || {
+        let s = c.cluster_status(away)?;
+        (s["members"].as_array()?.len() == 4 && s["applied_index"].as_u64()? >= target)
+            .then_some(())
+    })
+    .unwrap_or_else(|| {
+        let all: Vec<_> = (0..c.nodes.len()).map(|i| c.cluster_status(i)).collect();
+        panic!("the returning member did not catch up with the new leader to {target}: {all:?}")
+    });
+
+    // The leader removes itself (asked through a follower: redirected).
     let leader = c.wait_for_leader(Duration::from_secs(5));
     let leader_id = c.nodes[leader].id;
+    let follower = (0..c.nodes.len())
+        .find(|&i| i != leader)
+        .expect("a follower");
     let r = c
-        .client(joiner)
+        .client(follower)
         .request(
             "DELETE",
             &format!("/v1/cluster/members/{leader_id}"),

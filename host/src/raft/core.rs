@@ -662,17 +662,17 @@ impl RaftCore {
         }
         // The membership at the snapshot's index: the entries that made it may be gone.
         let last_index = self.last_index;
-        let membership = snap.membership.clone();
-        if membership.is_empty() {
-            // A snapshot from before membership changes: the members never changed.
-            self.memberships
-                .retain(|(i, _)| *i == 0 || (*i <= last_index && last_index > index));
+        // A snapshot from before membership changes has none: the one in effect here stands.
+        let membership = if snap.membership.is_empty() {
+            let pos = self.memberships.partition_point(|(i, _)| *i <= index);
+            self.memberships[pos.saturating_sub(1)].1.clone()
         } else {
-            self.memberships
-                .retain(|(i, _)| *i > index && *i <= last_index);
-            self.memberships.insert(0, (index, membership.clone()));
-            self.write_mut(false).membership = Some((index, membership));
-        }
+            snap.membership.clone()
+        };
+        self.memberships
+            .retain(|(i, _)| *i > index && *i <= last_index);
+        self.memberships.insert(0, (index, membership.clone()));
+        self.write_mut(false).membership = Some((index, membership));
         self.refresh_voters();
         self.applied = self.applied.max(index);
         self.snapshot = Some(snap);
@@ -1218,6 +1218,10 @@ impl RaftCore {
     fn refresh_voters(&mut self) {
         self.voters = self.membership().1.ids().collect();
         if self.role != CoreRole::Leader {
+            // A campaign's votes count among the members in effect: grants from members just
+            // removed (a snapshot installed mid-campaign, say) must not make a quorum.
+            let voters = &self.voters;
+            self.votes.retain(|id, _| voters.contains(id));
             return;
         }
         let voters = std::mem::take(&mut self.voters);
@@ -1353,6 +1357,9 @@ impl RaftCore {
 
     fn become_follower(&mut self, term: u64, leader: Option<NodeId>) {
         let was_leader = self.role == CoreRole::Leader;
+        if was_leader && term > self.term {
+            tracing::info!(term, "a newer term: stepping down");
+        }
         if term > self.term {
             self.term = term;
             self.vote = 0;
@@ -1413,6 +1420,11 @@ impl RaftCore {
             p.active = false;
         }
         if active < self.quorum() {
+            tracing::warn!(
+                term = self.term,
+                active,
+                "too few members heard from in an election timeout: stepping down"
+            );
             self.become_follower(self.term, None);
         }
     }
@@ -3264,6 +3276,60 @@ mod tests {
         c.tick(31_000, 0);
         let sent = flush(&mut c);
         assert!(!sent.iter().any(|(to, _)| *to == 4), "{sent:?}");
+    }
+
+    /// Regression (a second reader's review): a node campaigning while it installs a
+    /// snapshot whose membership drops a member that already granted its vote must not count
+    /// that vote among the new members.
+    #[test]
+    fn votes_from_members_a_snapshot_removes_do_not_count() {
+        let mut c = core(1, 5, &[], 0);
+        let snap = Snapshot {
+            membership: Membership::of_ids([1, 2, 3]),
+            ..snapshot_at(9, 1)
+        };
+        for part in chunks(1, &snap, 64) {
+            c.step(2, part);
+        }
+        assert_eq!(c.take_ready().install, Some(snap.clone()));
+        // The leader goes quiet; this node campaigns among {1..5} meanwhile.
+        c.tick(10_000, 0);
+        flush(&mut c);
+        for p in [3, 4] {
+            c.step(
+                p,
+                Message::PreVoteResp {
+                    term: 2,
+                    granted: true,
+                },
+            );
+        }
+        flush(&mut c);
+        assert_eq!(c.role(), CoreRole::Candidate);
+        c.step(
+            4,
+            Message::VoteResp {
+                term: 2,
+                granted: true,
+            },
+        );
+        flush(&mut c);
+        assert_eq!(c.role(), CoreRole::Candidate, "2 of 5");
+        c.installed(9);
+        flush(&mut c);
+        assert_eq!(c.members(), &[1, 2, 3]);
+        c.step(
+            3,
+            Message::VoteResp {
+                term: 2,
+                granted: false,
+            },
+        );
+        flush(&mut c);
+        assert!(
+            !c.is_leader(),
+            "4's vote counted among {{1, 2, 3}}: elected by 1 and a non-member"
+        );
     }
 
     /// A follower takes a change when it is appended, and undoes it when the entry is

@@ -685,7 +685,7 @@ struct CoreLoop<SM: StateMachine> {
     /// Callers of `change_members`, with their change's index and term; and the one whose
     /// new member is being caught up before its change is appended.
     changes: Vec<(u64, u64, ChangeDone)>,
-    catching_up: Option<ChangeDone>,
+    catching_up: Option<(u64, ChangeDone)>,
     /// The membership the transport was last told of: its index, and the member then being
     /// caught up.
     told_members: Option<(u64, Option<NodeId>)>,
@@ -758,7 +758,9 @@ impl<SM: StateMachine> CoreLoop<SM> {
                         Ok(ChangeStarted::Appended(at)) => {
                             self.changes.push((at, self.core.term(), done))
                         }
-                        Ok(ChangeStarted::CatchingUp) => self.catching_up = Some(done),
+                        Ok(ChangeStarted::CatchingUp) => {
+                            self.catching_up = Some((self.core.term(), done))
+                        }
                         Err(e) => {
                             let _ = done.send(Err(e));
                         }
@@ -935,12 +937,12 @@ impl<SM: StateMachine> CoreLoop<SM> {
             }
             match ready.membership {
                 Some(ChangeOutcome::Appended(at)) => {
-                    if let Some(done) = self.catching_up.take() {
+                    if let Some((_, done)) = self.catching_up.take() {
                         self.changes.push((at, self.core.term(), done));
                     }
                 }
                 Some(ChangeOutcome::NotCaughtUp(id)) => {
-                    if let Some(done) = self.catching_up.take() {
+                    if let Some((_, done)) = self.catching_up.take() {
                         let _ = done.send(Err(MembershipError::NotCaughtUp(id)));
                     }
                 }
@@ -1062,7 +1064,8 @@ impl<SM: StateMachine> CoreLoop<SM> {
         let commit = self.core.commit_index();
         let term = self.core.term();
         let leading = self.core.is_leader();
-        if !leading && let Some(done) = self.catching_up.take() {
+        // Stepped down (perhaps elected again since): the catch-up was dropped with the term.
+        if let Some((_, done)) = self.catching_up.take_if(|(t, _)| !leading || *t != term) {
             // Nothing was appended: the new leader may be asked again.
             let leader = self.core.leader();
             let _ = done.send(Err(MembershipError::NotLeader { leader }));
@@ -1139,7 +1142,7 @@ impl<SM: StateMachine> CoreLoop<SM> {
         for (_, _, done) in self.changes.drain(..) {
             let _ = done.send(Err(MembershipError::OutcomeUnknown));
         }
-        if let Some(done) = self.catching_up.take() {
+        if let Some((_, done)) = self.catching_up.take() {
             let _ = done.send(Err(MembershipError::ShuttingDown));
         }
         for (_, done) in self.transfers.drain(..) {

@@ -108,6 +108,9 @@ pub struct Hello {
     pub cluster_id: String,
     pub node_id: u64,
     pub http_addr: String,
+    /// Where the caller takes peer connections: a node that does not know it yet (it has not
+    /// seen the change that added it) dials it there to answer.
+    pub raft_addr: String,
     /// The limits the peer applies entries under (`Limits::describe`): members must agree.
     pub apply_limits: String,
     /// HMAC-SHA256, keyed by the peer secret, over the challenge's nonce and the fields above.
@@ -122,6 +125,7 @@ impl Hello {
         out.extend_from_slice(&self.node_id.to_be_bytes());
         put_str(&mut out, &self.cluster_id);
         put_str(&mut out, &self.http_addr);
+        put_str(&mut out, &self.raft_addr);
         put_str(&mut out, &self.apply_limits);
         out
     }
@@ -156,6 +160,7 @@ impl Hello {
         let node_id = u64::from_be_bytes(*take::<8>(&mut b)?);
         let cluster_id = take_str(&mut b)?;
         let http_addr = take_str(&mut b)?;
+        let raft_addr = take_str(&mut b)?;
         let apply_limits = take_str(&mut b)?;
         let proof = *take::<32>(&mut b)?;
         if !b.is_empty() {
@@ -165,6 +170,7 @@ impl Hello {
             cluster_id,
             node_id,
             http_addr,
+            raft_addr,
             apply_limits,
             proof,
         })
@@ -220,6 +226,7 @@ mod tests {
             cluster_id: "c1".into(),
             node_id: 7,
             http_addr: "127.0.0.1:8080".into(),
+            raft_addr: "127.0.0.1:7070".into(),
             apply_limits: "fuel 1".into(),
             proof: [0; 32],
         }
@@ -264,6 +271,7 @@ mod tests {
             cluster_id: "c1".into(),
             node_id: 7,
             http_addr: "x".into(),
+            raft_addr: String::new(),
             apply_limits: String::new(),
             proof: [3; 32],
         }

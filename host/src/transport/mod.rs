@@ -4,8 +4,10 @@
 //! what a peer sends back arrives on the connection the peer dialled. Messages are
 //! fire-and-forget (Raft retries whatever is lost), so a full queue or a broken connection drops
 //! messages instead of blocking the consensus loop. A writer drains everything queued for a peer
-//! into one `write` call: under load many messages share a syscall. The peers change with the
-//! members (`set_peers`): a connection is accepted only from a peer this node would dial.
+//! into one `write` call: under load many messages share a syscall. Peers are added as members
+//! are (`set_peers`) and as callers say hello: a caller that proves the cluster's secret and
+//! identity but is not known yet (a member added by a change this node has not seen) is dialled
+//! at the peer address its hello gives, so this node can answer it.
 
 pub mod frame;
 
@@ -118,6 +120,18 @@ struct Peer<M> {
     dialler: JoinHandle<()>,
 }
 
+impl<M: WireMessage> Peer<M> {
+    fn dial(address: &str, config: &Arc<TransportConfig>) -> Self {
+        let (queue, rx) = mpsc::channel(config.queue_depth.max(1));
+        let dialler = tokio::spawn(dial_loop(address.to_owned(), config.clone(), rx));
+        Peer {
+            address: address.to_owned(),
+            queue,
+            dialler,
+        }
+    }
+}
+
 impl<M> Drop for Inner<M> {
     fn drop(&mut self) {
         for t in &self.tasks {
@@ -146,14 +160,30 @@ impl<M: WireMessage> PeerTransport<M> {
             config.http_addr.clone(),
         )])));
         let peers = Arc::new(RwLock::new(HashMap::new()));
-        let known = peers.clone();
-        let is_peer = move |id| known.read().is_ok_and(|p| p.contains_key(&id));
+        let (known, cfg) = (peers.clone(), config.clone());
+        // A caller this node does not dial (a member added by a change this node has not seen
+        // yet, now perhaps its leader) is dialled at the address its hello gives, so that
+        // this node can answer it and be caught up.
+        let admit = move |id, raft_addr: &str| {
+            let Ok(mut peers) = known.write() else {
+                return false;
+            };
+            if peers.contains_key(&id) {
+                return true;
+            }
+            if raft_addr.is_empty() {
+                return false;
+            }
+            info!(peer = id, %raft_addr, "a peer this node did not know: dialling it");
+            peers.insert(id, Peer::dial(raft_addr, &cfg));
+            true
+        };
         let tasks = vec![tokio::spawn(accept_loop(
             listener,
             config.clone(),
             http_addrs.clone(),
             on_message,
-            Arc::new(is_peer),
+            Arc::new(admit),
         ))];
         let transport = PeerTransport {
             inner: Arc::new(Inner {
@@ -167,15 +197,16 @@ impl<M: WireMessage> PeerTransport<M> {
         transport
     }
 
-    /// Dials `peers` (this node's own entry aside) from now on, at the addresses given, and
-    /// no other: a peer at a new address is dialled there.
+    /// Dials `peers` (this node's own entry aside) from now on, at the addresses given: a
+    /// peer at a new address is dialled there. Peers not named are kept: one learnt from its
+    /// hello (a leader this node's log does not know yet) must still be answered.
     pub fn set_peers(&self, peers: &BTreeMap<NodeId, String>) {
         let config = &self.inner.config;
         let Ok(mut current) = self.inner.peers.write() else {
             return;
         };
         current.retain(|id, p| {
-            let keep = peers.get(id) == Some(&p.address);
+            let keep = peers.get(id).is_none_or(|a| *a == p.address);
             if !keep {
                 p.dialler.abort();
             }
@@ -185,16 +216,7 @@ impl<M: WireMessage> PeerTransport<M> {
             if id == config.node_id || current.contains_key(&id) {
                 continue;
             }
-            let (queue, rx) = mpsc::channel(config.queue_depth.max(1));
-            let dialler = tokio::spawn(dial_loop(address.clone(), config.clone(), rx));
-            current.insert(
-                id,
-                Peer {
-                    address: address.clone(),
-                    queue,
-                    dialler,
-                },
-            );
+            current.insert(id, Peer::dial(address, config));
         }
     }
 
@@ -294,14 +316,16 @@ fn inbound(shared: &SharedInbound) -> std::sync::MutexGuard<'_, Inbound> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-type IsPeer = Arc<dyn Fn(NodeId) -> bool + Send + Sync>;
+/// Whether a caller that said hello as this id, taking peer connections at this address, is
+/// admitted.
+type Admit = Arc<dyn Fn(NodeId, &str) -> bool + Send + Sync>;
 
 async fn accept_loop<M: WireMessage>(
     listener: TcpListener,
     config: Arc<TransportConfig>,
     http_addrs: Arc<RwLock<HashMap<NodeId, String>>>,
     on_message: Handler<M>,
-    is_peer: IsPeer,
+    admit: Admit,
 ) {
     let conns = SharedInbound::default();
     loop {
@@ -318,12 +342,12 @@ async fn accept_loop<M: WireMessage>(
         let mut registry = inbound(&conns);
         registry.next += 1;
         let conn = registry.next;
-        let (config, http_addrs, on_message, shared, is_peer) = (
+        let (config, http_addrs, on_message, shared, admit) = (
             config.clone(),
             http_addrs.clone(),
             on_message.clone(),
             conns.clone(),
-            is_peer.clone(),
+            admit.clone(),
         );
         let task = tokio::spawn(async move {
             let served = serve_inbound(
@@ -331,7 +355,7 @@ async fn accept_loop<M: WireMessage>(
                 &config,
                 &http_addrs,
                 &on_message,
-                &*is_peer,
+                &*admit,
                 |member| inbound(&shared).promote(conn, member),
             )
             .await;
@@ -352,7 +376,7 @@ async fn serve_inbound<M: WireMessage>(
     config: &TransportConfig,
     http_addrs: &RwLock<HashMap<NodeId, String>>,
     on_message: &Handler<M>,
-    is_peer: &(dyn Fn(NodeId) -> bool + Send + Sync),
+    admit: &(dyn Fn(NodeId, &str) -> bool + Send + Sync),
     said_hello: impl FnOnce(NodeId) -> bool,
 ) -> Result<(), FrameError> {
     tune(&stream);
@@ -398,7 +422,7 @@ async fn serve_inbound<M: WireMessage>(
             hello.node_id, hello.apply_limits, config.apply_limits
         )));
     }
-    if hello.node_id == config.node_id || !is_peer(hello.node_id) {
+    if hello.node_id == config.node_id || !admit(hello.node_id, &hello.raft_addr) {
         return Err(FrameError::BadHello("peer id is not a member"));
     }
     let from = hello.node_id;
@@ -427,6 +451,11 @@ async fn dial_loop<M: WireMessage>(
         cluster_id: config.cluster_id.clone(),
         node_id: config.node_id,
         http_addr: config.http_addr.clone(),
+        raft_addr: config
+            .peers
+            .get(&config.node_id)
+            .cloned()
+            .unwrap_or_default(),
         apply_limits: config.apply_limits.clone(),
         proof: [0; 32],
     };

@@ -131,6 +131,7 @@ async fn garbage_and_oversized_frames_close_only_their_connection() {
         cluster_id: "c".into(),
         node_id: 1,
         http_addr: "x".into(),
+        raft_addr: String::new(),
         apply_limits: "limits".into(),
         proof: [0; 32],
     };
