@@ -60,15 +60,12 @@ pub(super) async fn transfer_leader(
         return Ok(r);
     }
     let uri = req.uri().clone();
-    let (body, _read) = read_body(req, 4096, &state.bodies).await?;
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Target {
         id: u64,
     }
-    let Target { id } = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!("the body must be {{\"id\": <member id>}}: {e}"))
-    })?;
+    let Target { id } = read_json(state, req, r#"{"id": <member id>}"#).await?;
     let failed = |message: String| {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "transfer_failed", message)
     };
@@ -125,18 +122,18 @@ pub(super) async fn add_member(
         return Ok(r);
     }
     let uri = req.uri().clone();
-    let (body, _read) = read_body(req, 4096, &state.bodies).await?;
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct NewMember {
         id: NodeId,
         raft: String,
     }
-    let NewMember { id, raft } = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request(format!(
-            "the body must be {{\"id\": <new member id>, \"raft\": \"HOST:PORT\"}}: {e}"
-        ))
-    })?;
+    let NewMember { id, raft } = read_json(
+        state,
+        req,
+        r#"{"id": <new member id>, "raft": "HOST:PORT"}"#,
+    )
+    .await?;
     if raft.trim().is_empty() || !raft.contains(':') {
         return Err(ApiError::bad_request(format!(
             "\"raft\" must be the new member's peer address, HOST:PORT (got {raft:?})"
@@ -200,4 +197,15 @@ async fn change_members(
             CHANGE_WAIT.as_secs()
         ))),
     }
+}
+
+/// A small JSON body of the given `shape` (named in the error when it is not one).
+async fn read_json<T: serde::de::DeserializeOwned>(
+    state: &ApiState,
+    req: Request<RequestBody>,
+    shape: &str,
+) -> Result<T, ApiError> {
+    let (body, _read) = read_body(req, 4096, &state.bodies).await?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("the body must be {shape}: {e}")))
 }

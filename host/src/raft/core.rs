@@ -369,6 +369,12 @@ impl RaftCore {
         let last_index = tail.last().map(|e| e.index).unwrap_or(applied);
         let mut memberships = vec![(0, Membership::of_ids(cfg.members.iter().copied()))];
         memberships.extend(recorded.into_iter().filter(|(i, _)| *i <= last_index));
+        // The snapshot's membership supersedes the records up to it (which may be missing: a
+        // crash before the log was cut behind an installed snapshot).
+        if let Some(s) = snapshot.as_ref().filter(|s| !s.membership.is_empty()) {
+            memberships.retain(|(i, _)| *i > s.index);
+            memberships.insert(0, (s.index, s.membership.clone()));
+        }
         let mem_bytes = tail.iter().map(|e| e.payload.len()).sum();
         let snapshot_ts = snapshot.as_ref().map_or(0, |s| s.timestamp_ms);
         let last_timestamp = match tail.last() {
@@ -474,6 +480,12 @@ impl RaftCore {
             Some(c) => (self.membership().0, Some(c.id), &c.next),
             None => (self.membership().0, None, self.membership().1),
         }
+    }
+
+    /// The membership in effect at `index` (at or past the compaction point).
+    pub fn membership_at(&self, index: u64) -> &Membership {
+        let pos = self.memberships.partition_point(|(i, _)| *i <= index);
+        &self.memberships[pos.saturating_sub(1)].1
     }
 
     /// The voting members in effect (the latest membership in the log).
@@ -664,8 +676,7 @@ impl RaftCore {
         let last_index = self.last_index;
         // A snapshot from before membership changes has none: the one in effect here stands.
         let membership = if snap.membership.is_empty() {
-            let pos = self.memberships.partition_point(|(i, _)| *i <= index);
-            self.memberships[pos.saturating_sub(1)].1.clone()
+            self.membership_at(index).clone()
         } else {
             snap.membership.clone()
         };

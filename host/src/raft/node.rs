@@ -344,19 +344,6 @@ impl<SM: StateMachine> Node<SM> {
                 .as_ref()
                 .map_or((0, 0), |s| (s.term, s.timestamp_ms)),
         };
-        // The snapshot's membership supersedes the records up to it (which may be missing: a
-        // crash before the log was cut behind an installed snapshot).
-        let mut memberships = rec.memberships;
-        if let Some(s) = snapshot.as_ref().filter(|s| !s.membership.is_empty()) {
-            memberships.retain(|(i, _)| *i > s.index);
-            memberships.insert(0, (s.index, s.membership.clone()));
-        }
-        let applied_membership = memberships
-            .iter()
-            .rev()
-            .find(|(i, _)| *i <= applied)
-            .map(|(_, m)| m.clone())
-            .unwrap_or_else(|| Membership::of_ids(config.members.iter().copied()));
         let state = DurableState {
             hard: HardState {
                 commit,
@@ -367,7 +354,7 @@ impl<SM: StateMachine> Node<SM> {
             applied,
             compacted: rec.compacted,
             snapshot,
-            memberships,
+            memberships: rec.memberships,
         };
         let core = RaftCore::new(
             config.core_config(),
@@ -376,6 +363,7 @@ impl<SM: StateMachine> Node<SM> {
             Box::new(log.clone()),
             0,
         );
+        let applied_membership = core.membership_at(applied).clone();
 
         let metrics = Arc::new(Metrics::default());
         let applied_at = Arc::new(AtomicU64::new(applied));
@@ -555,16 +543,11 @@ impl<SM: StateMachine> Node<SM> {
     /// is told to campaign at once. One hand-over at a time: asking for another member
     /// meanwhile is refused (`InProgress`).
     pub async fn transfer_leadership(&self, to: NodeId) -> Result<(), TransferError> {
-        let (tx, rx) = oneshot::channel();
-        if self
-            .inner
-            .events
-            .send(Event::Transfer { to, done: tx })
-            .is_err()
-        {
-            return Err(TransferError::ShuttingDown);
-        }
-        rx.await.unwrap_or(Err(TransferError::ShuttingDown))
+        self.ask(
+            |done| Event::Transfer { to, done },
+            TransferError::ShuttingDown,
+        )
+        .await
     }
 
     /// Adds or removes one member and waits until the change commits (it is in effect at
@@ -573,16 +556,25 @@ impl<SM: StateMachine> Node<SM> {
     /// is not committed is refused (`ChangeRefused::InProgress`), as is one during a
     /// leadership hand-over.
     pub async fn change_members(&self, change: MemberChange) -> Result<u64, MembershipError> {
+        self.ask(
+            |done| Event::ChangeMembers { change, done },
+            MembershipError::ShuttingDown,
+        )
+        .await
+    }
+
+    /// Sends the core loop the event `make` builds around a reply channel, and waits for the
+    /// reply (`stopped` if the loop is gone).
+    async fn ask<T, E>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, E>>) -> Event<SM>,
+        stopped: E,
+    ) -> Result<T, E> {
         let (tx, rx) = oneshot::channel();
-        if self
-            .inner
-            .events
-            .send(Event::ChangeMembers { change, done: tx })
-            .is_err()
-        {
-            return Err(MembershipError::ShuttingDown);
+        if self.inner.events.send(make(tx)).is_err() {
+            return Err(stopped);
         }
-        rx.await.unwrap_or(Err(MembershipError::ShuttingDown))
+        rx.await.unwrap_or(Err(stopped))
     }
 
     /// Hands an inbound peer message to the node.

@@ -468,12 +468,6 @@ impl Sim {
                 recorded,
             )
         };
-        // As `Node::start`: the snapshot's membership supersedes the records up to it.
-        let mut memberships = recorded;
-        if let Some(s) = snapshot.as_ref().filter(|s| !s.membership.is_empty()) {
-            memberships.retain(|(i, _)| *i > s.index);
-            memberships.insert(0, (s.index, s.membership.clone()));
-        }
         let boot_membership = Membership::of_ids(cfg.members.iter().copied());
         let base = compacted.0;
         let snapshot_index = snapshot.as_ref().map_or(0, |s| s.index);
@@ -506,7 +500,7 @@ impl Sim {
             applied: commit,
             compacted,
             snapshot,
-            memberships,
+            memberships: recorded,
         };
         let core = RaftCore::new(cfg, node_seed, state, Box::new(n.disk.clone()), self.now);
         n.core = Some(core);
