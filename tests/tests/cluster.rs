@@ -1342,6 +1342,30 @@ fn a_member_joins_and_the_leader_removes_itself_under_load() {
         assert_eq!(r.status, 400, "{bad}: {}", r.text());
         assert!(r.text().contains(expect), "{bad}: {}", r.text());
     }
+    // Removing a live member while another is down would leave a group that needs the one
+    // that is down: refused once the leader has not heard from it for an election timeout.
+    std::thread::sleep(Duration::from_millis(2_500));
+    let live = (0..3)
+        .find(|&i| i != leader && i != away)
+        .expect("a live follower");
+    let r = c
+        .client(leader)
+        .request(
+            "DELETE",
+            &format!("/v1/cluster/members/{}", c.nodes[live].id),
+            &[],
+            b"",
+        )
+        .expect("delete");
+    assert_eq!(r.status, 409, "{}", r.text());
+    let away_id = c.nodes[away].id;
+    assert!(
+        r.text().contains("too_few_reachable")
+            && r.text()
+                .contains(&format!("not heard from lately: {away_id}")),
+        "{}",
+        r.text()
+    );
     let joiner_id = c.nodes[joiner].id.to_string();
     let raft = c.nodes[joiner].raft.to_string();
     let out = c.cli(leader, &["add-member", &joiner_id, &raft]);

@@ -183,6 +183,9 @@ async fn change_members(
             "membership_change_in_progress",
             e.to_string(),
         )),
+        Ok(Err(MembershipError::Refused(e @ ChangeRefused::TooFewReachable { .. }))) => Err(
+            ApiError::new(StatusCode::CONFLICT, "too_few_reachable", e.to_string()),
+        ),
         Ok(Err(MembershipError::Refused(e))) => Err(ApiError::bad_request(e.to_string())),
         Ok(Err(e @ MembershipError::OutcomeUnknown)) => Err(unknown(e.to_string())),
         Ok(Err(e @ MembershipError::NotCaughtUp(_))) => Err(ApiError::new(

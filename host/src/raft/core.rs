@@ -272,6 +272,8 @@ struct Progress {
     last_progress_at: u64,
     /// Heard from in the current check-quorum window.
     active: bool,
+    /// When the follower last answered (`None`: not yet this term).
+    heard_at: Option<u64>,
     /// Highest read-index round the follower has answered.
     seq_acked: u64,
     /// Reports in a row of a last index below `matched` (see `lost_log`).
@@ -799,6 +801,7 @@ impl RaftCore {
             return Err(ChangeRefused::NotOneChange);
         }
         let added = next.ids().find(|&id| !current.contains(id));
+        self.check_reachable(&next, added)?;
         if let Some(id) = added.filter(|&id| id != self.cfg.id) {
             let fresh = self.fresh_progress();
             self.progress.entry(id).or_insert(fresh);
@@ -838,6 +841,38 @@ impl RaftCore {
             self.progress.remove(&id);
             self.ready.membership = Some(ChangeOutcome::NotCaughtUp(id));
         }
+    }
+
+    /// etcd's strict reconfiguration check: refuses a change after which fewer than a quorum
+    /// of the new members would be reachable (answered within the longest election timeout;
+    /// a member being added counts, as it is caught up before the change is appended).
+    /// Without it, removing a live member while another is down could leave a group that
+    /// commits nothing until the down one returns. Removing the unreachable ones passes.
+    fn check_reachable(
+        &self,
+        next: &Membership,
+        added: Option<NodeId>,
+    ) -> Result<(), ChangeRefused> {
+        let window = self.cfg.election_timeout_ms.1;
+        let reachable = |id: NodeId| {
+            id == self.cfg.id
+                || Some(id) == added
+                || self.progress.get(&id).is_some_and(|p| {
+                    p.heard_at
+                        .is_some_and(|t| self.now.saturating_sub(t) <= window)
+                })
+        };
+        let unreachable: Vec<NodeId> = next.ids().filter(|&id| !reachable(id)).collect();
+        let needed = next.len() / 2 + 1;
+        let reachable = next.len() - unreachable.len();
+        if reachable < needed {
+            return Err(ChangeRefused::TooFewReachable {
+                needed,
+                reachable,
+                unreachable,
+            });
+        }
+        Ok(())
     }
 
     fn append_membership(&mut self, next: Membership, timestamp_ms: u64) -> u64 {
@@ -1237,8 +1272,11 @@ impl RaftCore {
         }
         let voters = std::mem::take(&mut self.voters);
         let learner = self.catch_up.as_ref().map(|c| c.id);
+        // A member being removed is still replicated to, uncounted, until its removal
+        // commits: so it learns it was removed (see `forget_removed`).
+        let committed: Vec<NodeId> = self.membership_at(self.commit).ids().collect();
         self.progress
-            .retain(|id, _| voters.contains(id) || Some(*id) == learner);
+            .retain(|id, _| voters.contains(id) || Some(*id) == learner || committed.contains(id));
         for &p in &voters {
             if p != self.cfg.id && !self.progress.contains_key(&p) {
                 let fresh = self.fresh_progress();
@@ -1258,6 +1296,7 @@ impl RaftCore {
             last_progress_at: self.now,
             // Earned by answering: a leader nobody hears steps down at the first check-quorum.
             active: false,
+            heard_at: None,
             seq_acked: 0,
             reported_less: 0,
             sending: None,
@@ -1581,6 +1620,18 @@ impl RaftCore {
 
     fn advance_commit(&mut self, to: u64) {
         if to > self.commit {
+            let (made_at, _) = self.membership();
+            if made_at > self.commit && made_at <= to && !self.is_voter(self.cfg.id) {
+                let was = self.memberships.len().checked_sub(2);
+                if was.is_some_and(|k| self.memberships[k].1.contains(self.cfg.id)) {
+                    tracing::warn!(
+                        id = self.cfg.id,
+                        index = made_at,
+                        "this node was removed from the members: it takes no part in the \
+                         cluster any more and can be stopped"
+                    );
+                }
+            }
             self.commit = to;
             self.ready.commit = Some(to);
             let last = self.last_index;
@@ -1944,6 +1995,7 @@ impl RaftCore {
             return;
         };
         p.active = true;
+        p.heard_at = Some(self.now);
         let Some(s) = p.sending.as_mut().filter(|s| s.snapshot.index == index) else {
             return;
         };
@@ -2083,6 +2135,7 @@ impl RaftCore {
     fn ack_seq(&mut self, from: NodeId, seq: u64) {
         if let Some(p) = self.progress.get_mut(&from) {
             p.active = true;
+            p.heard_at = Some(self.now);
             // A follower only echoes rounds it was sent: a higher seq would confirm rounds
             // not yet started.
             if seq > p.seq_acked && seq <= self.read_seq {
@@ -2129,8 +2182,34 @@ impl RaftCore {
             if self.role != CoreRole::Leader {
                 return;
             }
+            self.forget_removed();
         }
         self.maybe_timeout_now();
+    }
+
+    /// Once a removal commits, the removed member is sent a last heartbeat carrying the commit
+    /// (if it holds the removal, it then knows it is out and stops campaigning), and no more.
+    fn forget_removed(&mut self) {
+        let committed = self.membership_at(self.commit);
+        let gone: Vec<(NodeId, u64)> = self
+            .progress
+            .iter()
+            .filter(|(id, _)| {
+                !self.voters.contains(id)
+                    && !committed.contains(**id)
+                    && self.catch_up.as_ref().is_none_or(|c| c.id != **id)
+            })
+            .map(|(&id, p)| (id, p.matched))
+            .collect();
+        for (id, matched) in gone {
+            let m = Message::Heartbeat {
+                term: self.term,
+                commit: self.commit.min(matched),
+                seq: self.read_seq,
+            };
+            self.ready.messages.push((id, m));
+            self.progress.remove(&id);
+        }
     }
 
     /// A leader whose own removal is committed steps down. The members hear the commit at
@@ -3390,6 +3469,7 @@ mod tests {
         elect(&mut c, 3);
         let start = c.last_index();
         c.step(2, ack(c.term(), start));
+        c.step(3, ack(c.term(), start));
         flush(&mut c);
         let (_, m) = c.membership();
         let Ok(ChangeStarted::Appended(at)) = c.change_membership(m.without(1).expect("member"), 0)
@@ -3414,6 +3494,134 @@ mod tests {
         c.tick(100_000, 0);
         assert!(flush(&mut c).is_empty());
         assert_eq!(c.role(), CoreRole::Follower);
+    }
+
+    /// The strict reconfiguration check: a change after which fewer than a quorum of the new
+    /// members have answered lately is refused; removing the one that is down is not.
+    #[test]
+    fn a_change_that_leaves_too_few_members_reachable_is_refused() {
+        let mut c = core(1, 3, &[], 0);
+        elect(&mut c, 3);
+        let start = c.last_index();
+        c.step(2, ack(c.term(), start));
+        flush(&mut c);
+        assert_eq!(c.commit_index(), start);
+        let (_, m) = c.membership();
+        let m = m.clone();
+        // 3 never answered: {1, 3} would need both.
+        assert_eq!(
+            c.change_membership(m.without(2).expect("member"), 0),
+            Err(ChangeRefused::TooFewReachable {
+                needed: 2,
+                reachable: 1,
+                unreachable: vec![3],
+            })
+        );
+        assert_eq!(c.last_index(), start, "nothing appended");
+        // Nor may the leader leave {2, 3}.
+        assert!(matches!(
+            c.change_membership(m.without(1).expect("member"), 0),
+            Err(ChangeRefused::TooFewReachable { .. })
+        ));
+        // Adding 4 is fine: {1, 2, 4} with 4 caught up first.
+        // Removing the one that is down leaves {1, 2}, both reachable.
+        assert!(matches!(
+            c.change_membership(m.without(3).expect("member"), 0),
+            Ok(ChangeStarted::Appended(_))
+        ));
+        // Once a member stops answering for longer than an election timeout, it no longer
+        // counts: 2 answered at `now`, then nothing for two election timeouts.
+        let mut c = core(1, 3, &[], 0);
+        elect(&mut c, 3);
+        let start = c.last_index();
+        c.step(2, ack(c.term(), start));
+        c.step(3, ack(c.term(), start));
+        flush(&mut c);
+        let later = c.now + 2 * c.cfg.election_timeout_ms.1;
+        c.now = later; // no tick: check-quorum would step the leader down
+        c.step(3, ack(c.term(), start));
+        assert!(matches!(
+            c.change_membership(m.without(3).expect("member"), 0),
+            Err(ChangeRefused::TooFewReachable { unreachable, .. }) if unreachable == vec![2]
+        ));
+    }
+
+    /// A member being removed is replicated to until its removal commits, then sent a last
+    /// heartbeat with the commit, and nothing more; it then knows it is out and never
+    /// campaigns.
+    #[test]
+    fn a_removed_member_learns_its_removal_and_is_sent_nothing_more() {
+        let mut c = core(1, 3, &[], 0);
+        elect(&mut c, 3);
+        let start = c.last_index();
+        c.step(2, ack(c.term(), start));
+        c.step(3, ack(c.term(), start));
+        flush(&mut c);
+        let (_, m) = c.membership();
+        let Ok(ChangeStarted::Appended(at)) = c.change_membership(m.without(3).expect("member"), 0)
+        else {
+            panic!("appended");
+        };
+        let sent = flush(&mut c);
+        assert!(
+            sent.iter().any(|(to, m)| *to == 3
+                && matches!(m, Message::Append { entries, .. }
+                    if entries.iter().any(|e| e.index == at))),
+            "the member being removed is sent its removal: {sent:?}"
+        );
+        c.step(3, ack(c.term(), at));
+        flush(&mut c);
+        assert_eq!(
+            c.commit_index(),
+            start,
+            "3's answer does not count any more"
+        );
+        c.step(2, ack(c.term(), at));
+        let sent = flush(&mut c);
+        assert_eq!(c.commit_index(), at);
+        let last: Vec<&Message> = sent
+            .iter()
+            .filter(|(to, _)| *to == 3)
+            .map(|(_, m)| m)
+            .collect();
+        assert!(
+            matches!(last[..], [Message::Heartbeat { commit, .. }] if *commit == at),
+            "{last:?}"
+        );
+        c.tick(c.now + 10 * c.cfg.heartbeat_ms, 0);
+        let sent = flush(&mut c);
+        assert!(sent.iter().all(|(to, _)| *to != 3), "{sent:?}");
+        assert!(sent.iter().any(|(to, _)| *to == 2));
+
+        // The removed member's side: it takes the removal, then the commit, and stays quiet.
+        let mut f = core(3, 3, &[], 0);
+        f.step(
+            1,
+            Message::Append {
+                term: c.term(),
+                prev_index: 0,
+                prev_term: 0,
+                commit: start,
+                seq: 0,
+                entries: c.entries(1, at + 1).expect("in the tail"),
+            },
+        );
+        flush(&mut f);
+        assert_eq!(f.last_index(), at);
+        assert_eq!(f.members(), &[1, 2], "in effect once in the log");
+        f.step(
+            1,
+            Message::Heartbeat {
+                term: c.term(),
+                commit: at,
+                seq: 0,
+            },
+        );
+        flush(&mut f);
+        assert_eq!(f.commit_index(), at);
+        assert_eq!(f.members(), &[1, 2]);
+        f.tick(f.now + 100 * f.cfg.election_timeout_ms.1, 0);
+        assert!(flush(&mut f).is_empty(), "a removed node never campaigns");
     }
 
     /// The chunks of `snap` as a leader in `term` sends them, `chunk` bytes each.

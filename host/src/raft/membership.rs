@@ -39,6 +39,24 @@ pub enum ChangeRefused {
     ZeroId,
     #[error("a membership change adds or removes exactly one member")]
     NotOneChange,
+    /// etcd's strict reconfiguration check: after the change, fewer members than its quorum
+    /// would be reachable, so nothing more could commit until the others came back.
+    #[error(
+        "refused: after this change {needed} of its members must be reachable to commit \
+         anything, and only {reachable} are (not heard from lately: {}); bring them back or \
+         remove them first",
+        list(unreachable)
+    )]
+    TooFewReachable {
+        needed: usize,
+        reachable: usize,
+        unreachable: Vec<NodeId>,
+    },
+}
+
+fn list(ids: &[NodeId]) -> String {
+    let ids: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+    ids.join(", ")
 }
 
 impl Membership {

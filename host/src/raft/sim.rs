@@ -103,6 +103,8 @@ pub struct SimReport {
     /// Membership changes a leader appended, and those that committed.
     pub changes_asked: usize,
     pub changes_committed: usize,
+    /// Changes refused because too few of the new members were reachable.
+    pub changes_refused: usize,
     /// The members at the end.
     pub members: Vec<NodeId>,
 }
@@ -294,6 +296,7 @@ pub struct Sim {
     transfers_done: usize,
     /// Index and term of the membership entries leaders appended.
     changes: Vec<(u64, u64)>,
+    changes_refused: usize,
     /// The latest transfer asked for: its target, the term and the time it was asked in.
     transfer: Option<(NodeId, u64, u64)>,
     committed: Vec<(u64, u64)>,
@@ -346,6 +349,7 @@ impl Sim {
             transfers_asked: 0,
             transfers_done: 0,
             changes: Vec::new(),
+            changes_refused: 0,
             transfer: None,
             committed: Vec::new(),
             committed_ts: 0,
@@ -555,6 +559,7 @@ impl Sim {
             transfers_done: self.transfers_done,
             changes_asked: self.changes.len(),
             changes_committed,
+            changes_refused: self.changes_refused,
             members,
         })
     }
@@ -810,6 +815,8 @@ impl Sim {
             Ok(ChangeStarted::CatchingUp) => {}
             // The previous change is not committed yet, or leadership is moving.
             Err(ChangeRefused::InProgress | ChangeRefused::Transferring { .. }) => {}
+            // A member of the new group is down or cut off (the strict reconfiguration check).
+            Err(ChangeRefused::TooFewReachable { .. }) => self.changes_refused += 1,
             Err(e) => {
                 return Err(format!(
                     "node {l}, leading term {term}, refused a membership change: {e:?}"
