@@ -1361,8 +1361,9 @@ fn a_member_joins_and_the_leader_removes_itself_under_load() {
     let away_id = c.nodes[away].id;
     assert!(
         r.text().contains("too_few_reachable")
-            && r.text()
-                .contains(&format!("not heard from lately: {away_id}")),
+            && r.text().contains(&format!(
+                "not heard from in the last election timeout: {away_id}"
+            )),
         "{}",
         r.text()
     );

@@ -266,6 +266,8 @@ pub struct RaftCore {
     /// compaction point, which a snapshot sent to a follower carries.
     memberships: Vec<(u64, Membership)>,
     voters: Vec<NodeId>,
+    /// Whether this node has been a voting member (so that it can say when it is removed).
+    was_member: bool,
     last_index: u64,
     /// In-memory tail: entries `mem_first..=last_index`; older ones are read through `storage`.
     mem: VecDeque<LogEntry>,
@@ -366,6 +368,7 @@ impl RaftCore {
             installing: None,
             memberships,
             voters: Vec::new(),
+            was_member: false,
             last_index,
             mem_first: applied + 1,
             mem: tail.into(),
@@ -442,8 +445,13 @@ impl RaftCore {
 
     /// The membership in effect at `index` (at or past the compaction point).
     pub fn membership_at(&self, index: u64) -> &Membership {
+        &self.membership_record_at(index).1
+    }
+
+    /// The membership in effect at `index` and the index of the entry that made it.
+    fn membership_record_at(&self, index: u64) -> &(u64, Membership) {
         let pos = self.memberships.partition_point(|(i, _)| *i <= index);
-        &self.memberships[pos.saturating_sub(1)].1
+        &self.memberships[pos.saturating_sub(1)]
     }
 
     /// The voting members in effect (the latest membership in the log).
@@ -530,6 +538,7 @@ impl RaftCore {
                 }
                 self.maybe_timeout_now();
                 self.maybe_caught_up();
+                self.forget_removed();
                 if self.now >= self.next_heartbeat {
                     self.next_heartbeat = self.now + self.cfg.heartbeat_ms;
                     self.broadcast_heartbeat();
@@ -1093,6 +1102,9 @@ impl RaftCore {
             } => {
                 if self.role == CoreRole::Leader {
                     self.handle_append_resp(from, success, index, last_index, seq);
+                    if !self.is_voter(from) {
+                        self.forget_removed();
+                    }
                 }
             }
             Message::InstallSnapshot {
@@ -1321,16 +1333,14 @@ impl RaftCore {
     fn advance_commit(&mut self, to: u64) {
         if to > self.commit {
             let (made_at, _) = self.membership();
-            if made_at > self.commit && made_at <= to && !self.is_voter(self.cfg.id) {
-                let was = self.memberships.len().checked_sub(2);
-                if was.is_some_and(|k| self.memberships[k].1.contains(self.cfg.id)) {
-                    tracing::warn!(
-                        id = self.cfg.id,
-                        index = made_at,
-                        "this node was removed from the members: it takes no part in the \
-                         cluster any more and can be stopped"
-                    );
-                }
+            if self.was_member && made_at <= to && !self.is_voter(self.cfg.id) {
+                self.was_member = false;
+                tracing::warn!(
+                    id = self.cfg.id,
+                    index = made_at,
+                    "this node was removed from the members: it takes no part in the cluster \
+                     any more and can be stopped"
+                );
             }
             self.commit = to;
             self.ready.commit = Some(to);

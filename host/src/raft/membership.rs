@@ -43,8 +43,9 @@ pub enum ChangeRefused {
     /// would be reachable, so nothing more could commit until the others came back.
     #[error(
         "refused: after this change {needed} of its members must be reachable to commit \
-         anything, and only {reachable} are (not heard from lately: {}); bring them back or \
-         remove them first",
+         anything, and only {reachable} are (not heard from in the last election timeout: {}); \
+         bring them back or remove them first (a leader elected a moment ago may not have \
+         heard from every member yet: retry in a second)",
         list(unreachable)
     )]
     TooFewReachable {

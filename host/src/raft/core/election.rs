@@ -42,6 +42,7 @@ impl RaftCore {
     /// members it adds or removes.
     pub(super) fn refresh_voters(&mut self) {
         self.voters = self.membership().1.ids().collect();
+        self.was_member |= self.is_voter(self.cfg.id);
         if self.role != CoreRole::Leader {
             // A campaign's votes count among the members in effect: grants from members just
             // removed (a snapshot installed mid-campaign, say) must not make a quorum.
@@ -52,11 +53,12 @@ impl RaftCore {
         let voters = std::mem::take(&mut self.voters);
         let learner = self.catch_up.as_ref().map(|c| c.id);
         // A member being removed is still replicated to, uncounted, until its removal
-        // commits: so it learns it was removed (see `forget_removed`).
+        // commits and it holds it: so it learns it was removed (see `forget_removed`). A new
+        // leader whose log holds an uncommitted removal replicates to that member too.
         let committed: Vec<NodeId> = self.membership_at(self.commit).ids().collect();
         self.replicators
             .retain(|id, _| voters.contains(id) || Some(*id) == learner || committed.contains(id));
-        for &p in &voters {
+        for &p in voters.iter().chain(&committed) {
             if p != self.cfg.id && !self.replicators.contains_key(&p) {
                 let fresh = self.fresh_replicator();
                 self.replicators.insert(p, fresh);

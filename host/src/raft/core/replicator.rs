@@ -408,27 +408,36 @@ impl RaftCore {
         self.maybe_timeout_now();
     }
 
-    /// Once a removal commits, the removed member is sent a last heartbeat carrying the commit
-    /// (if it holds the removal, it then knows it is out and stops campaigning), and no more.
-    fn forget_removed(&mut self) {
-        let committed = self.membership_at(self.commit);
+    /// A removed member is replicated to (uncounted) until its removal commits and it holds
+    /// the membership then in effect; it is then sent a last heartbeat carrying the commit
+    /// (so it knows it is out and never campaigns) and nothing more. One that has not answered
+    /// for an election timeout is dropped as it is.
+    pub(super) fn forget_removed(&mut self) {
+        let (made_at, committed) = self.membership_record_at(self.commit);
+        let (made_at, window, now) = (*made_at, self.cfg.election_timeout_ms.1, self.now);
         let gone: Vec<(NodeId, u64)> = self
             .replicators
             .iter()
-            .filter(|(id, _)| {
+            .filter(|(id, p)| {
+                let heard = p
+                    .heard_at
+                    .map_or(p.last_progress_at, |t| t.max(p.last_progress_at));
                 !self.voters.contains(id)
                     && !committed.contains(**id)
                     && self.catch_up.as_ref().is_none_or(|c| c.id != **id)
+                    && (p.matched >= made_at || now.saturating_sub(heard) > window)
             })
             .map(|(&id, p)| (id, p.matched))
             .collect();
         for (id, matched) in gone {
-            let m = Message::Heartbeat {
-                term: self.term,
-                commit: self.commit.min(matched),
-                seq: self.read_seq,
-            };
-            self.ready.messages.push((id, m));
+            if matched >= made_at {
+                let m = Message::Heartbeat {
+                    term: self.term,
+                    commit: self.commit.min(matched),
+                    seq: self.read_seq,
+                };
+                self.ready.messages.push((id, m));
+            }
             self.replicators.remove(&id);
         }
     }

@@ -1257,12 +1257,18 @@ fn a_leader_that_removes_itself_steps_down_once_that_commits() {
 /// members have answered lately is refused; removing the one that is down is not.
 #[test]
 fn a_change_that_leaves_too_few_members_reachable_is_refused() {
-    let mut c = core(1, 3, &[], 0);
-    elect(&mut c, 3);
+    // A leader of {1, 2, 3} that has heard from 2 only.
+    let heard_by_2 = || {
+        let mut c = core(1, 3, &[], 0);
+        elect(&mut c, 3);
+        let start = c.last_index();
+        c.step(2, ack(c.term(), start));
+        flush(&mut c);
+        assert_eq!(c.commit_index(), start);
+        c
+    };
+    let mut c = heard_by_2();
     let start = c.last_index();
-    c.step(2, ack(c.term(), start));
-    flush(&mut c);
-    assert_eq!(c.commit_index(), start);
     let (_, m) = c.membership();
     let m = m.clone();
     // 3 never answered: {1, 3} would need both.
@@ -1280,12 +1286,18 @@ fn a_change_that_leaves_too_few_members_reachable_is_refused() {
         c.change_membership(m.without(1).expect("member"), 0),
         Err(ChangeRefused::TooFewReachable { .. })
     ));
-    // Adding 4 is fine: {1, 2, 4} with 4 caught up first.
     // Removing the one that is down leaves {1, 2}, both reachable.
     assert!(matches!(
         c.change_membership(m.without(3).expect("member"), 0),
         Ok(ChangeStarted::Appended(_))
     ));
+    // Adding 4 counts 4 (it is caught up before the change is appended): {1, 2, 3, 4}
+    // needs 3, and has 1, 2 and 4.
+    let mut c = heard_by_2();
+    assert_eq!(
+        c.change_membership(m.with(4, "127.0.0.1:4".into()).expect("new"), 0),
+        Ok(ChangeStarted::CatchingUp)
+    );
     // Once a member stops answering for longer than an election timeout, it no longer
     // counts: 2 answered at `now`, then nothing for two election timeouts.
     let mut c = core(1, 3, &[], 0);
@@ -1366,6 +1378,16 @@ fn a_removed_member_learns_its_removal_and_is_sent_nothing_more() {
     flush(&mut f);
     assert_eq!(f.last_index(), at);
     assert_eq!(f.members(), &[1, 2], "in effect once in the log");
+    // While its removal is not known to be committed it may campaign (it could hold entries
+    // the members lack)...
+    f.tick(f.now + 2 * f.cfg.election_timeout_ms.1, 0);
+    assert!(
+        flush(&mut f)
+            .iter()
+            .any(|(_, m)| matches!(m, Message::PreVote { .. })),
+        "campaigns while its removal may not be committed"
+    );
+    // ...and the last heartbeat ends that.
     f.step(
         1,
         Message::Heartbeat {
@@ -1379,6 +1401,131 @@ fn a_removed_member_learns_its_removal_and_is_sent_nothing_more() {
     assert_eq!(f.members(), &[1, 2]);
     f.tick(f.now + 100 * f.cfg.election_timeout_ms.1, 0);
     assert!(flush(&mut f).is_empty(), "a removed node never campaigns");
+}
+
+/// A removal that commits before the removed member has it (the other member answered
+/// first, or the leader alone is the quorum) is replicated on until the member holds it, and
+/// only then is the last heartbeat sent; a member that stays silent is dropped after an
+/// election timeout without one. A new leader replicates to a member whose removal it finds
+/// uncommitted in its log.
+#[test]
+fn a_removed_member_is_replicated_to_until_it_holds_its_removal() {
+    let removal = |c: &mut RaftCore| {
+        let start = c.last_index();
+        c.step(2, ack(c.term(), start));
+        c.step(3, ack(c.term(), start));
+        flush(c);
+        let (_, m) = c.membership();
+        let Ok(ChangeStarted::Appended(at)) = c.change_membership(m.without(3).expect("member"), 0)
+        else {
+            panic!("appended");
+        };
+        flush(c);
+        c.step(2, ack(c.term(), at));
+        let sent = flush(c);
+        assert_eq!(c.commit_index(), at);
+        assert!(
+            sent.iter()
+                .all(|(to, m)| *to != 3 || !matches!(m, Message::Heartbeat { .. })),
+            "3 does not hold its removal yet: {sent:?}"
+        );
+        at
+    };
+    let mut c = core(1, 3, &[], 0);
+    elect(&mut c, 3);
+    let at = removal(&mut c);
+    c.tick(c.now + c.cfg.heartbeat_ms, 0);
+    assert!(
+        flush(&mut c).iter().any(|(to, _)| *to == 3),
+        "still replicated to"
+    );
+    c.step(3, ack(c.term(), at));
+    let to_3: Vec<Message> = flush(&mut c)
+        .into_iter()
+        .filter(|(to, _)| *to == 3)
+        .map(|(_, m)| m)
+        .collect();
+    assert!(
+        matches!(to_3[..], [Message::Heartbeat { commit, .. }] if commit == at),
+        "{to_3:?}"
+    );
+    c.tick(c.now + 10 * c.cfg.heartbeat_ms, 0);
+    assert!(flush(&mut c).iter().all(|(to, _)| *to != 3));
+
+    // Silent: dropped once an election timeout passes without an answer, with no heartbeat.
+    let mut c = core(1, 3, &[], 0);
+    elect(&mut c, 3);
+    removal(&mut c);
+    let mut sent = Vec::new();
+    for step in 1..=30 {
+        c.tick(c.now + c.cfg.election_timeout_ms.1 / 10, 0);
+        c.step(2, ack(c.term(), c.last_index())); // keeps the leader in office
+        sent.push((step, flush(&mut c)));
+    }
+    let last_to_3 = sent
+        .iter()
+        .rev()
+        .find(|(_, out)| out.iter().any(|(to, _)| *to == 3))
+        .map(|(step, _)| *step)
+        .expect("replicated to for a while");
+    // An election timeout (200 ms) is ten steps of 20 ms.
+    assert!(
+        (10..=12).contains(&last_to_3),
+        "dropped after step {last_to_3}"
+    );
+
+    // A new leader whose log holds the uncommitted removal of 3 replicates to 3 as well.
+    let mut c = core(1, 3, &[], 0);
+    elect(&mut c, 3);
+    let start = c.last_index();
+    c.step(2, ack(c.term(), start));
+    c.step(3, ack(c.term(), start));
+    flush(&mut c);
+    let (_, m) = c.membership();
+    let Ok(ChangeStarted::Appended(at)) = c.change_membership(m.without(3).expect("member"), 0)
+    else {
+        panic!("appended");
+    };
+    flush(&mut c);
+    let log = c.entries(1, at + 1).expect("in the tail");
+    let mut n = core(2, 3, &[], 0);
+    n.step(
+        1,
+        Message::Append {
+            term: c.term(),
+            prev_index: 0,
+            prev_term: 0,
+            commit: start,
+            seq: 0,
+            entries: log,
+        },
+    );
+    flush(&mut n);
+    assert_eq!(n.members(), &[1, 2]);
+    n.tick(n.now + 2 * n.cfg.election_timeout_ms.1, 0);
+    flush(&mut n);
+    n.step(
+        1,
+        Message::PreVoteResp {
+            term: n.term() + 1,
+            granted: true,
+        },
+    );
+    flush(&mut n);
+    n.step(
+        1,
+        Message::VoteResp {
+            term: n.term(),
+            granted: true,
+        },
+    );
+    let sent = flush(&mut n);
+    assert!(n.is_leader());
+    assert!(
+        sent.iter()
+            .any(|(to, m)| *to == 3 && matches!(m, Message::Append { .. })),
+        "{sent:?}"
+    );
 }
 
 /// The chunks of `snap` as a leader in `term` sends them, `chunk` bytes each.
