@@ -393,6 +393,11 @@ impl RaftCore {
             cfg,
         };
         core.refresh_voters();
+        // A node restarted with its own removal in its log can still say so when it commits.
+        core.was_member = core
+            .memberships
+            .iter()
+            .any(|(_, m)| m.contains(core.cfg.id));
         core.reset_election_deadline();
         // A lone member need not wait for anybody.
         if core.voters == [core.cfg.id] {
@@ -1018,6 +1023,7 @@ impl RaftCore {
                 self.ready
                     .messages
                     .push((from, Message::PreVoteResp { term, granted }));
+                self.tell_removed(from);
             }
             Message::Vote {
                 term,

@@ -1082,6 +1082,12 @@ impl<SM: StateMachine> CoreLoop<SM> {
     fn tell_transport_members(&mut self) {
         let (at, learner, members) = self.core.members_to_reach();
         if self.told_members != Some((at, learner)) {
+            // A member being removed is replicated to until it holds its removal: the
+            // committed membership gives its address (it may have joined with `--join`).
+            let committed = self.core.membership_at(self.core.commit_index());
+            if committed != members {
+                self.transport.set_members(committed);
+            }
             self.transport.set_members(members);
             self.told_members = Some((at, learner));
         }

@@ -413,15 +413,17 @@ impl RaftCore {
     /// (so it knows it is out and never campaigns) and nothing more. One that has not answered
     /// for an election timeout is dropped as it is.
     pub(super) fn forget_removed(&mut self) {
+        if self.role != CoreRole::Leader {
+            return;
+        }
         let (made_at, committed) = self.membership_record_at(self.commit);
         let (made_at, window, now) = (*made_at, self.cfg.election_timeout_ms.1, self.now);
         let gone: Vec<(NodeId, u64)> = self
             .replicators
             .iter()
             .filter(|(id, p)| {
-                let heard = p
-                    .heard_at
-                    .map_or(p.last_progress_at, |t| t.max(p.last_progress_at));
+                // Silent since its last answer, or since this leader took it on.
+                let heard = p.heard_at.unwrap_or(p.last_progress_at);
                 !self.voters.contains(id)
                     && !committed.contains(**id)
                     && self.catch_up.as_ref().is_none_or(|c| c.id != **id)
@@ -439,6 +441,21 @@ impl RaftCore {
                 self.ready.messages.push((id, m));
             }
             self.replicators.remove(&id);
+        }
+    }
+
+    /// A former member campaigning does not know it was removed (it was down or cut off when
+    /// it would have been told): the leader replicates to it again, uncounted, until it holds
+    /// its removal (`forget_removed`).
+    pub(super) fn tell_removed(&mut self, from: NodeId) {
+        if self.role == CoreRole::Leader
+            && !self.is_voter(from)
+            && !self.replicators.contains_key(&from)
+            && self.memberships.iter().any(|(_, m)| m.contains(from))
+        {
+            let fresh = self.fresh_replicator();
+            self.replicators.insert(from, fresh);
+            self.send_append(from);
         }
     }
 
