@@ -1467,4 +1467,49 @@ fn a_member_joins_and_the_leader_removes_itself_under_load() {
             .contains(&format!(r#""id":{leader_id},"#)),
         "{s}"
     );
+
+    // A removed follower is told: it lists the members without itself, says it can be
+    // stopped, and never campaigns.
+    let leader = c.wait_for_leader(Duration::from_secs(10));
+    let removed = (0..c.nodes.len())
+        .find(|&i| i != leader && c.cluster_status(i).is_some())
+        .expect("a live follower");
+    let removed_id = c.nodes[removed].id;
+    let out = c.cli(leader, &["remove-member", &removed_id.to_string()]);
+    assert!(
+        out.status.success(),
+        "{} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = wait_until(Duration::from_secs(10), || {
+        let s = c.cluster_status(removed)?;
+        (s["members"].as_array()?.len() == 2).then_some(s)
+    })
+    .expect("the removed member learns the members without itself");
+    assert!(
+        !s["members"]
+            .to_string()
+            .contains(&format!(r#""id":{removed_id},"#)),
+        "{s}"
+    );
+    assert!(
+        c.node_log(removed)
+            .contains("this node was removed from the members"),
+        "{}",
+        c.node_log(removed)
+    );
+    // Past the longest election timeout (2 s), it has not campaigned.
+    std::thread::sleep(Duration::from_millis(3_000));
+    let log = c.node_log(removed);
+    let after = log
+        .rfind("this node was removed from the members")
+        .map(|at| &log[at..])
+        .unwrap_or_default();
+    assert!(
+        !after.contains("asking the members for pre-votes"),
+        "a removed member never campaigns: {after}"
+    );
+    let s = c.cluster_status(removed).expect("status");
+    assert_eq!(s["role"], "follower", "{s}");
 }

@@ -115,6 +115,11 @@ impl RaftCore {
     }
 
     pub(super) fn start_pre_vote(&mut self) {
+        tracing::info!(
+            id = self.cfg.id,
+            term = self.term + 1,
+            "no leader heard for an election timeout: asking the members for pre-votes"
+        );
         self.role = CoreRole::PreCandidate;
         self.leader = None;
         self.votes.clear();
