@@ -1308,6 +1308,26 @@ fn a_bad_worker_thread_count_is_refused_with_a_clear_error() {
     }
 }
 
+/// Node `i`'s `/v1/cluster` once it lists `n` members, waited for up to `within`.
+fn status_listing(
+    c: &TestCluster,
+    i: usize,
+    n: usize,
+    within: Duration,
+) -> Option<serde_json::Value> {
+    wait_until(within, || {
+        let s = c.cluster_status(i)?;
+        (s["members"].as_array()?.len() == n).then_some(s)
+    })
+}
+
+/// Whether a `/v1/cluster` status lists member `id`.
+fn lists_member(status: &serde_json::Value, id: u64) -> bool {
+    status["members"]
+        .to_string()
+        .contains(&format!(r#""id":{id},"#))
+}
+
 /// Members change under load: a fourth node started with `--join` is added through the CLI
 /// while a member is down, and catches up; it is handed leadership, and the member that was
 /// down comes back and follows it (knowing nothing of it at first). Then the leader removes
@@ -1378,11 +1398,8 @@ fn a_member_joins_and_the_leader_removes_itself_under_load() {
     );
     assert!(stdout.contains(r#""members":[1,2,3,4]"#), "{stdout}");
     wait_for_acks(&w, w.acked_count() + 100);
-    let s = wait_until(Duration::from_secs(20), || {
-        let s = c.cluster_status(joiner)?;
-        (s["members"].as_array()?.len() == 4).then_some(s)
-    })
-    .expect("the new member learns the members");
+    let s = status_listing(&c, joiner, 4, Duration::from_secs(20))
+        .expect("the new member learns the members");
     assert_eq!(s["role"], "follower", "{s}");
 
     // The new member leads; the member that missed its addition returns and follows it.
@@ -1456,17 +1473,9 @@ fn a_member_joins_and_the_leader_removes_itself_under_load() {
         .find(|&i| i != leader && i != new_leader)
         .expect("a third member");
     c.restart(other);
-    let s = wait_until(Duration::from_secs(20), || {
-        let s = c.cluster_status(other)?;
-        (s["members"].as_array()?.len() == 3).then_some(s)
-    })
-    .expect("the restarted member's members");
-    assert!(
-        !s["members"]
-            .to_string()
-            .contains(&format!(r#""id":{leader_id},"#)),
-        "{s}"
-    );
+    let s = status_listing(&c, other, 3, Duration::from_secs(20))
+        .expect("the restarted member's members");
+    assert!(!lists_member(&s, leader_id), "{s}");
 
     // A removed follower is told: it lists the members without itself, says it can be
     // stopped, and never campaigns.
@@ -1482,17 +1491,9 @@ fn a_member_joins_and_the_leader_removes_itself_under_load() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let s = wait_until(Duration::from_secs(10), || {
-        let s = c.cluster_status(removed)?;
-        (s["members"].as_array()?.len() == 2).then_some(s)
-    })
-    .expect("the removed member learns the members without itself");
-    assert!(
-        !s["members"]
-            .to_string()
-            .contains(&format!(r#""id":{removed_id},"#)),
-        "{s}"
-    );
+    let s = status_listing(&c, removed, 2, Duration::from_secs(10))
+        .expect("the removed member learns the members without itself");
+    assert!(!lists_member(&s, removed_id), "{s}");
     assert!(
         c.node_log(removed)
             .contains("this node was removed from the members"),

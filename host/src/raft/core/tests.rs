@@ -85,6 +85,49 @@ fn flush(c: &mut RaftCore) -> Vec<(NodeId, Message)> {
     out
 }
 
+/// Node 1 elected leader of {1, 2, 3}, its first entry acknowledged by `heard_from`.
+fn leader_heard_from(heard_from: &[NodeId]) -> RaftCore {
+    let mut c = core(1, 3, &[], 0);
+    elect(&mut c, 3);
+    let start = c.last_index();
+    for &p in heard_from {
+        c.step(p, ack(c.term(), start));
+    }
+    flush(&mut c);
+    c
+}
+
+/// Appends the removal of member `id`, which a leader appends at once; returns its index.
+fn remove(c: &mut RaftCore, id: NodeId) -> u64 {
+    let next = c.membership().1.without(id).expect("a member");
+    match c.change_membership(next, 0) {
+        Ok(ChangeStarted::Appended(at)) => at,
+        other => panic!("the removal of {id} is appended at once: {other:?}"),
+    }
+}
+
+/// `f` takes `leader`'s log through `through` in one append, with commit `commit`.
+fn take_log(f: &mut RaftCore, leader: &RaftCore, through: u64, commit: u64) {
+    let append = Message::Append {
+        term: leader.term(),
+        prev_index: 0,
+        prev_term: 0,
+        commit,
+        seq: 0,
+        entries: leader.entries(1, through + 1).expect("in the tail"),
+    };
+    f.step(leader.id(), append);
+    flush(f);
+}
+
+/// The messages in `out` addressed to `id`.
+fn sent_to(out: Vec<(NodeId, Message)>, id: NodeId) -> Vec<Message> {
+    out.into_iter()
+        .filter(|(to, _)| *to == id)
+        .map(|(_, m)| m)
+        .collect()
+}
+
 /// Elects node 1 of `n` with the given log, votes granted by every peer.
 fn elect(c: &mut RaftCore, n: u64) {
     c.tick(1_000, 0);
@@ -1222,17 +1265,8 @@ fn a_truncated_change_is_undone() {
 /// commits, then steps down and tells a member holding its whole log to campaign.
 #[test]
 fn a_leader_that_removes_itself_steps_down_once_that_commits() {
-    let mut c = core(1, 3, &[], 0);
-    elect(&mut c, 3);
-    let start = c.last_index();
-    c.step(2, ack(c.term(), start));
-    c.step(3, ack(c.term(), start));
-    flush(&mut c);
-    let (_, m) = c.membership();
-    let Ok(ChangeStarted::Appended(at)) = c.change_membership(m.without(1).expect("member"), 0)
-    else {
-        panic!("a removal is appended at once");
-    };
+    let mut c = leader_heard_from(&[2, 3]);
+    let at = remove(&mut c, 1);
     assert_eq!(c.members(), &[2, 3]);
     flush(&mut c);
     c.step(2, ack(c.term(), at));
@@ -1259,12 +1293,8 @@ fn a_leader_that_removes_itself_steps_down_once_that_commits() {
 fn a_change_that_leaves_too_few_members_reachable_is_refused() {
     // A leader of {1, 2, 3} that has heard from 2 only.
     let heard_by_2 = || {
-        let mut c = core(1, 3, &[], 0);
-        elect(&mut c, 3);
-        let start = c.last_index();
-        c.step(2, ack(c.term(), start));
-        flush(&mut c);
-        assert_eq!(c.commit_index(), start);
+        let c = leader_heard_from(&[2]);
+        assert_eq!(c.commit_index(), c.last_index());
         c
     };
     let mut c = heard_by_2();
@@ -1300,12 +1330,8 @@ fn a_change_that_leaves_too_few_members_reachable_is_refused() {
     );
     // Once a member stops answering for longer than an election timeout, it no longer
     // counts: 2 answered at `now`, then nothing for two election timeouts.
-    let mut c = core(1, 3, &[], 0);
-    elect(&mut c, 3);
+    let mut c = leader_heard_from(&[2, 3]);
     let start = c.last_index();
-    c.step(2, ack(c.term(), start));
-    c.step(3, ack(c.term(), start));
-    flush(&mut c);
     let later = c.now + 2 * c.cfg.election_timeout_ms.1;
     c.now = later; // no tick: check-quorum would step the leader down
     c.step(3, ack(c.term(), start));
@@ -1320,17 +1346,9 @@ fn a_change_that_leaves_too_few_members_reachable_is_refused() {
 /// campaigns.
 #[test]
 fn a_removed_member_learns_its_removal_and_is_sent_nothing_more() {
-    let mut c = core(1, 3, &[], 0);
-    elect(&mut c, 3);
+    let mut c = leader_heard_from(&[2, 3]);
     let start = c.last_index();
-    c.step(2, ack(c.term(), start));
-    c.step(3, ack(c.term(), start));
-    flush(&mut c);
-    let (_, m) = c.membership();
-    let Ok(ChangeStarted::Appended(at)) = c.change_membership(m.without(3).expect("member"), 0)
-    else {
-        panic!("appended");
-    };
+    let at = remove(&mut c, 3);
     let sent = flush(&mut c);
     assert!(
         sent.iter().any(|(to, m)| *to == 3
@@ -1364,18 +1382,7 @@ fn a_removed_member_learns_its_removal_and_is_sent_nothing_more() {
 
     // The removed member's side: it takes the removal, then the commit, and stays quiet.
     let mut f = core(3, 3, &[], 0);
-    f.step(
-        1,
-        Message::Append {
-            term: c.term(),
-            prev_index: 0,
-            prev_term: 0,
-            commit: start,
-            seq: 0,
-            entries: c.entries(1, at + 1).expect("in the tail"),
-        },
-    );
-    flush(&mut f);
+    take_log(&mut f, &c, at, start);
     assert_eq!(f.last_index(), at);
     assert_eq!(f.members(), &[1, 2], "in effect once in the log");
     // While its removal is not known to be committed it may campaign (it could hold entries
@@ -1410,41 +1417,29 @@ fn a_removed_member_learns_its_removal_and_is_sent_nothing_more() {
 /// uncommitted in its log.
 #[test]
 fn a_removed_member_is_replicated_to_until_it_holds_its_removal() {
-    let removal = |c: &mut RaftCore| {
-        let start = c.last_index();
-        c.step(2, ack(c.term(), start));
-        c.step(3, ack(c.term(), start));
-        flush(c);
-        let (_, m) = c.membership();
-        let Ok(ChangeStarted::Appended(at)) = c.change_membership(m.without(3).expect("member"), 0)
-        else {
-            panic!("appended");
-        };
-        flush(c);
+    // A leader of {1, 2, 3} whose removal of 3 is committed by 2 alone.
+    let removal = || {
+        let mut c = leader_heard_from(&[2, 3]);
+        let at = remove(&mut c, 3);
+        flush(&mut c);
         c.step(2, ack(c.term(), at));
-        let sent = flush(c);
+        let sent = flush(&mut c);
         assert_eq!(c.commit_index(), at);
         assert!(
             sent.iter()
                 .all(|(to, m)| *to != 3 || !matches!(m, Message::Heartbeat { .. })),
             "3 does not hold its removal yet: {sent:?}"
         );
-        at
+        (c, at)
     };
-    let mut c = core(1, 3, &[], 0);
-    elect(&mut c, 3);
-    let at = removal(&mut c);
+    let (mut c, at) = removal();
     c.tick(c.now + c.cfg.heartbeat_ms, 0);
     assert!(
         flush(&mut c).iter().any(|(to, _)| *to == 3),
         "still replicated to"
     );
     c.step(3, ack(c.term(), at));
-    let to_3: Vec<Message> = flush(&mut c)
-        .into_iter()
-        .filter(|(to, _)| *to == 3)
-        .map(|(_, m)| m)
-        .collect();
+    let to_3 = sent_to(flush(&mut c), 3);
     assert!(
         matches!(to_3[..], [Message::Heartbeat { commit, .. }] if commit == at),
         "{to_3:?}"
@@ -1453,9 +1448,7 @@ fn a_removed_member_is_replicated_to_until_it_holds_its_removal() {
     assert!(flush(&mut c).iter().all(|(to, _)| *to != 3));
 
     // Silent: dropped once an election timeout passes without an answer, with no heartbeat.
-    let mut c = core(1, 3, &[], 0);
-    elect(&mut c, 3);
-    removal(&mut c);
+    let (mut c, _) = removal();
     let mut sent = Vec::new();
     for step in 1..=30 {
         c.tick(c.now + c.cfg.election_timeout_ms.1 / 10, 0);
@@ -1489,43 +1482,19 @@ fn a_removed_member_is_replicated_to_until_it_holds_its_removal() {
         "{sent:?}"
     );
     c.step(3, ack(c.term(), at));
-    let to_3: Vec<Message> = flush(&mut c)
-        .into_iter()
-        .filter(|(to, _)| *to == 3)
-        .map(|(_, m)| m)
-        .collect();
+    let to_3 = sent_to(flush(&mut c), 3);
     assert!(
         matches!(to_3[..], [Message::Heartbeat { commit, .. }] if commit == at),
         "{to_3:?}"
     );
 
     // A new leader whose log holds the uncommitted removal of 3 replicates to 3 as well.
-    let mut c = core(1, 3, &[], 0);
-    elect(&mut c, 3);
+    let mut c = leader_heard_from(&[2, 3]);
     let start = c.last_index();
-    c.step(2, ack(c.term(), start));
-    c.step(3, ack(c.term(), start));
+    let at = remove(&mut c, 3);
     flush(&mut c);
-    let (_, m) = c.membership();
-    let Ok(ChangeStarted::Appended(at)) = c.change_membership(m.without(3).expect("member"), 0)
-    else {
-        panic!("appended");
-    };
-    flush(&mut c);
-    let log = c.entries(1, at + 1).expect("in the tail");
     let mut n = core(2, 3, &[], 0);
-    n.step(
-        1,
-        Message::Append {
-            term: c.term(),
-            prev_index: 0,
-            prev_term: 0,
-            commit: start,
-            seq: 0,
-            entries: log,
-        },
-    );
-    flush(&mut n);
+    take_log(&mut n, &c, at, start);
     assert_eq!(n.members(), &[1, 2]);
     n.tick(n.now + 2 * n.cfg.election_timeout_ms.1, 0);
     flush(&mut n);
