@@ -87,6 +87,9 @@ pub struct TestNode {
     child: Option<Child>,
     /// For a node that joined the running cluster: its `--peers` and `--join --cluster-id`.
     joined: Option<(String, String)>,
+    /// For a node moved to a new peer address: its `--peers` (its own entry the new address)
+    /// and `--cluster-id` (its `--peers` no longer digest to it).
+    moved: Option<(String, String)>,
 }
 
 pub struct TestCluster {
@@ -125,6 +128,7 @@ impl TestCluster {
                 data_dir: dir.path().join(format!("node{id}")),
                 child: None,
                 joined: None,
+                moved: None,
             })
             .collect();
         let peers = nodes
@@ -163,9 +167,14 @@ impl TestCluster {
             Some((peers, cluster_id)) => {
                 cmd.args(["--peers", peers, "--join", "--cluster-id", cluster_id]);
             }
-            None => {
-                cmd.args(["--peers", &self.peers]);
-            }
+            None => match &n.moved {
+                Some((peers, cluster_id)) => {
+                    cmd.args(["--peers", peers, "--cluster-id", cluster_id]);
+                }
+                None => {
+                    cmd.args(["--peers", &self.peers]);
+                }
+            },
         }
         if let Some(host) = self.advertise_host {
             cmd.arg("--advertise-http")
@@ -185,7 +194,15 @@ impl TestCluster {
                 .is_ok_and(|r| r.status == 200)
                 .then_some(())
         })
-        .unwrap_or_else(|| panic!("node {} did not come up", n.id));
+        .unwrap_or_else(|| {
+            let log = std::fs::read_to_string(n.data_dir.with_extension("log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            panic!(
+                "node {} did not come up; its log ends:\n{}",
+                n.id,
+                tail.join("\n")
+            )
+        });
     }
 
     /// Starts one more node with `--join` (not a member until `add-member`) and returns its
@@ -208,6 +225,7 @@ impl TestCluster {
             data_dir: dir,
             child: None,
             joined: Some((peers, cluster_id)),
+            moved: None,
         });
         let i = self.nodes.len() - 1;
         self.spawn(i);
@@ -220,6 +238,31 @@ impl TestCluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// kill -9, then gives node `i` a new peer address: its `--raft`, and its own entry in the
+    /// `--peers` it starts with next, with the cluster's `--cluster-id` (the other nodes keep
+    /// theirs). Returns the new address.
+    pub fn move_raft(&mut self, i: usize) -> SocketAddr {
+        let status = self.cluster_status(i).expect("the node's status");
+        let cluster_id = status["cluster_id"]
+            .as_str()
+            .expect("cluster id")
+            .to_owned();
+        self.kill(i);
+        let n = &mut self.nodes[i];
+        let (old, new) = (n.raft, free_addr());
+        n.raft = new;
+        let peers = match (&n.joined, &n.moved) {
+            (Some((peers, _)), _) | (None, Some((peers, _))) => peers,
+            (None, None) => &self.peers,
+        };
+        let moved = peers.replace(&format!("{}={old}", n.id), &format!("{}={new}", n.id));
+        match &mut n.joined {
+            Some((peers, _)) => *peers = moved,
+            None => n.moved = Some((moved, cluster_id)),
+        }
+        new
     }
 
     pub fn restart(&mut self, i: usize) {

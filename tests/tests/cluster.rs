@@ -1328,6 +1328,95 @@ fn lists_member(status: &serde_json::Value, id: u64) -> bool {
         .contains(&format!(r#""id":{id},"#))
 }
 
+/// A follower moves to a new peer address under load (etcd's member update): bad requests
+/// change nothing, the leader cannot be moved, the change commits while the member is down,
+/// and once it is restarted at the new address it catches up. A member restarted with the old
+/// address still in its `--peers` reaches it there (the membership in the log wins), so the
+/// two can elect a leader without the first one.
+#[test]
+fn a_follower_moves_to_a_new_peer_address_under_load() {
+    let _serial = serial();
+    let mut c = TestCluster::start(3);
+    c.deploy_guest("kv", guests::KV);
+    let w = Writers::start(&c, 4);
+    wait_for_acks(&w, 100);
+    let leader = c.wait_for_leader(Duration::from_secs(5));
+    let moving = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let (leader_id, moving_id) = (c.nodes[leader].id, c.nodes[moving].id);
+    let old = c.nodes[moving].raft.to_string();
+    for (path, body, status, expect) in [
+        (leader_id, "127.0.0.1:1", 409, "member_is_leader"),
+        (9, "127.0.0.1:1", 400, "9 is not a member"),
+        (
+            moving_id,
+            old.as_str(),
+            400,
+            "reached at that address already",
+        ),
+        (moving_id, "", 400, "peer address"),
+    ] {
+        let body = serde_json::json!({ "raft": body }).to_string();
+        let r = c
+            .client(leader)
+            .request(
+                "PUT",
+                &format!("/v1/cluster/members/{path}"),
+                &[],
+                body.as_bytes(),
+            )
+            .expect("put");
+        assert_eq!(r.status, status, "{path} {body}: {}", r.text());
+        assert!(r.text().contains(expect), "{path} {body}: {}", r.text());
+    }
+
+    let new = c.move_raft(moving).to_string();
+    let out = c.cli(leader, &["move-member", &moving_id.to_string(), &new]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(r#""members":[1,2,3]"#), "{stdout}");
+    let raft_of = |s: &serde_json::Value, id: u64| {
+        s["members"]
+            .as_array()
+            .and_then(|ms| ms.iter().find(|m| m["id"] == id))
+            .and_then(|m| m["raft"].as_str().map(str::to_owned))
+    };
+    let s = c.cluster_status(leader).expect("status");
+    assert_eq!(raft_of(&s, moving_id).as_deref(), Some(new.as_str()), "{s}");
+
+    c.restart(moving);
+    wait_for_acks(&w, w.acked_count() + 100);
+    let target = c.cluster_status(leader).expect("status")["commit_index"]
+        .as_u64()
+        .expect("commit index");
+    wait_until(Duration::from_secs(20), || {
+        (c.cluster_status(moving)?["applied_index"].as_u64()? >= target).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the moved member did not catch up to {target}"));
+
+    // `other` still has the old address in its --peers; the log tells it the new one.
+    c.restart(other);
+    let s = wait_until(Duration::from_secs(10), || {
+        let s = c.cluster_status(other)?;
+        (raft_of(&s, moving_id)? == new).then_some(s)
+    });
+    assert!(s.is_some(), "{:?}", c.cluster_status(other));
+    wait_for_acks(&w, w.acked_count() + 100);
+    c.kill(leader);
+    let next = wait_until(Duration::from_secs(10), || {
+        c.leader().filter(|&l| l != leader)
+    })
+    .expect("the moved member and the restarted one elect a leader");
+    assert!(next == moving || next == other);
+    wait_for_acks(&w, w.acked_count() + 100);
+    let acked = w.stop();
+    assert_no_acked_write_lost(&c, &acked);
+}
+
 /// Members change under load: a fourth node started with `--join` is added through the CLI
 /// while a member is down, and catches up; it is handed leadership, and the member that was
 /// down comes back and follows it (knowing nothing of it at first). Then the leader removes

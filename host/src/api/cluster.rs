@@ -134,13 +134,32 @@ pub(super) async fn add_member(
         r#"{"id": <new member id>, "raft": "HOST:PORT"}"#,
     )
     .await?;
-    if raft.trim().is_empty() || !raft.contains(':') {
-        return Err(ApiError::bad_request(format!(
-            "\"raft\" must be the new member's peer address, HOST:PORT (got {raft:?})"
-        )));
-    }
+    check_peer_address(&raft)?;
     let change = MemberChange::Add { id, address: raft };
     change_members(state, change, &uri).await
+}
+
+/// `PUT /v1/cluster/members/{id}` with `{"raft": "HOST:PORT"}`: member `id` is now reached
+/// at that peer address (etcd's member update); restart it there with its data directory.
+/// Answers once the change commits.
+pub(super) async fn move_member(
+    state: &ApiState,
+    id: &str,
+    req: Request<RequestBody>,
+) -> Result<Response<Body>, ApiError> {
+    if let Some(r) = leader_or_redirect(state, req.uri()) {
+        return Ok(r);
+    }
+    let uri = req.uri().clone();
+    let id = parse_id(id)?;
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NewAddress {
+        raft: String,
+    }
+    let NewAddress { raft } = read_json(state, req, r#"{"raft": "HOST:PORT"}"#).await?;
+    check_peer_address(&raft)?;
+    change_members(state, MemberChange::Move { id, address: raft }, &uri).await
 }
 
 /// `DELETE /v1/cluster/members/{id}`: removes member `id` (the leader included: it steps down
@@ -153,10 +172,21 @@ pub(super) async fn remove_member(
     if let Some(r) = leader_or_redirect(state, req.uri()) {
         return Ok(r);
     }
-    let id: NodeId = id
-        .parse()
-        .map_err(|_| ApiError::bad_request(format!("{id:?} is not a member id")))?;
-    change_members(state, MemberChange::Remove(id), req.uri()).await
+    change_members(state, MemberChange::Remove(parse_id(id)?), req.uri()).await
+}
+
+fn parse_id(id: &str) -> Result<NodeId, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::bad_request(format!("{id:?} is not a member id")))
+}
+
+fn check_peer_address(raft: &str) -> Result<(), ApiError> {
+    if raft.trim().is_empty() || !raft.contains(':') {
+        return Err(ApiError::bad_request(format!(
+            "\"raft\" must be the member's peer address, HOST:PORT (got {raft:?})"
+        )));
+    }
+    Ok(())
 }
 
 async fn change_members(
@@ -185,6 +215,9 @@ async fn change_members(
         )),
         Ok(Err(MembershipError::Refused(e @ ChangeRefused::TooFewReachable { .. }))) => Err(
             ApiError::new(StatusCode::CONFLICT, "too_few_reachable", e.to_string()),
+        ),
+        Ok(Err(MembershipError::Refused(e @ ChangeRefused::MovingLeader(_)))) => Err(
+            ApiError::new(StatusCode::CONFLICT, "member_is_leader", e.to_string()),
         ),
         Ok(Err(MembershipError::Refused(e))) => Err(ApiError::bad_request(e.to_string())),
         Ok(Err(e @ MembershipError::OutcomeUnknown)) => Err(unknown(e.to_string())),

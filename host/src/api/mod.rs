@@ -25,7 +25,7 @@ use crate::machines::{Catalog, MachineSet, validate_name};
 use crate::raft::{Node, NodeId, Role};
 use crate::wasm::ModuleRegistry;
 use body::{BodyBudget, RequestBody};
-use cluster::{add_member, cluster, remove_member, transfer_leader};
+use cluster::{add_member, cluster, move_member, remove_member, transfer_leader};
 pub use error::{ApiError, Body, Clipped};
 use machines::{delete, deploy, describe, list, query};
 pub use server::serve;
@@ -97,6 +97,7 @@ async fn route(state: &ApiState, req: Request<RequestBody>) -> Result<Response<B
         (Method::POST, ["v1", "cluster", "leader"]) => transfer_leader(state, req).await,
         (Method::POST, ["v1", "cluster", "members"]) => add_member(state, req).await,
         (Method::DELETE, ["v1", "cluster", "members", id]) => remove_member(state, id, req).await,
+        (Method::PUT, ["v1", "cluster", "members", id]) => move_member(state, id, req).await,
         (Method::GET, ["v1", "machines"]) => Ok(list(state)),
         (Method::PUT, ["v1", "machines", name]) => deploy(state, name, req).await,
         (Method::GET, ["v1", "machines", name]) => describe(state, name, &req).await,
@@ -138,7 +139,7 @@ fn allowed_methods(segs: &[&str]) -> Option<&'static str> {
         ["v1", "machines", _] => "GET, HEAD, PUT, DELETE",
         ["v1", "machines", _, "tasks" | "tasks:batch" | "query"]
         | ["v1", "cluster", "leader" | "members"] => "POST",
-        ["v1", "cluster", "members", _] => "DELETE",
+        ["v1", "cluster", "members", _] => "PUT, DELETE",
         _ => return None,
     })
 }

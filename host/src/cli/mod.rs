@@ -1,6 +1,6 @@
 //! The `lockstep` command line: `serve` and `dev` run nodes; `deploy`, `list`, `describe`,
-//! `delete`, `submit`, `batch`, `query`, `status`, `transfer-leader`, `add-member` and
-//! `remove-member` talk to a running cluster over HTTP.
+//! `delete`, `submit`, `batch`, `query`, `status`, `transfer-leader`, `add-member`,
+//! `remove-member` and `move-member` talk to a running cluster over HTTP.
 
 pub mod client;
 pub mod dev;
@@ -120,6 +120,15 @@ enum Cmd {
     /// Remove member ID (the leader included: it steps down). Waits until the change commits.
     RemoveMember {
         id: u64,
+        #[arg(long, env = "LOCKSTEP_URL", default_value = DEV_URL)]
+        url: String,
+    },
+    /// Record that member ID is now reached by its peers at RAFT (HOST:PORT); restart it there
+    /// with its data directory. Not the leader: hand leadership away first. Waits until the
+    /// change commits.
+    MoveMember {
+        id: u64,
+        raft: String,
         #[arg(long, env = "LOCKSTEP_URL", default_value = DEV_URL)]
         url: String,
     },
@@ -395,6 +404,12 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::RemoveMember { id, url } => {
             let target = format!("{url}/v1/cluster/members/{id}");
             let r = client::request(Method::DELETE, &target, Bytes::new(), &[]).await?;
+            print_reply(&r)
+        }
+        Cmd::MoveMember { id, raft, url } => {
+            let body = serde_json::json!({ "raft": raft }).to_string();
+            let target = format!("{url}/v1/cluster/members/{id}");
+            let r = client::request(Method::PUT, &target, body.into(), &[]).await?;
             print_reply(&r)
         }
         Cmd::TransferLeader { id, url } => {

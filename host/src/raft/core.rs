@@ -755,23 +755,12 @@ impl RaftCore {
         next: Membership,
         timestamp_ms: u64,
     ) -> Result<ChangeStarted, ChangeRefused> {
-        if self.role != CoreRole::Leader {
-            return Err(ChangeRefused::NotLeader {
-                leader: self.leader,
-            });
-        }
-        if let Some(t) = self.transfer {
-            return Err(ChangeRefused::Transferring { to: t.to });
-        }
-        let (made_at, current) = self.membership();
-        if made_at > self.commit || self.commit < self.term_start_index || self.catch_up.is_some() {
-            return Err(ChangeRefused::InProgress);
-        }
+        let current = self.may_change()?;
         if !current.one_change_to(&next) {
             return Err(ChangeRefused::NotOneChange);
         }
         let added = next.ids().find(|&id| !current.contains(id));
-        self.check_reachable(&next, added)?;
+        self.check_reachable(&next, added, None)?;
         if let Some(id) = added.filter(|&id| id != self.cfg.id) {
             let fresh = self.fresh_replicator();
             self.replicators.entry(id).or_insert(fresh);
@@ -787,6 +776,50 @@ impl RaftCore {
         Ok(ChangeStarted::Appended(
             self.append_membership(next, timestamp_ms),
         ))
+    }
+
+    /// Records that member `id` is now reached at the address `next` gives it (etcd's member
+    /// update): the voters stay the same, so no quorum changes. Returns the change's index.
+    /// Every member dials `id` there once the change is in its log; `id` itself is restarted
+    /// there by its operator. Refused for the leader itself (its followers would answer to an
+    /// address it does not listen on yet) and when the other members alone are too few to
+    /// commit it (`id` counts as unreachable until it answers from its new address).
+    pub fn move_member(
+        &mut self,
+        id: NodeId,
+        next: Membership,
+        timestamp_ms: u64,
+    ) -> Result<u64, ChangeRefused> {
+        let current = self.may_change()?;
+        if !current.contains(id) {
+            return Err(ChangeRefused::NotAMember(id));
+        }
+        if !next.ids().eq(current.ids()) || next.address(id).is_none() {
+            return Err(ChangeRefused::NotOneChange);
+        }
+        if id == self.cfg.id {
+            return Err(ChangeRefused::MovingLeader(id));
+        }
+        self.check_reachable(&next, None, Some(id))?;
+        Ok(self.append_membership(next, timestamp_ms))
+    }
+
+    /// What every membership change needs: this node leads, hands nothing over, and the last
+    /// change and its own term's first entry are committed. Returns the membership in effect.
+    fn may_change(&self) -> Result<Membership, ChangeRefused> {
+        if self.role != CoreRole::Leader {
+            return Err(ChangeRefused::NotLeader {
+                leader: self.leader,
+            });
+        }
+        if let Some(t) = self.transfer {
+            return Err(ChangeRefused::Transferring { to: t.to });
+        }
+        let (made_at, current) = self.membership();
+        if made_at > self.commit || self.commit < self.term_start_index || self.catch_up.is_some() {
+            return Err(ChangeRefused::InProgress);
+        }
+        Ok(current.clone())
     }
 
     /// Appends the change once the member being added holds all but the last batch of the
@@ -815,22 +848,25 @@ impl RaftCore {
 
     /// etcd's strict reconfiguration check: refuses a change after which fewer than a quorum
     /// of the new members would be reachable (answered within the longest election timeout;
-    /// a member being added counts, as it is caught up before the change is appended).
+    /// a member being added counts, as it is caught up before the change is appended; a member
+    /// being moved does not, as it has not answered from its new address yet).
     /// Without it, removing a live member while another is down could leave a group that
     /// commits nothing until the down one returns. Removing the unreachable ones passes.
     fn check_reachable(
         &self,
         next: &Membership,
         added: Option<NodeId>,
+        moved: Option<NodeId>,
     ) -> Result<(), ChangeRefused> {
         let window = self.cfg.election_timeout_ms.1;
         let reachable = |id: NodeId| {
-            id == self.cfg.id
-                || Some(id) == added
-                || self.replicators.get(&id).is_some_and(|p| {
-                    p.heard_at
-                        .is_some_and(|t| self.now.saturating_sub(t) <= window)
-                })
+            Some(id) != moved
+                && (id == self.cfg.id
+                    || Some(id) == added
+                    || self.replicators.get(&id).is_some_and(|p| {
+                        p.heard_at
+                            .is_some_and(|t| self.now.saturating_sub(t) <= window)
+                    }))
         };
         let unreachable: Vec<NodeId> = next.ids().filter(|&id| !reachable(id)).collect();
         let needed = next.len() / 2 + 1;

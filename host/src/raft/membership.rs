@@ -37,8 +37,17 @@ pub enum ChangeRefused {
     LastMember,
     #[error("member ids are never 0")]
     ZeroId,
-    #[error("a membership change adds or removes exactly one member")]
+    #[error("a membership change adds or removes exactly one member, or moves one")]
     NotOneChange,
+    #[error("{0} is reached at that address already")]
+    SameAddress(NodeId),
+    /// The followers would send their answers to the new address, where nothing listens
+    /// until this node is restarted there: nothing more could commit.
+    #[error(
+        "{0} is the leader: hand leadership to another member first (POST /v1/cluster/leader), \
+         then change its address"
+    )]
+    MovingLeader(NodeId),
     /// etcd's strict reconfiguration check: after the change, fewer members than its quorum
     /// would be reachable, so nothing more could commit until the others came back.
     #[error(
@@ -123,6 +132,16 @@ impl Membership {
         }
         let mut next = self.clone();
         next.members.remove(&id);
+        Ok(next)
+    }
+
+    /// This membership with member `id` reached at `address` instead.
+    pub fn moved(&self, id: NodeId, address: String) -> Result<Membership, ChangeRefused> {
+        if !self.contains(id) {
+            return Err(ChangeRefused::NotAMember(id));
+        }
+        let mut next = self.clone();
+        next.members.insert(id, address);
         Ok(next)
     }
 
@@ -218,5 +237,12 @@ mod tests {
         assert!(m.one_change_to(&m.without(2).expect("remove")));
         assert!(!m.one_change_to(&m));
         assert!(!m.one_change_to(&added.without(1).expect("remove")));
+        let moved = m.moved(2, "10.0.0.2:7000".into()).expect("a member moves");
+        assert_eq!(moved.address(2), Some("10.0.0.2:7000"));
+        assert!(moved.ids().eq(m.ids()));
+        assert_eq!(
+            m.moved(4, "10.0.0.4:7000".into()),
+            Err(ChangeRefused::NotAMember(4))
+        );
     }
 }

@@ -59,6 +59,11 @@ pub enum MemberChange {
         address: String,
     },
     Remove(NodeId),
+    /// Records that member `id` is now reached at peer address `address` (restart it there).
+    Move {
+        id: NodeId,
+        address: String,
+    },
 }
 
 /// Why the members did not change as asked.
@@ -1042,12 +1047,21 @@ impl<SM: StateMachine> CoreLoop<SM> {
     /// every member from the log alone.
     fn change_members(&mut self, change: MemberChange) -> Result<ChangeStarted, MembershipError> {
         let (_, current) = self.core.membership();
+        let filled = |m: Membership| m.with_addresses(|id| self.transport.peer_address(id));
         let next = match change {
             MemberChange::Add { id, address } => current.with(id, address)?,
             MemberChange::Remove(id) => current.without(id)?,
+            MemberChange::Move { id, address } => {
+                if current.contains(id) && self.transport.peer_address(id) == Some(address.clone())
+                {
+                    return Err(ChangeRefused::SameAddress(id).into());
+                }
+                let next = filled(current.clone()).moved(id, address)?;
+                let at = self.core.move_member(id, next, wall_ms())?;
+                return Ok(ChangeStarted::Appended(at));
+            }
         };
-        let next = next.with_addresses(|id| self.transport.peer_address(id));
-        Ok(self.core.change_membership(next, wall_ms())?)
+        Ok(self.core.change_membership(filled(next), wall_ms())?)
     }
 
     /// Answers the callers of `change_members` whose change committed, or whose outcome this

@@ -1341,7 +1341,58 @@ fn a_change_that_leaves_too_few_members_reachable_is_refused() {
     ));
 }
 
-/// A member being removed is replicated to until its removal commits, then sent a last
+/// A member's new peer address is a membership change with the same voters: refused for the
+/// leader itself, one at a time, and only while the others alone can commit it.
+#[test]
+fn a_member_moves_to_a_new_address_with_the_voters_unchanged() {
+    let mut c = leader_heard_from(&[2, 3]);
+    let start = c.last_index();
+    let m = c.membership().1.clone();
+    let to = |id: NodeId| m.moved(id, format!("10.0.0.{id}:7000")).expect("a member");
+    assert_eq!(
+        c.move_member(1, to(1), 0),
+        Err(ChangeRefused::MovingLeader(1))
+    );
+    assert_eq!(
+        c.move_member(3, m.with(4, "10.0.0.4:7000".into()).expect("new"), 0),
+        Err(ChangeRefused::NotOneChange),
+        "a move keeps the voters"
+    );
+    assert_eq!(
+        c.move_member(3, m.clone(), 0),
+        Err(ChangeRefused::NotOneChange),
+        "a move names the new address"
+    );
+    assert_eq!(c.last_index(), start, "nothing appended");
+    let at = c.move_member(3, to(3), 0).expect("3 moves");
+    assert_eq!(at, start + 1);
+    assert_eq!(c.membership(), (at, &to(3)));
+    assert_eq!(
+        c.move_member(2, to(2), 0),
+        Err(ChangeRefused::InProgress),
+        "one change at a time"
+    );
+    // 2 alone (with the leader) commits it: 3 is not needed at its new address.
+    flush(&mut c);
+    c.step(2, ack(c.term(), at));
+    assert_eq!(c.commit_index(), at);
+    assert!(c.members().iter().copied().eq([1, 2, 3]));
+    assert_eq!(c.membership().1.address(3), Some("10.0.0.3:7000"));
+
+    // With 2 down, moving 3 would leave only the leader answering until 3 restarts.
+    let mut c = leader_heard_from(&[3]);
+    assert_eq!(
+        c.move_member(3, to(3), 0),
+        Err(ChangeRefused::TooFewReachable {
+            needed: 2,
+            reachable: 1,
+            unreachable: vec![2, 3],
+        })
+    );
+    // Moving the one that is down passes: 1 and 3 commit it.
+    assert!(c.move_member(2, to(2), 0).is_ok());
+}
+
 /// heartbeat with the commit, and nothing more; it then knows it is out and never
 /// campaigns.
 #[test]
