@@ -1345,6 +1345,7 @@ fn a_follower_moves_to_a_new_peer_address_under_load() {
     let other = (leader + 2) % 3;
     let (leader_id, moving_id) = (c.nodes[leader].id, c.nodes[moving].id);
     let old = c.nodes[moving].raft.to_string();
+    let others = c.nodes[other].raft.to_string();
     for (path, body, status, expect) in [
         (leader_id, "127.0.0.1:1", 409, "member_is_leader"),
         (9, "127.0.0.1:1", 400, "9 is not a member"),
@@ -1354,7 +1355,10 @@ fn a_follower_moves_to_a_new_peer_address_under_load() {
             400,
             "reached at that address already",
         ),
+        (moving_id, others.as_str(), 409, "address_in_use"),
         (moving_id, "", 400, "peer address"),
+        (moving_id, "127.0.0.1:port", 400, "peer address"),
+        (moving_id, " 127.0.0.1:1", 400, "peer address"),
     ] {
         let body = serde_json::json!({ "raft": body }).to_string();
         let r = c

@@ -181,7 +181,12 @@ fn parse_id(id: &str) -> Result<NodeId, ApiError> {
 }
 
 fn check_peer_address(raft: &str) -> Result<(), ApiError> {
-    if raft.trim().is_empty() || !raft.contains(':') {
+    let port = raft
+        .rsplit_once(':')
+        .map(|(host, port)| (host, port.parse::<u16>()));
+    let valid = matches!(port, Some((host, Ok(p))) if !host.is_empty() && p != 0)
+        && !raft.contains(char::is_whitespace);
+    if !valid {
         return Err(ApiError::bad_request(format!(
             "\"raft\" must be the member's peer address, HOST:PORT (got {raft:?})"
         )));
@@ -218,6 +223,9 @@ async fn change_members(
         ),
         Ok(Err(MembershipError::Refused(e @ ChangeRefused::MovingLeader(_)))) => Err(
             ApiError::new(StatusCode::CONFLICT, "member_is_leader", e.to_string()),
+        ),
+        Ok(Err(MembershipError::Refused(e @ ChangeRefused::AddressTaken { .. }))) => Err(
+            ApiError::new(StatusCode::CONFLICT, "address_in_use", e.to_string()),
         ),
         Ok(Err(MembershipError::Refused(e))) => Err(ApiError::bad_request(e.to_string())),
         Ok(Err(e @ MembershipError::OutcomeUnknown)) => Err(unknown(e.to_string())),

@@ -806,7 +806,7 @@ impl RaftCore {
 
     /// What every membership change needs: this node leads, hands nothing over, and the last
     /// change and its own term's first entry are committed. Returns the membership in effect.
-    fn may_change(&self) -> Result<Membership, ChangeRefused> {
+    pub fn may_change(&self) -> Result<Membership, ChangeRefused> {
         if self.role != CoreRole::Leader {
             return Err(ChangeRefused::NotLeader {
                 leader: self.leader,

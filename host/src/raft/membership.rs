@@ -41,6 +41,8 @@ pub enum ChangeRefused {
     NotOneChange,
     #[error("{0} is reached at that address already")]
     SameAddress(NodeId),
+    #[error("member {by} is reached at {address}")]
+    AddressTaken { address: String, by: NodeId },
     /// The followers would send their answers to the new address, where nothing listens
     /// until this node is restarted there: nothing more could commit.
     #[error(
@@ -145,6 +147,15 @@ impl Membership {
         Ok(next)
     }
 
+    /// This membership plus the members of `other` it lacks (with `other`'s addresses).
+    pub fn including(&self, other: &Membership) -> Membership {
+        let mut all = self.clone();
+        for (&id, address) in &other.members {
+            all.members.entry(id).or_insert_with(|| address.clone());
+        }
+        all
+    }
+
     /// This membership with the addresses it lacks filled in by `address_of`.
     pub fn with_addresses(mut self, address_of: impl Fn(NodeId) -> Option<String>) -> Membership {
         for (&id, address) in self.members.iter_mut() {
@@ -243,6 +254,13 @@ mod tests {
         assert_eq!(
             m.moved(4, "10.0.0.4:7000".into()),
             Err(ChangeRefused::NotAMember(4))
+        );
+        let both = moved.including(&added);
+        assert!(both.ids().eq([1, 2, 3, 4]));
+        assert_eq!(
+            both.address(2),
+            Some("10.0.0.2:7000"),
+            "its own addresses win"
         );
     }
 }

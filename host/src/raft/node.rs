@@ -683,9 +683,9 @@ struct CoreLoop<SM: StateMachine> {
     /// new member is being caught up before its change is appended.
     changes: Vec<(u64, u64, ChangeDone)>,
     catching_up: Option<(u64, ChangeDone)>,
-    /// The membership the transport was last told of: its index, and the member then being
-    /// caught up.
-    told_members: Option<(u64, Option<NodeId>)>,
+    /// The membership the transport was last told of: its index and term, and the member
+    /// then being caught up.
+    told_members: Option<(u64, u64, Option<NodeId>)>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -1048,13 +1048,28 @@ impl<SM: StateMachine> CoreLoop<SM> {
     fn change_members(&mut self, change: MemberChange) -> Result<ChangeStarted, MembershipError> {
         let (_, current) = self.core.membership();
         let filled = |m: Membership| m.with_addresses(|id| self.transport.peer_address(id));
+        // Two ids at one address would each get the other's messages.
+        let taken = |id: NodeId, address: &str| {
+            current.ids().find(|&other| {
+                other != id && self.transport.peer_address(other).as_deref() == Some(address)
+            })
+        };
         let next = match change {
-            MemberChange::Add { id, address } => current.with(id, address)?,
+            MemberChange::Add { id, address } => {
+                if let Some(by) = taken(id, &address) {
+                    return Err(ChangeRefused::AddressTaken { address, by }.into());
+                }
+                current.with(id, address)?
+            }
             MemberChange::Remove(id) => current.without(id)?,
             MemberChange::Move { id, address } => {
+                self.core.may_change()?;
                 if current.contains(id) && self.transport.peer_address(id) == Some(address.clone())
                 {
                     return Err(ChangeRefused::SameAddress(id).into());
+                }
+                if let Some(by) = taken(id, &address) {
+                    return Err(ChangeRefused::AddressTaken { address, by }.into());
                 }
                 let next = filled(current.clone()).moved(id, address)?;
                 let at = self.core.move_member(id, next, wall_ms())?;
@@ -1095,15 +1110,14 @@ impl<SM: StateMachine> CoreLoop<SM> {
     /// installed with a snapshot), or of a member being caught up before it is added.
     fn tell_transport_members(&mut self) {
         let (at, learner, members) = self.core.members_to_reach();
-        if self.told_members != Some((at, learner)) {
+        // The term too: a truncated change may be replaced by another at the same index.
+        let told = (at, self.core.term_at(at), learner);
+        if self.told_members != Some(told) {
             // A member being removed is replicated to until it holds its removal: the
             // committed membership gives its address (it may have joined with `--join`).
             let committed = self.core.membership_at(self.core.commit_index());
-            if committed != members {
-                self.transport.set_members(committed);
-            }
-            self.transport.set_members(members);
-            self.told_members = Some((at, learner));
+            self.transport.set_members(&members.including(committed));
+            self.told_members = Some(told);
         }
     }
 

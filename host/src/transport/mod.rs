@@ -12,6 +12,7 @@
 pub mod frame;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -113,21 +114,30 @@ struct Inner<M> {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// A peer this node dials: its address, and the queue its dialler sends from.
+/// A peer this node dials: its address, the queue its dialler sends from, and whether the
+/// dialler holds a connection the peer greeted.
 struct Peer<M> {
     address: String,
     queue: mpsc::Sender<M>,
     dialler: JoinHandle<()>,
+    reached: Arc<AtomicBool>,
 }
 
 impl<M: WireMessage> Peer<M> {
     fn dial(address: &str, config: &Arc<TransportConfig>) -> Self {
         let (queue, rx) = mpsc::channel(config.queue_depth.max(1));
-        let dialler = tokio::spawn(dial_loop(address.to_owned(), config.clone(), rx));
+        let reached = Arc::new(AtomicBool::new(false));
+        let dialler = tokio::spawn(dial_loop(
+            address.to_owned(),
+            config.clone(),
+            rx,
+            reached.clone(),
+        ));
         Peer {
             address: address.to_owned(),
             queue,
             dialler,
+            reached,
         }
     }
 }
@@ -159,7 +169,7 @@ impl<M: WireMessage> PeerTransport<M> {
             config.node_id,
             config.http_addr.clone(),
         )])));
-        let peers = Arc::new(RwLock::new(HashMap::new()));
+        let peers: Arc<RwLock<HashMap<NodeId, Peer<M>>>> = Arc::new(RwLock::new(HashMap::new()));
         let (known, cfg) = (peers.clone(), config.clone());
         // A caller this node does not dial (a member added by a change this node has not seen
         // yet, now perhaps its leader) is dialled at the address its hello gives, so that
@@ -168,7 +178,21 @@ impl<M: WireMessage> PeerTransport<M> {
             let Ok(mut peers) = known.write() else {
                 return false;
             };
-            if peers.contains_key(&id) {
+            if let Some(p) = peers.get(&id) {
+                // A member that moved while this node missed the change (`move-member`) says
+                // where it is now: dial it there while it does not answer where it was dialled
+                // (never while it does: two processes claiming one id must not take turns).
+                if !raft_addr.is_empty() && p.address != raft_addr && !p.reached.load(Relaxed) {
+                    info!(
+                        peer = id,
+                        dialled = %p.address,
+                        %raft_addr,
+                        "a peer that does not answer where it is dialled says it is elsewhere: \
+                         dialling it there"
+                    );
+                    p.dialler.abort();
+                    peers.insert(id, Peer::dial(raft_addr, &cfg));
+                }
                 return true;
             }
             if raft_addr.is_empty() {
@@ -446,6 +470,7 @@ async fn dial_loop<M: WireMessage>(
     addr: String,
     config: Arc<TransportConfig>,
     mut rx: mpsc::Receiver<M>,
+    reached: Arc<AtomicBool>,
 ) {
     let mut hello = Hello {
         cluster_id: config.cluster_id.clone(),
@@ -463,6 +488,7 @@ async fn dial_loop<M: WireMessage>(
     let mut backoff = Duration::from_millis(20);
     let mut out = Vec::with_capacity(64 * 1024);
     loop {
+        reached.store(false, Relaxed);
         let mut stream = match dial(&addr).await {
             Ok(s) => s,
             Err(e) => {
@@ -498,6 +524,7 @@ async fn dial_loop<M: WireMessage>(
             continue;
         }
         info!(%addr, "connected to peer");
+        reached.store(true, Relaxed);
         let connected = std::time::Instant::now();
         loop {
             let Some(first) = rx.recv().await else {

@@ -104,6 +104,39 @@ async fn delivers_in_order_and_learns_http_addresses() {
     assert_eq!(b.http_addr(1).as_deref(), Some("http-1"));
 }
 
+/// A peer that moved while this node missed the change: this node dials the old address,
+/// where nothing answers, until the peer connects and its hello names where it is now.
+#[tokio::test]
+async fn a_peer_that_moved_is_dialled_where_its_hello_says() {
+    let (la, lb, peers) = two_members().await;
+    let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let old = gone.local_addr().unwrap().to_string();
+    drop(gone);
+    let mut stale = peers.clone();
+    stale.insert(2, old.clone());
+    let (a, to_a) = recording(config(&stale, 1, "c", "limits"), la);
+    let (b, to_b) = recording(config(&peers, 2, "c", "limits"), lb);
+    assert_eq!(a.peer_address(2), Some(old), "dialled where it was");
+    let reaches = |from: &PeerTransport<Ping>, to: NodeId, inbox: &Inbox| {
+        let (from, inbox) = (from.clone(), inbox.clone());
+        async move {
+            for _ in 0..10 {
+                from.send(to, Ping(to));
+                if wait_for(&inbox, 1).await {
+                    return true;
+                }
+            }
+            false
+        }
+    };
+    assert!(reaches(&b, 1, &to_a).await, "2 reaches 1 at its address");
+    assert!(
+        reaches(&a, 2, &to_b).await,
+        "1 reaches 2 where 2 said it is"
+    );
+    assert_eq!(a.peer_address(2), peers.get(&2).cloned());
+}
+
 #[tokio::test]
 async fn garbage_and_oversized_frames_close_only_their_connection() {
     let (a, _b, inbox, b_addr) = pair("c").await;

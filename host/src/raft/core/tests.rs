@@ -1361,7 +1361,7 @@ fn a_member_moves_to_a_new_address_with_the_voters_unchanged() {
     assert_eq!(
         c.move_member(3, m.clone(), 0),
         Err(ChangeRefused::NotOneChange),
-        "a move names the new address"
+        "a move gives the member an address"
     );
     assert_eq!(c.last_index(), start, "nothing appended");
     let at = c.move_member(3, to(3), 0).expect("3 moves");
