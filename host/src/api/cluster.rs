@@ -181,11 +181,20 @@ fn parse_id(id: &str) -> Result<NodeId, ApiError> {
 }
 
 fn check_peer_address(raft: &str) -> Result<(), ApiError> {
-    let port = raft
-        .rsplit_once(':')
-        .map(|(host, port)| (host, port.parse::<u16>()));
-    let valid = matches!(port, Some((host, Ok(p))) if !host.is_empty() && p != 0)
-        && !raft.contains(char::is_whitespace);
+    // HOST:PORT, an IPv6 host in brackets; an address peers can dial (not 0.0.0.0 or [::]).
+    let valid = raft.rsplit_once(':').is_some_and(|(host, port)| {
+        let bare = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        !bare.is_empty()
+            && (bare == host) != bare.contains(':')
+            && !bare
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_unspecified())
+            && port.bytes().all(|b| b.is_ascii_digit())
+            && port.parse::<u16>().is_ok_and(|p| p != 0)
+    }) && !raft.contains(char::is_whitespace);
     if !valid {
         return Err(ApiError::bad_request(format!(
             "\"raft\" must be the member's peer address, HOST:PORT (got {raft:?})"
@@ -252,4 +261,33 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     let (body, _read) = read_body(req, 4096, &state.bodies).await?;
     serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("the body must be {shape}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_peer_address;
+
+    #[test]
+    fn peer_addresses_are_host_and_port_a_peer_can_dial() {
+        for ok in ["10.0.0.1:7000", "node-3.example:7000", "[::1]:7000"] {
+            assert!(check_peer_address(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ":",
+            "h:",
+            "h:+70",
+            "h:0",
+            "h:70000",
+            "::1",
+            "[::1]",
+            "[h]:1",
+            "0.0.0.0:7000",
+            "[::]:7000",
+            " h:1",
+            "h :1",
+        ] {
+            assert!(check_peer_address(bad).is_err(), "{bad:?}");
+        }
+    }
 }

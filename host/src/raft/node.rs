@@ -1046,7 +1046,7 @@ impl<SM: StateMachine> CoreLoop<SM> {
     /// cluster started with) filled in from the transport, so that members added later reach
     /// every member from the log alone.
     fn change_members(&mut self, change: MemberChange) -> Result<ChangeStarted, MembershipError> {
-        let (_, current) = self.core.membership();
+        let current = self.core.may_change()?;
         let filled = |m: Membership| m.with_addresses(|id| self.transport.peer_address(id));
         // Two ids at one address would each get the other's messages.
         let taken = |id: NodeId, address: &str| {
@@ -1056,14 +1056,14 @@ impl<SM: StateMachine> CoreLoop<SM> {
         };
         let next = match change {
             MemberChange::Add { id, address } => {
+                let next = current.with(id, address.clone())?;
                 if let Some(by) = taken(id, &address) {
                     return Err(ChangeRefused::AddressTaken { address, by }.into());
                 }
-                current.with(id, address)?
+                next
             }
             MemberChange::Remove(id) => current.without(id)?,
             MemberChange::Move { id, address } => {
-                self.core.may_change()?;
                 if current.contains(id) && self.transport.peer_address(id) == Some(address.clone())
                 {
                     return Err(ChangeRefused::SameAddress(id).into());

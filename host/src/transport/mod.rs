@@ -12,7 +12,6 @@
 pub mod frame;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -114,30 +113,30 @@ struct Inner<M> {
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// A peer this node dials: its address, the queue its dialler sends from, and whether the
-/// dialler holds a connection the peer greeted.
+/// A peer this node dials: its address, the queue its dialler sends from, and where its
+/// hello last said it is when that differs from the address (tried when the address fails).
 struct Peer<M> {
     address: String,
     queue: mpsc::Sender<M>,
     dialler: JoinHandle<()>,
-    reached: Arc<AtomicBool>,
+    elsewhere: Arc<Mutex<Option<String>>>,
 }
 
 impl<M: WireMessage> Peer<M> {
     fn dial(address: &str, config: &Arc<TransportConfig>) -> Self {
         let (queue, rx) = mpsc::channel(config.queue_depth.max(1));
-        let reached = Arc::new(AtomicBool::new(false));
+        let elsewhere = Arc::new(Mutex::new(None));
         let dialler = tokio::spawn(dial_loop(
             address.to_owned(),
             config.clone(),
             rx,
-            reached.clone(),
+            elsewhere.clone(),
         ));
         Peer {
             address: address.to_owned(),
             queue,
             dialler,
-            reached,
+            elsewhere,
         }
     }
 }
@@ -180,18 +179,16 @@ impl<M: WireMessage> PeerTransport<M> {
             };
             if let Some(p) = peers.get(&id) {
                 // A member that moved while this node missed the change (`move-member`) says
-                // where it is now: dial it there while it does not answer where it was dialled
-                // (never while it does: two processes claiming one id must not take turns).
-                if !raft_addr.is_empty() && p.address != raft_addr && !p.reached.load(Relaxed) {
-                    info!(
-                        peer = id,
-                        dialled = %p.address,
-                        %raft_addr,
-                        "a peer that does not answer where it is dialled says it is elsewhere: \
-                         dialling it there"
-                    );
-                    p.dialler.abort();
-                    peers.insert(id, Peer::dial(raft_addr, &cfg));
+                // where it is now. Its dialler tries there whenever the address it was given
+                // does not answer; the given one stays first, so a hello spelling the address
+                // otherwise (a port mapping, a host name) changes nothing that works.
+                if !raft_addr.is_empty()
+                    && p.address != raft_addr
+                    && let Ok(mut elsewhere) = p.elsewhere.lock()
+                    && elsewhere.as_deref() != Some(raft_addr)
+                {
+                    info!(peer = id, dialled = %p.address, %raft_addr, "a peer says it is elsewhere");
+                    *elsewhere = Some(raft_addr.to_owned());
                 }
                 return true;
             }
@@ -470,7 +467,7 @@ async fn dial_loop<M: WireMessage>(
     addr: String,
     config: Arc<TransportConfig>,
     mut rx: mpsc::Receiver<M>,
-    reached: Arc<AtomicBool>,
+    elsewhere: Arc<Mutex<Option<String>>>,
 ) {
     let mut hello = Hello {
         cluster_id: config.cluster_id.clone(),
@@ -488,16 +485,23 @@ async fn dial_loop<M: WireMessage>(
     let mut backoff = Duration::from_millis(20);
     let mut out = Vec::with_capacity(64 * 1024);
     loop {
-        reached.store(false, Relaxed);
         let mut stream = match dial(&addr).await {
             Ok(s) => s,
             Err(e) => {
                 debug!(%addr, error = %e, "peer not reachable");
-                // Whatever queued meanwhile is stale; Raft resends what still matters.
-                while rx.try_recv().is_ok() {}
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
-                continue;
+                let other = elsewhere.lock().ok().and_then(|a| a.clone());
+                if let Some(other) = other
+                    && let Ok(s) = dial(&other).await
+                {
+                    info!(%addr, %other, "dialled the peer where it says it is");
+                    s
+                } else {
+                    // Whatever queued meanwhile is stale; Raft resends what still matters.
+                    while rx.try_recv().is_ok() {}
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                    continue;
+                }
             }
         };
         tune(&stream);
@@ -524,7 +528,6 @@ async fn dial_loop<M: WireMessage>(
             continue;
         }
         info!(%addr, "connected to peer");
-        reached.store(true, Relaxed);
         let connected = std::time::Instant::now();
         loop {
             let Some(first) = rx.recv().await else {
