@@ -306,6 +306,18 @@ impl TestCluster {
             .expect("run the CLI")
     }
 
+    /// Like `cli`, and asserts that it succeeded; returns what it printed.
+    pub fn cli_ok(&self, i: usize, args: &[&str]) -> String {
+        let out = self.cli(i, args);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+
     pub fn client(&self, i: usize) -> Client {
         Client::new(self.nodes[i].http.to_string())
     }

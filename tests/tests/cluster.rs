@@ -153,6 +153,15 @@ impl Writers {
 }
 
 /// Every acknowledged write is in the leader's state, and the replicas then converge.
+/// Three nodes with `kv` deployed, `writers` writing to it, `acks` of their writes acknowledged.
+fn kv_under_load(writers: usize, acks: usize) -> (TestCluster, Writers) {
+    let c = TestCluster::start(3);
+    c.deploy_guest("kv", guests::KV);
+    let w = Writers::start(&c, writers);
+    wait_for_acks(&w, acks);
+    (c, w)
+}
+
 fn assert_no_acked_write_lost(c: &TestCluster, acked: &[String]) {
     let present = all_keys(c);
     let lost: Vec<_> = acked.iter().filter(|k| !present.contains(*k)).collect();
@@ -189,10 +198,7 @@ fn wait_for_acks(w: &Writers, n: usize) {
 #[test]
 fn leader_kill_9_under_load_loses_no_acknowledged_write() {
     let _serial = serial();
-    let mut c = TestCluster::start(3);
-    c.deploy_guest("kv", guests::KV);
-    let w = Writers::start(&c, 8);
-    wait_for_acks(&w, 200);
+    let (mut c, w) = kv_under_load(8, 200);
 
     let old = c.wait_for_leader(Duration::from_secs(5));
     let old_term = c.cluster_status(old).expect("status")["term"]
@@ -226,10 +232,7 @@ fn leader_kill_9_under_load_loses_no_acknowledged_write() {
 #[test]
 fn whole_cluster_kill_9_under_load_keeps_every_acknowledged_write() {
     let _serial = serial();
-    let mut c = TestCluster::start(3);
-    c.deploy_guest("kv", guests::KV);
-    let w = Writers::start(&c, 8);
-    wait_for_acks(&w, 300);
+    let (mut c, w) = kv_under_load(8, 300);
     for i in 0..3 {
         c.kill(i);
     }
@@ -246,10 +249,7 @@ fn whole_cluster_kill_9_under_load_keeps_every_acknowledged_write() {
 #[test]
 fn leadership_moves_to_the_member_asked_for_and_no_write_is_lost() {
     let _serial = serial();
-    let c = TestCluster::start(3);
-    c.deploy_guest("kv", guests::KV);
-    let w = Writers::start(&c, 8);
-    wait_for_acks(&w, 200);
+    let (c, w) = kv_under_load(8, 200);
     let leader = c.wait_for_leader(Duration::from_secs(5));
     let target = (leader + 1) % 3;
     let other = (leader + 2) % 3;
@@ -299,13 +299,7 @@ fn leadership_moves_to_the_member_asked_for_and_no_write_is_lost() {
     wait_for_acks(&w, before + 200);
 
     // And back, through the CLI.
-    let out = c.cli(other, &["transfer-leader", &leader_id.to_string()]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = c.cli_ok(other, &["transfer-leader", &leader_id.to_string()]);
     assert!(stdout.contains(&format!(r#""id":{leader_id}"#)), "{stdout}");
     wait_for_acks(&w, w.acked_count() + 200);
     let unknown = w.unknown.load(Ordering::Relaxed) - unknown_before;
@@ -1336,10 +1330,7 @@ fn lists_member(status: &serde_json::Value, id: u64) -> bool {
 #[test]
 fn a_follower_moves_to_a_new_peer_address_under_load() {
     let _serial = serial();
-    let mut c = TestCluster::start(3);
-    c.deploy_guest("kv", guests::KV);
-    let w = Writers::start(&c, 4);
-    wait_for_acks(&w, 100);
+    let (mut c, w) = kv_under_load(4, 100);
     let leader = c.wait_for_leader(Duration::from_secs(5));
     let moving = (leader + 1) % 3;
     let other = (leader + 2) % 3;
@@ -1375,13 +1366,7 @@ fn a_follower_moves_to_a_new_peer_address_under_load() {
     }
 
     let new = c.move_raft(moving).to_string();
-    let out = c.cli(leader, &["move-member", &moving_id.to_string(), &new]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = c.cli_ok(leader, &["move-member", &moving_id.to_string(), &new]);
     assert!(stdout.contains(r#""members":[1,2,3]"#), "{stdout}");
     let raft_of = |s: &serde_json::Value, id: u64| {
         s["members"]
@@ -1429,10 +1414,7 @@ fn a_follower_moves_to_a_new_peer_address_under_load() {
 #[test]
 fn a_member_joins_and_the_leader_removes_itself_under_load() {
     let _serial = serial();
-    let mut c = TestCluster::start(3);
-    c.deploy_guest("kv", guests::KV);
-    let w = Writers::start(&c, 4);
-    wait_for_acks(&w, 100);
+    let (mut c, w) = kv_under_load(4, 100);
     let first_leader = c.wait_for_leader(Duration::from_secs(5));
     let away = (first_leader + 1) % 3;
     c.kill(away);
@@ -1482,13 +1464,7 @@ fn a_member_joins_and_the_leader_removes_itself_under_load() {
     );
     let joiner_id = c.nodes[joiner].id.to_string();
     let raft = c.nodes[joiner].raft.to_string();
-    let out = c.cli(leader, &["add-member", &joiner_id, &raft]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = c.cli_ok(leader, &["add-member", &joiner_id, &raft]);
     assert!(stdout.contains(r#""members":[1,2,3,4]"#), "{stdout}");
     wait_for_acks(&w, w.acked_count() + 100);
     let s = status_listing(&c, joiner, 4, Duration::from_secs(20))
@@ -1497,12 +1473,7 @@ fn a_member_joins_and_the_leader_removes_itself_under_load() {
 
     // The new member leads; the member that missed its addition returns and follows it.
     let leader = c.wait_for_leader(Duration::from_secs(5));
-    let out = c.cli(leader, &["transfer-leader", &joiner_id]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    c.cli_ok(leader, &["transfer-leader", &joiner_id]);
     c.restart(away);
     wait_for_acks(&w, w.acked_count() + 100);
     let target = c.cluster_status(joiner).expect("status")["commit_index"]
@@ -1577,13 +1548,7 @@ fn a_member_joins_and_the_leader_removes_itself_under_load() {
         .find(|&i| i != leader && c.cluster_status(i).is_some())
         .expect("a live follower");
     let removed_id = c.nodes[removed].id;
-    let out = c.cli(leader, &["remove-member", &removed_id.to_string()]);
-    assert!(
-        out.status.success(),
-        "{} {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    c.cli_ok(leader, &["remove-member", &removed_id.to_string()]);
     let s = status_listing(&c, removed, 2, Duration::from_secs(10))
         .expect("the removed member learns the members without itself");
     assert!(!lists_member(&s, removed_id), "{s}");

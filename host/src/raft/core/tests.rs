@@ -106,6 +106,17 @@ fn remove(c: &mut RaftCore, id: NodeId) -> u64 {
     }
 }
 
+/// Member 3 acknowledges its removal at `at`: the leader sends it one last heartbeat, with
+/// the removal's commit, and nothing else.
+fn told_removal(c: &mut RaftCore, at: u64) {
+    c.step(3, ack(c.term(), at));
+    let to_3 = sent_to(flush(c), 3);
+    assert!(
+        matches!(to_3[..], [Message::Heartbeat { commit, .. }] if commit == at),
+        "{to_3:?}"
+    );
+}
+
 /// `f` takes `leader`'s log through `through` in one append, with commit `commit`.
 fn take_log(f: &mut RaftCore, leader: &RaftCore, through: u64, commit: u64) {
     let append = Message::Append {
@@ -1489,12 +1500,7 @@ fn a_removed_member_is_replicated_to_until_it_holds_its_removal() {
         flush(&mut c).iter().any(|(to, _)| *to == 3),
         "still replicated to"
     );
-    c.step(3, ack(c.term(), at));
-    let to_3 = sent_to(flush(&mut c), 3);
-    assert!(
-        matches!(to_3[..], [Message::Heartbeat { commit, .. }] if commit == at),
-        "{to_3:?}"
-    );
+    told_removal(&mut c, at);
     c.tick(c.now + 10 * c.cfg.heartbeat_ms, 0);
     assert!(flush(&mut c).iter().all(|(to, _)| *to != 3));
 
@@ -1532,12 +1538,7 @@ fn a_removed_member_is_replicated_to_until_it_holds_its_removal() {
             .any(|(to, m)| *to == 3 && matches!(m, Message::Append { .. })),
         "{sent:?}"
     );
-    c.step(3, ack(c.term(), at));
-    let to_3 = sent_to(flush(&mut c), 3);
-    assert!(
-        matches!(to_3[..], [Message::Heartbeat { commit, .. }] if commit == at),
-        "{to_3:?}"
-    );
+    told_removal(&mut c, at);
 
     // A new leader whose log holds the uncommitted removal of 3 replicates to 3 as well.
     let mut c = leader_heard_from(&[2, 3]);
