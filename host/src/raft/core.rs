@@ -783,7 +783,7 @@ impl RaftCore {
     /// Every member dials `id` there once the change is in its log; `id` itself is restarted
     /// there by its operator. Refused for the leader itself (its followers would answer to an
     /// address it does not listen on yet) and when the other members alone are too few to
-    /// commit it (`id` counts as unreachable until it answers from its new address).
+    /// commit it (`id` counts as unreachable: it has not answered from its new address yet).
     pub fn move_member(
         &mut self,
         id: NodeId,
