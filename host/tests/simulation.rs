@@ -159,12 +159,14 @@ fn negative_control_ack_before_durable_is_caught() {
     );
 }
 
-/// Members added and removed one at a time, every 300 ms, under the faults of every run
-/// (leaders removing themselves included, and nodes that start outside the group and join
-/// it): every run's checks hold, the changes commit, and the group ends where they took it.
+/// Members added, removed and moved to new addresses one at a time, every 300 ms, under the
+/// faults of every run (leaders removing themselves included, and nodes that start outside the
+/// group and join it): every run's checks hold, the changes commit, the group ends where they
+/// took it, and every replica holds the same addresses.
 #[test]
 fn members_are_added_and_removed_one_at_a_time() {
     let (mut asked, mut committed, mut refused, mut ok, mut reshaped) = (0, 0, 0, 0, 0);
+    let (mut moves, mut moved) = (0, 0);
     for seed in 4000..4060 {
         let mut c = config(seed);
         c.membership_changes = true;
@@ -175,14 +177,17 @@ fn members_are_added_and_removed_one_at_a_time() {
         asked += r.changes_asked;
         committed += r.changes_committed;
         refused += r.changes_refused;
+        (moves, moved) = (moves + r.moves_asked, moved + r.moves_committed);
         ok += r.ops_ok;
         reshaped += usize::from(r.members != initial);
     }
     println!(
         "60 seeds: {committed} of {asked} membership changes committed ({refused} refused with \
-         too few members reachable), {reshaped} groups reshaped, {ok} operations acknowledged"
+         too few members reachable; {moved} of {moves} moves committed), {reshaped} groups \
+         reshaped, {ok} operations acknowledged"
     );
     assert!(asked >= 60 * 5, "{asked} changes asked");
     assert!(committed * 2 >= asked, "{committed} of {asked} committed");
     assert!(reshaped >= 30, "{reshaped} of 60 groups changed");
+    assert!(moved >= 30, "{moved} of {moves} moves committed");
 }

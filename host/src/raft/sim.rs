@@ -10,12 +10,12 @@
 //! key-value machine through the same completion bookkeeping as the runtime; snapshots of that
 //! machine every few entries, the log compacted behind them, and followers that fell behind
 //! the compaction sent the snapshot in chunks; leadership transfers; members added and removed
-//! one at a time (some nodes start outside the group, to join it). It checks: at most
+//! one at a time (some nodes start outside the group, to join it), and moved to new addresses. It checks: at most
 //! one leader per term, committed entries (timestamps included) never change, timestamps never
 //! go back along the committed log, equal state at equal applied index (a replica restored
 //! from a snapshot included), linearizability of the
 //! history per key, that no acknowledged write is lost, and that once healed every replica
-//! applies the whole committed log.
+//! applies the whole committed log and holds the same membership, addresses included.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashSet};
@@ -105,6 +105,9 @@ pub struct SimReport {
     pub changes_committed: usize,
     /// Changes refused because too few of the new members were reachable.
     pub changes_refused: usize,
+    /// Of the changes asked, the moves of a member to a new address; and those that committed.
+    pub moves_asked: usize,
+    pub moves_committed: usize,
     /// The members at the end.
     pub members: Vec<NodeId>,
 }
@@ -297,6 +300,8 @@ pub struct Sim {
     /// Index and term of the membership entries leaders appended.
     changes: Vec<(u64, u64)>,
     changes_refused: usize,
+    /// The moves among `changes`, as (index, term).
+    moves: Vec<(u64, u64)>,
     /// The latest transfer asked for: its target, the term and the time it was asked in.
     transfer: Option<(NodeId, u64, u64)>,
     committed: Vec<(u64, u64)>,
@@ -350,6 +355,7 @@ impl Sim {
             transfers_done: 0,
             changes: Vec::new(),
             changes_refused: 0,
+            moves: Vec::new(),
             transfer: None,
             committed: Vec::new(),
             committed_ts: 0,
@@ -540,11 +546,14 @@ impl Sim {
         self.check_linearizable()?;
         self.check_acked_writes()?;
         let members = self.final_members()?;
-        let changes_committed = self
-            .changes
-            .iter()
-            .filter(|&&(i, t)| self.committed.get(i as usize - 1).is_some_and(|c| c.0 == t))
-            .count();
+        let committed = |changes: &[(u64, u64)]| {
+            changes
+                .iter()
+                .filter(|&&(i, t)| self.committed.get(i as usize - 1).is_some_and(|c| c.0 == t))
+                .count()
+        };
+        let (changes_committed, moves_committed) =
+            (committed(&self.changes), committed(&self.moves));
         let ops_ok = self.history.iter().filter(|o| o.ret.is_some()).count();
         Ok(SimReport {
             trace_hash: self.hash,
@@ -560,6 +569,8 @@ impl Sim {
             changes_asked: self.changes.len(),
             changes_committed,
             changes_refused: self.changes_refused,
+            moves_asked: self.moves.len(),
+            moves_committed,
             members,
         })
     }
@@ -787,12 +798,14 @@ impl Sim {
     }
 
     /// Asks the leader to add a node chosen at random if it is not a member, or to remove it
-    /// if it is (the leader itself included).
+    /// if it is (the leader itself included); or, one time in four, to move a member to a new
+    /// address (the leader itself included, which it must refuse).
     fn change_membership(&mut self) -> Result<(), String> {
         let Some(l) = self.current_leader() else {
             return Ok(());
         };
         let x = self.rng.gen_range(1..=self.nodes.len() as NodeId);
+        let moving = self.rng.gen_ratio(1, 4);
         self.trace(b"reconfigure");
         let i = (l - 1) as usize;
         let wall = WALL_EPOCH_MS + self.now + self.nodes[i].clock_skew_ms;
@@ -800,6 +813,29 @@ impl Sim {
             return Ok(());
         };
         let (_, current) = core.membership();
+        if moving && current.contains(x) {
+            // The address is never routed here (the network knows nodes by id); what is
+            // checked is that every replica ends up with the same one.
+            let address = format!("sim-{x}-{}", self.moves.len());
+            let next = current.moved(x, address).map_err(|e| format!("{e:?}"))?;
+            let term = core.term();
+            match core.move_member(x, next, wall) {
+                Ok(index) => {
+                    self.changes.push((index, term));
+                    self.moves.push((index, term));
+                }
+                Err(ChangeRefused::MovingLeader(id)) if id == l => {}
+                Err(ChangeRefused::InProgress | ChangeRefused::Transferring { .. }) => {}
+                // The other members alone could not commit it.
+                Err(ChangeRefused::TooFewReachable { .. }) => self.changes_refused += 1,
+                Err(e) => {
+                    return Err(format!(
+                        "node {l}, leading term {term}, refused to move node {x}: {e:?}"
+                    ));
+                }
+            }
+            return self.drain(i);
+        }
         let next = if current.contains(x) {
             current.without(x)
         } else {
@@ -1367,6 +1403,7 @@ impl Sim {
             .max(self.committed.len() as u64);
         // Nodes removed from the group hear from no leader any more.
         let members = self.final_members()?;
+        let agreed = self.final_membership()?;
         for n in self.nodes.iter().filter(|n| members.contains(&n.id)) {
             let known = n.core.as_ref().map_or(0, |c| c.commit_index());
             if known != commit || n.applied != commit {
@@ -1374,6 +1411,14 @@ impl Sim {
                     "node {} knows {known} and applied {} of {commit} committed entries after \
                      the quiet phase",
                     n.id, n.applied
+                ));
+            }
+            // Addresses included: a member moved is reached at its new address by every one.
+            let held = n.core.as_ref().map(|c| c.membership().1);
+            if held != Some(&agreed) {
+                return Err(format!(
+                    "node {} holds the membership {held:?}, its leader {agreed:?}",
+                    n.id
                 ));
             }
         }
@@ -1407,6 +1452,11 @@ impl Sim {
 
     /// The members as the final leader has them, once every change it holds is committed.
     fn final_members(&self) -> Result<Vec<NodeId>, String> {
+        Ok(self.final_membership()?.ids().collect())
+    }
+
+    /// The membership (addresses included) the final leader holds, once it is committed.
+    fn final_membership(&self) -> Result<Membership, String> {
         let l = self.current_leader().ok_or("no leader at the end")?;
         let core = self.nodes[(l - 1) as usize]
             .core
@@ -1418,7 +1468,7 @@ impl Sim {
                 "the membership change at {made_at} is not committed after the quiet phase"
             ));
         }
-        Ok(m.ids().collect())
+        Ok(m.clone())
     }
 
     /// After healing: every client reads every key through the leader (into the history).
