@@ -16,6 +16,7 @@ pub mod guests {
 }
 
 use bytes::Bytes;
+use lockstep::machines::{Command, MachineSet};
 use lockstep::state_machine::Entry;
 
 /// An entry at `index` (term 1, a timestamp derived from the index) carrying `payload`.
@@ -128,4 +129,39 @@ pub fn apply_in(
     }
     assert_eq!(start, log.len());
     results
+}
+
+/// The node's state machine over a registry in `modules`.
+pub fn machine_set(modules: &std::path::Path) -> MachineSet {
+    let engine = WasmEngine::new(Limits::default()).expect("engine");
+    let registry = ModuleRegistry::open(&engine, modules).expect("registry");
+    MachineSet::new(std::sync::Arc::new(registry))
+}
+
+/// The log entry deploying the guest at `path` as `machine`.
+pub fn deploy_entry(index: u64, machine: &str, path: &str) -> Entry {
+    Entry {
+        index,
+        term: 1,
+        timestamp_ms: 0,
+        payload: Command::Deploy {
+            machine: machine.into(),
+            module: Bytes::from(guests::read(path)),
+        }
+        .encode(),
+    }
+}
+
+/// The log entry running `payload` as a task of `machine`.
+pub fn task_entry(index: u64, machine: &str, payload: &str) -> Entry {
+    Entry {
+        index,
+        term: 1,
+        timestamp_ms: 0,
+        payload: Command::Task {
+            machine: machine.into(),
+            payload: Bytes::from(payload.to_owned()),
+        }
+        .encode(),
+    }
 }

@@ -1,7 +1,11 @@
 //! A hostile guest fails the entry it is applying, and nothing else.
 
+use lockstep::machines::{Failure, READ_RECOVERY_BURST, READ_RECOVERY_SHARE, ReadFailure};
+use lockstep::state_machine::StateMachine;
 use lockstep::wasm::{GuestError, Limits, Machine};
-use lockstep_tests::{Fixture, entries, entry, guests, show, test_limits};
+use lockstep_tests::{
+    Fixture, deploy_entry, entries, entry, guests, machine_set, show, task_entry, test_limits,
+};
 
 #[test]
 fn a_trap_fails_only_its_entry_and_is_rolled_back() {
@@ -189,6 +193,75 @@ fn a_failing_query_does_not_disturb_the_state() {
         m.query(br#"{"get": {"key": "k"}}"#).unwrap(),
         br#"{"value":"v"}"#
     );
+}
+
+/// A client asking a failing question over and over makes the node rebuild the machine each
+/// time, on the thread every write waits behind. Past their share of that thread, reads of the
+/// machine are refused without running, whatever they ask, while its writes and other
+/// machines' reads go on; the share earned back, it answers again.
+#[test]
+fn reads_that_keep_costing_recoveries_are_refused_for_a_while() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut set = machine_set(&dir.path().join("modules"));
+    set.apply(vec![
+        deploy_entry(1, "chaos", guests::CHAOS),
+        deploy_entry(2, "counter", guests::COUNTER),
+        task_entry(3, "chaos", r#"{"add": 5}"#),
+    ]);
+    let started = Instant::now();
+    let (mut failed, mut refused, mut refused_fine, mut in_failures) = (0, 0, 0, Duration::ZERO);
+    let mut retry_after = Duration::ZERO;
+    for i in 0u64.. {
+        let wall = started.elapsed();
+        if wall > Duration::from_millis(1500) {
+            break;
+        }
+        // Mostly the failing question; now and then a fine one.
+        let fine = i % 10 == 9;
+        let asked = Instant::now();
+        match set.query("chaos", if fine { b"" } else { b"trap" }) {
+            Err(ReadFailure::Failed(Failure::Guest(GuestError::Trap(_)))) if !fine => {
+                failed += 1;
+                in_failures += asked.elapsed();
+            }
+            Err(ReadFailure::Throttled { retry_after: r, .. }) => {
+                refused += 1;
+                refused_fine += u32::from(fine);
+                retry_after = r;
+            }
+            Ok(_) if fine => {}
+            other => panic!("after {failed} failed queries: {other:?}"),
+        }
+    }
+    let wall = started.elapsed();
+    println!(
+        "{failed} failed queries ({in_failures:?} of {wall:?} in them), {refused} refused \
+         ({refused_fine} of them fine questions)"
+    );
+    // Without the budget the failures would fill the whole time. With it: the burst and the
+    // share of the time, plus one failure's worth beyond it and the calls' own overhead, which
+    // the budget does not time (a quarter more, at most, and a rebuild here takes well under
+    // 50 ms).
+    let allowed = (READ_RECOVERY_BURST + wall.mul_f64(READ_RECOVERY_SHARE)).mul_f64(1.25)
+        + Duration::from_millis(50);
+    assert!(
+        in_failures <= allowed,
+        "{in_failures:?} in failures, {allowed:?} allowed"
+    );
+    assert!(
+        failed > 0 && refused_fine > 0,
+        "{failed} failed, {refused_fine} fine refused"
+    );
+    // Writes to it go on (a task's failure is a log position, never refused), as do reads of
+    // the other machine.
+    let out = set.apply(vec![task_entry(4, "chaos", r#"{"add": 1}"#)]);
+    assert!(out[0].is_ok(), "{:?}", out[0]);
+    assert!(set.query("counter", b"").is_ok());
+    // Once the share has paid the debt back, the machine answers, with every write applied.
+    std::thread::sleep(retry_after + Duration::from_millis(20));
+    let answer = set.query("chaos", b"").expect("answers again");
+    assert_eq!(answer, br#"{"value":6}"#);
 }
 
 #[test]

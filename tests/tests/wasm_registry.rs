@@ -1,10 +1,9 @@
 //! Deploy-time validation and the on-disk artifact cache.
 
-use bytes::Bytes;
-use lockstep::machines::{Command, Effect, Failure, MachineSet};
-use lockstep::state_machine::{Entry, StateMachine};
+use lockstep::machines::{Effect, Failure, ReadFailure};
+use lockstep::state_machine::StateMachine;
 use lockstep::wasm::{Limits, Machine, ModuleError, ModuleRegistry, WasmEngine};
-use lockstep_tests::{Fixture, guests};
+use lockstep_tests::{Fixture, deploy_entry, guests, machine_set, task_entry};
 
 fn refuse(fx: &Fixture, bytes: &[u8]) -> ModuleError {
     match fx.registry.add(bytes) {
@@ -269,27 +268,6 @@ fn a_module_is_stored_even_when_its_artifact_cannot_be() {
     assert!(m.apply(lockstep_tests::entries([r#"{"add": 1}"#]))[0].is_ok());
 }
 
-/// The node's state machine over a registry in `modules`.
-fn machine_set(modules: &std::path::Path) -> MachineSet {
-    let engine = WasmEngine::new(Limits::default()).expect("engine");
-    let registry = ModuleRegistry::open(&engine, modules).expect("registry");
-    MachineSet::new(std::sync::Arc::new(registry))
-}
-
-/// The log entry deploying the guest at `path` as `machine`.
-fn deploy_entry(index: u64, machine: &str, path: &str) -> Entry {
-    Entry {
-        index,
-        term: 1,
-        timestamp_ms: 0,
-        payload: Command::Deploy {
-            machine: machine.into(),
-            module: Bytes::from(guests::read(path)),
-        }
-        .encode(),
-    }
-}
-
 /// A deploy this node cannot store (its disk, not the module) must not become the entry's
 /// outcome here alone: the node stops instead, through the state-machine thread's panic guard,
 /// rather than aborting the process with a core dump.
@@ -334,19 +312,6 @@ fn an_upgrade_that_cannot_carry_the_state_says_so() {
     assert_eq!(status.version, 1);
 }
 
-fn task_entry(index: u64, machine: &str, payload: &str) -> Entry {
-    Entry {
-        index,
-        term: 1,
-        timestamp_ms: 0,
-        payload: Command::Task {
-            machine: machine.into(),
-            payload: Bytes::from(payload.to_owned()),
-        }
-        .encode(),
-    }
-}
-
 /// The node's snapshot carries every machine with its module: another node (a follower that
 /// never saw the deploys, in a fresh data directory) restores the same states. A state its
 /// module refuses to restore breaks that machine there, not the node or the other machines.
@@ -384,7 +349,9 @@ fn a_node_snapshot_restores_every_machine_and_a_refused_state_breaks_only_its_ow
         5
     );
     match other.query("chaos", b"{}") {
-        Err(Failure::Guest(e)) => assert!(e.to_string().contains("cannot recover"), "{e}"),
+        Err(ReadFailure::Failed(Failure::Guest(e))) => {
+            assert!(e.to_string().contains("cannot recover"), "{e}")
+        }
         other => panic!("a refused state must break the machine: {other:?}"),
     }
     // The other machines go on.

@@ -10,7 +10,7 @@
 //! `{"hash_order": true}` reports the iteration order of a fresh std `HashMap` (which follows
 //! how many the instance created before), `{"write_kb": n}` writes n KiB to stdout in one raw `output-stream.write` (ignoring
 //! `check-write`), `{"print_kb": n}` prints n KiB with one `print!`, `{"random_bytes": n}` asks `get-random-bytes` for n bytes.
-//! Queries return the counter.
+//! Queries return the counter, except the query `trap`, which panics.
 
 use std::hint::black_box;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -109,7 +109,8 @@ fn recurse(depth: u64) -> u64 {
 impl StateMachine for Chaos {
     type Command = Command;
     type Output = Value;
-    type Query = ();
+    /// Whether to trap: the query `trap` does, any other answers the value.
+    type Query = bool;
     type Answer = Value;
 
     fn apply(&mut self, _ctx: &mut Context, command: Command) -> Result<Value, String> {
@@ -216,12 +217,15 @@ impl StateMachine for Chaos {
         })
     }
 
-    fn query(&self, _query: ()) -> Result<Value, String> {
+    fn query(&self, trap: bool) -> Result<Value, String> {
+        if trap {
+            panic!("chaos: query trap requested");
+        }
         Ok(json!({ "value": self.value }))
     }
 
-    fn decode_query(_request: &[u8]) -> Result<(), String> {
-        Ok(())
+    fn decode_query(request: &[u8]) -> Result<bool, String> {
+        Ok(request == b"trap")
     }
 }
 

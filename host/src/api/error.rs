@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Response, StatusCode, header};
 
-use crate::machines::{Effect, Failure};
+use crate::machines::{Effect, Failure, ReadFailure};
 use crate::raft::{ProposeError, ReadError};
 use crate::wasm::ModuleError;
 
@@ -152,7 +152,12 @@ impl ApiError {
         // Only where nothing was done: retrying an `outcome_unknown` could apply a task twice.
         if matches!(
             self.code,
-            "no_leader" | "shutting_down" | "overloaded" | "leader_moving" | "transfer_failed"
+            "no_leader"
+                | "shutting_down"
+                | "overloaded"
+                | "leader_moving"
+                | "transfer_failed"
+                | "reads_throttled"
         ) {
             h.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
@@ -171,6 +176,19 @@ impl From<Failure> for ApiError {
                 Self::new(StatusCode::BAD_REQUEST, "invalid_module", f.to_string())
             }
             Failure::BadEntry(_) => Self::bad_request(f.to_string()),
+        }
+    }
+}
+
+impl From<ReadFailure> for ApiError {
+    fn from(f: ReadFailure) -> Self {
+        match f {
+            ReadFailure::Failed(f) => f.into(),
+            ReadFailure::Throttled { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "reads_throttled",
+                f.to_string(),
+            ),
         }
     }
 }
@@ -266,6 +284,20 @@ mod tests {
             r.headers().get(header::RETRY_AFTER).is_none(),
             "retrying an outcome_unknown could apply a task twice"
         );
+    }
+
+    #[test]
+    fn throttled_reads_say_retry_later() {
+        let r = ApiError::from(ReadFailure::Throttled {
+            machine: "m".into(),
+            retry_after: std::time::Duration::from_millis(300),
+        })
+        .into_response();
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.headers().contains_key(header::RETRY_AFTER));
+        let body = format!("{:?}", r.body());
+        assert!(body.contains("reads_throttled"), "{body}");
+        assert!(body.contains("300 ms"), "{body}");
     }
 
     #[test]

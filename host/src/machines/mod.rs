@@ -5,11 +5,13 @@
 //! consecutive tasks for the same machine go to its `on-apply` as one batch.
 
 pub mod command;
+mod read_budget;
 mod snapshot;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use sha2::{Digest, Sha256};
@@ -17,6 +19,8 @@ use sha2::{Digest, Sha256};
 use crate::state_machine::{Entry, StateMachine};
 use crate::wasm::{GuestError, Machine, MachineError, ModuleError, ModuleRegistry};
 pub use command::{Command, CommandError, validate_name};
+use read_budget::ReadBudget;
+pub use read_budget::{READ_RECOVERY_BURST, READ_RECOVERY_SHARE};
 
 /// What applying one entry did, when it succeeded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +49,25 @@ pub enum Failure {
 }
 
 pub type Outcome = Result<Effect, Failure>;
+
+/// Why a read (a query, a machine's description) was not answered. Unlike a [`Failure`], a
+/// refusal is this node's alone: it depends on when the reads came.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReadFailure {
+    #[error(transparent)]
+    Failed(#[from] Failure),
+    /// Reads of this machine have cost more recoveries than their share of the state-machine
+    /// thread (`read_budget`); none runs for `retry_after`.
+    #[error(
+        "reads of machine {machine:?} keep failing and each costs a rebuild of its state: \
+         refused for the next {} ms",
+        retry_after.as_millis().max(1)
+    )]
+    Throttled {
+        machine: String,
+        retry_after: Duration,
+    },
+}
 
 /// What the HTTP layer may read without going through the state-machine thread.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -93,6 +116,41 @@ struct Deployed {
     machine: Machine,
     digest: String,
     version: u64,
+    reads: ReadBudget,
+}
+
+impl Deployed {
+    fn new(machine: Machine, digest: String, version: u64) -> Deployed {
+        Deployed {
+            machine,
+            digest,
+            version,
+            reads: ReadBudget::new(Instant::now()),
+        }
+    }
+
+    /// Runs a read of this machine `name`, unless its reads are in debt, and charges the read's
+    /// time to them when it cost a recovery.
+    fn read<T>(
+        &mut self,
+        name: &str,
+        read: impl FnOnce(&mut Machine) -> Result<T, GuestError>,
+    ) -> Result<T, ReadFailure> {
+        let started = Instant::now();
+        if let Some(retry_after) = self.reads.refused(started) {
+            return Err(ReadFailure::Throttled {
+                machine: name.to_owned(),
+                retry_after,
+            });
+        }
+        let recoveries = self.machine.recoveries();
+        let result = read(&mut self.machine);
+        if self.machine.recoveries() != recoveries {
+            let now = Instant::now();
+            self.reads.spend(now - started, now);
+        }
+        result.map_err(|e| Failure::from(e).into())
+    }
 }
 
 pub struct MachineSet {
@@ -123,23 +181,27 @@ impl MachineSet {
     }
 
     /// Runs a read-only query on `machine`'s applied state.
-    pub fn query(&mut self, machine: &str, request: &[u8]) -> Result<Vec<u8>, Failure> {
+    pub fn query(&mut self, machine: &str, request: &[u8]) -> Result<Vec<u8>, ReadFailure> {
         let d = self
             .machines
             .get_mut(machine)
             .ok_or_else(|| Failure::NotFound(machine.to_owned()))?;
-        d.machine.query(request).map_err(Failure::from)
+        d.read(machine, |m| m.query(request))
     }
 
     /// Describes `machine`; with `state_digest`, hashes its snapshot at the applied index.
-    pub fn status(&mut self, machine: &str, state_digest: bool) -> Result<MachineStatus, Failure> {
+    pub fn status(
+        &mut self,
+        machine: &str,
+        state_digest: bool,
+    ) -> Result<MachineStatus, ReadFailure> {
         let applied_index = self.applied_index;
         let d = self
             .machines
             .get_mut(machine)
             .ok_or_else(|| Failure::NotFound(machine.to_owned()))?;
         let state_digest = if state_digest {
-            let snap = d.machine.read_snapshot()?;
+            let snap = d.read(machine, Machine::read_snapshot)?;
             Some(hex::encode(Sha256::digest(&snap)))
         } else {
             None
@@ -175,14 +237,8 @@ impl MachineSet {
             }
             None => {
                 let machine = Machine::new(&self.registry, &digest).map_err(refused_machine)?;
-                self.machines.insert(
-                    name.clone(),
-                    Deployed {
-                        machine,
-                        digest: digest.clone(),
-                        version: 1,
-                    },
-                );
+                self.machines
+                    .insert(name.clone(), Deployed::new(machine, digest.clone(), 1));
                 (1, true)
             }
         };
@@ -328,14 +384,7 @@ impl StateMachine for MachineSet {
             let digest = self.registry.add(m.module)?.digest;
             let machine = Machine::from_snapshot(&self.registry, &digest, m.state)
                 .map_err(|e| anyhow::anyhow!("machine {:?}: {e}", m.name))?;
-            machines.insert(
-                m.name.to_owned(),
-                Deployed {
-                    machine,
-                    digest,
-                    version: m.version,
-                },
-            );
+            machines.insert(m.name.to_owned(), Deployed::new(machine, digest, m.version));
         }
         if let Ok(mut c) = self.catalog.write() {
             *c = machines
