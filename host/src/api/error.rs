@@ -38,6 +38,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Seconds for `Retry-After` where the wait is known; else 1 for the codes that say retry.
+    pub retry_after_secs: Option<u64>,
 }
 
 impl ApiError {
@@ -46,6 +48,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after_secs: None,
         }
     }
 
@@ -150,14 +153,11 @@ impl ApiError {
             header::HeaderValue::from_static("application/json"),
         );
         // Only where nothing was done: retrying an `outcome_unknown` could apply a task twice.
-        if matches!(
+        if let Some(secs) = self.retry_after_secs {
+            h.insert(header::RETRY_AFTER, secs.into());
+        } else if matches!(
             self.code,
-            "no_leader"
-                | "shutting_down"
-                | "overloaded"
-                | "leader_moving"
-                | "transfer_failed"
-                | "reads_throttled"
+            "no_leader" | "shutting_down" | "overloaded" | "leader_moving" | "transfer_failed"
         ) {
             h.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
@@ -184,11 +184,19 @@ impl From<ReadFailure> for ApiError {
     fn from(f: ReadFailure) -> Self {
         match f {
             ReadFailure::Failed(f) => f.into(),
-            ReadFailure::Throttled { .. } => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "reads_throttled",
-                f.to_string(),
-            ),
+            ReadFailure::Throttled { retry_after, .. } => ApiError {
+                // Whole seconds, rounded up: a client retrying sooner is refused again.
+                retry_after_secs: Some(
+                    u64::try_from(retry_after.as_millis().div_ceil(1000))
+                        .unwrap_or(u64::MAX)
+                        .max(1),
+                ),
+                ..Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "reads_throttled",
+                    f.to_string(),
+                )
+            },
         }
     }
 }
@@ -294,10 +302,23 @@ mod tests {
         })
         .into_response();
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert!(r.headers().contains_key(header::RETRY_AFTER));
+        let retry = |r: &Response<Body>| r.headers().get(header::RETRY_AFTER).cloned();
+        assert_eq!(retry(&r), Some(header::HeaderValue::from_static("1")));
         let body = format!("{:?}", r.body());
         assert!(body.contains("reads_throttled"), "{body}");
         assert!(body.contains("300 ms"), "{body}");
+        // The header is the wait, rounded up to whole seconds.
+        let wait = |ms| {
+            let r = ApiError::from(ReadFailure::Throttled {
+                machine: "m".into(),
+                retry_after: std::time::Duration::from_millis(ms),
+            })
+            .into_response();
+            retry(&r)
+        };
+        assert_eq!(wait(2_000), Some(header::HeaderValue::from_static("2")));
+        assert_eq!(wait(2_001), Some(header::HeaderValue::from_static("3")));
+        assert_eq!(wait(0), Some(header::HeaderValue::from_static("1")));
     }
 
     #[test]

@@ -137,7 +137,7 @@ impl Deployed {
         read: impl FnOnce(&mut Machine) -> Result<T, GuestError>,
     ) -> Result<T, ReadFailure> {
         let started = Instant::now();
-        if let Some(retry_after) = self.reads.refused(started) {
+        if let Some(retry_after) = self.reads.wait(started) {
             return Err(ReadFailure::Throttled {
                 machine: name.to_owned(),
                 retry_after,

@@ -10,10 +10,10 @@
 //! key-value machine through the same completion bookkeeping as the runtime; snapshots of that
 //! machine every few entries, the log compacted behind them, and followers that fell behind
 //! the compaction sent the snapshot in chunks; leadership transfers; members added and removed
-//! one at a time (some nodes start outside the group, to join it), and moved to new addresses. It checks: at most
-//! one leader per term, committed entries (timestamps included) never change, timestamps never
-//! go back along the committed log, equal state at equal applied index (a replica restored
-//! from a snapshot included), linearizability of the
+//! one at a time (some nodes start outside the group, to join it), and moved to new addresses.
+//! It checks: at most one leader per term, committed entries (timestamps included) never
+//! change, timestamps never go back along the committed log, equal state at equal applied
+//! index (a replica restored from a snapshot included), linearizability of the
 //! history per key, that no acknowledged write is lost, and that once healed every replica
 //! applies the whole committed log and holds the same membership, addresses included.
 
@@ -820,6 +820,7 @@ impl Sim {
             let next = current.moved(x, address).map_err(|e| format!("{e:?}"))?;
             let term = core.term();
             match core.move_member(x, next, wall) {
+                Ok(_) if x == l => return Err(format!("node {l} moved itself while leading")),
                 Ok(index) => {
                     self.changes.push((index, term));
                     self.moves.push((index, term));
@@ -1402,8 +1403,8 @@ impl Sim {
             .unwrap_or(0)
             .max(self.committed.len() as u64);
         // Nodes removed from the group hear from no leader any more.
-        let members = self.final_members()?;
         let agreed = self.final_membership()?;
+        let members: Vec<NodeId> = agreed.ids().collect();
         for n in self.nodes.iter().filter(|n| members.contains(&n.id)) {
             let known = n.core.as_ref().map_or(0, |c| c.commit_index());
             if known != commit || n.applied != commit {
