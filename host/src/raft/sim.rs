@@ -45,6 +45,9 @@ pub struct SimConfig {
     pub keys: u64,
     /// The negative control: followers acknowledge entries before they are durable.
     pub unsafe_ack_before_durable: bool,
+    /// Every disk write takes 20-100 ms to become durable (else mostly 1-4 ms): a crash then
+    /// loses more of what was not durable yet.
+    pub slow_disks: bool,
     /// Applied entries between a node's snapshots (0: none, the log is never compacted).
     pub snapshot_every: u64,
     /// The leader is asked to hand leadership to another member this often (0: only now and
@@ -69,6 +72,7 @@ impl SimConfig {
             clients: 4,
             keys: 6,
             unsafe_ack_before_durable: false,
+            slow_disks: false,
             // Most seeds compact their logs; a third keep them whole.
             snapshot_every: if seed.is_multiple_of(3) {
                 0
@@ -1006,7 +1010,9 @@ impl Sim {
     }
 
     fn disk_latency(&mut self) -> u64 {
-        if self.rng.gen_bool(0.1) {
+        if self.cfg.slow_disks {
+            self.rng.gen_range(20..100)
+        } else if self.rng.gen_bool(0.1) {
             self.rng.gen_range(10..40)
         } else {
             self.rng.gen_range(1..4)
