@@ -546,6 +546,26 @@ fn bad_input_gets_clear_errors_and_the_cluster_stays_healthy() {
             .unwrap();
         assert_eq!(q.json()["value"], 2, "node {i}");
     }
+    // A query that traps costs the leader a rebuild of the machine each time: asked over and
+    // over, it is refused for a while (503, Retry-After) without running, and tasks go on.
+    let mut throttled = None;
+    for _ in 0..100_000 {
+        let q = l.post("/v1/machines/chaos/query", b"trap").unwrap();
+        match q.error_code().as_deref() {
+            Some("guest_trap") => assert_eq!(q.status, 422, "{}", q.text()),
+            Some("reads_throttled") => {
+                throttled = Some(q);
+                break;
+            }
+            _ => panic!("{} {}", q.status, q.text()),
+        }
+    }
+    let q = throttled.expect("failing queries were never refused");
+    assert_eq!(q.status, 503, "{}", q.text());
+    assert!(q.header("retry-after").is_some(), "{:?}", q.headers);
+    let r = l.post("/v1/machines/chaos/tasks", br#"{"add":1}"#).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["value"], 3);
 
     // On every raft port: random bytes, a small frame that is not a hello, an oversized length
     // prefix, and a frame over the limit after a valid hello. Each connection is greeted with
