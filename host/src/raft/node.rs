@@ -1064,7 +1064,8 @@ impl<SM: StateMachine> CoreLoop<SM> {
             }
             MemberChange::Remove(id) => current.without(id)?,
             MemberChange::Move { id, address } => {
-                if current.contains(id) && self.transport.peer_address(id) == Some(address.clone())
+                if current.contains(id)
+                    && self.transport.peer_address(id).as_deref() == Some(address.as_str())
                 {
                     return Err(ChangeRefused::SameAddress(id).into());
                 }

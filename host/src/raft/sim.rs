@@ -830,14 +830,7 @@ impl Sim {
                     self.moves.push((index, term));
                 }
                 Err(ChangeRefused::MovingLeader(id)) if id == l => {}
-                Err(ChangeRefused::InProgress | ChangeRefused::Transferring { .. }) => {}
-                // The other members alone could not commit it.
-                Err(ChangeRefused::TooFewReachable { .. }) => self.changes_refused += 1,
-                Err(e) => {
-                    return Err(format!(
-                        "node {l}, leading term {term}, refused to move node {x}: {e:?}"
-                    ));
-                }
+                Err(e) => self.change_refused(l, term, e)?,
             }
             return self.drain(i);
         }
@@ -854,17 +847,26 @@ impl Sim {
             Ok(ChangeStarted::Appended(index)) => self.changes.push((index, term)),
             // Appended (or given up) once the new member has caught up: see `drain`.
             Ok(ChangeStarted::CatchingUp) => {}
-            // The previous change is not committed yet, or leadership is moving.
-            Err(ChangeRefused::InProgress | ChangeRefused::Transferring { .. }) => {}
-            // A member of the new group is down or cut off (the strict reconfiguration check).
-            Err(ChangeRefused::TooFewReachable { .. }) => self.changes_refused += 1,
-            Err(e) => {
-                return Err(format!(
-                    "node {l}, leading term {term}, refused a membership change: {e:?}"
-                ));
-            }
+            Err(e) => self.change_refused(l, term, e)?,
         }
         self.drain(i)
+    }
+
+    /// What any membership change, a move included, may be refused for; anything else fails
+    /// the run.
+    fn change_refused(&mut self, l: NodeId, term: u64, e: ChangeRefused) -> Result<(), String> {
+        match e {
+            // The previous change is not committed yet, or leadership is moving.
+            ChangeRefused::InProgress | ChangeRefused::Transferring { .. } => Ok(()),
+            // A member of the new group is down or cut off (the strict reconfiguration check).
+            ChangeRefused::TooFewReachable { .. } => {
+                self.changes_refused += 1;
+                Ok(())
+            }
+            e => Err(format!(
+                "node {l}, leading term {term}, refused a membership change: {e:?}"
+            )),
+        }
     }
 
     fn current_leader(&self) -> Option<NodeId> {
