@@ -97,6 +97,18 @@ impl Command {
             _ => None,
         }
     }
+
+    /// `task_header` for the next entry of a run of tasks: when the entry is a task for `known`
+    /// (a name already validated), only its bytes are compared. Checking every entry's name
+    /// again was 6 % of a state-machine thread's time on the batch endpoint.
+    pub fn task_header_for(entry: &[u8], known: &str) -> Option<usize> {
+        let header = 2 + known.len();
+        let same = !known.is_empty()
+            && entry.first() == Some(&TASK)
+            && entry.get(1).map(|&len| len as usize) == Some(known.len())
+            && entry.get(2..header) == Some(known.as_bytes());
+        same.then_some(header)
+    }
 }
 
 /// Tag, validated machine name, and the length of the header before the body.
@@ -124,6 +136,35 @@ fn encode(tag: u8, machine: &str, body: &[u8]) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_reads_its_own_tasks_and_nothing_else() {
+        let task = Command::Task {
+            machine: "counter".into(),
+            payload: Bytes::from_static(b"{}"),
+        }
+        .encode();
+        assert_eq!(Command::task_header(&task), Some(("counter", 9)));
+        assert_eq!(Command::task_header_for(&task, "counter"), Some(9));
+        for (entry, known) in [
+            (&task[..], "count"),
+            (&task[..], "counters"),
+            (&task[..], ""),
+            (&task[..5], "counter"),
+            (&[][..], "counter"),
+        ] {
+            assert_eq!(
+                Command::task_header_for(entry, known),
+                None,
+                "{entry:?} {known}"
+            );
+        }
+        let delete = Command::Delete {
+            machine: "counter".into(),
+        }
+        .encode();
+        assert_eq!(Command::task_header_for(&delete, "counter"), None);
+    }
 
     #[test]
     fn roundtrips() {

@@ -324,6 +324,11 @@ impl StateMachine for MachineSet {
         let mut run: Vec<Entry> = Vec::with_capacity(batch.len());
         let mut run_machine = String::new();
         for mut entry in batch {
+            if let Some(header) = Command::task_header_for(&entry.payload, &run_machine) {
+                entry.payload.advance(header);
+                run.push(entry);
+                continue;
+            }
             if let Some((machine, header)) = Command::task_header(&entry.payload) {
                 if machine != run_machine {
                     self.flush_run(&run_machine, &mut run, &mut out);
