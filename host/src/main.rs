@@ -1,5 +1,4 @@
 fn main() -> std::process::ExitCode {
-    lockstep::tune_allocator();
     match lockstep::cli::main() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -13,7 +13,6 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 fn main() -> anyhow::Result<()> {
-    lockstep::tune_allocator();
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:7900".to_owned());
