@@ -224,3 +224,45 @@ fn the_recovery_base_moves_at_the_same_entry_whatever_the_grouping() {
         }
     }
 }
+
+/// A recovery's replay groups the logged entries its own way (up to `max_batch_bytes` a call),
+/// not as they were applied. Here six 3.3 MB payloads beside a 5 MB value in a 16 MiB memory:
+/// whichever way they are batched, some call fails and the machine rebuilds, and its replay
+/// lowered three or more of the logged payloads in one call, which fails outside any entry.
+/// That marked the machine broken (every later task failed on this replica). Replay halves
+/// such a call, as the live path does.
+#[test]
+fn a_replay_halves_a_call_that_fails_outside_any_entry() {
+    let big = "b".repeat(5 << 20);
+    let pad = format!(r#"{{"pad": "{}"}}"#, "x".repeat(3300 << 10));
+    let mut payloads = vec![format!(r#"{{"put": {{"key": "big", "value": "{big}"}}}}"#)];
+    payloads.extend(std::iter::repeat_n(pad, 6));
+    payloads.push(r#"{"put": {"key": "k", "value": "v"}}"#.to_string());
+    let log = lockstep_tests::entries(payloads);
+    let limits = Limits {
+        memory_bytes: 16 << 20,
+        max_batch_bytes: 16 << 20,
+        fuel_per_entry: 200_000_000,
+        ..test_limits()
+    };
+    let mut outcomes = Vec::new();
+    for sizes in [vec![1; log.len()], vec![1, 3, 3, 1]] {
+        let fx = Fixture::new(limits.clone());
+        let mut machine = fx.machine(guests::KV);
+        let results = apply_in(&mut machine, &log, &sizes);
+        assert!(machine.recoveries() >= 2, "batches {sizes:?}: no rebuild");
+        assert_eq!(
+            lockstep_tests::show(&results[7]),
+            r#"{"prev":null}"#,
+            "batches {sizes:?}"
+        );
+        let k = machine.query(br#"{"get": {"key": "k"}}"#);
+        // The state is too large to serialize within the cap: both fail alike.
+        outcomes.push((results, k, machine.snapshot()));
+    }
+    assert!(outcomes[0] == outcomes[1], "groupings differ");
+    assert_eq!(
+        outcomes[0].1.as_deref().ok(),
+        Some(&br#"{"value":"v"}"#[..])
+    );
+}

@@ -11,8 +11,9 @@
 //! any entry (lowering a large batch into a nearly full memory, say) is retried by halves down
 //! to single entries, so an entry fails only if it fails on its own. So is an entry that ran
 //! out of memory or fuel beside others: their payloads and outputs share its memory until the
-//! call returns, so it is applied again in a call of its own, and that is its result (replay
-//! after a recovery does the same).
+//! call returns, so it is applied again in a call of its own, and that is its result. Replay
+//! after a recovery does the same: it applies such an entry alone, and halves a call that
+//! fails outside any entry (replay groups the log by size, not as it was applied).
 //!
 //! The common, failure-free path moves the batch's entries into the log (the metered path
 //! clones them, a cheap `Bytes` clone per entry); the base is refreshed once the log weighs
@@ -121,6 +122,16 @@ struct Failure {
     /// An unmetered batch that ran out of fuel or read the clock or random source: this
     /// machine's batches should be metered per entry from now on.
     needs_metering: bool,
+}
+
+/// Why a rebuild stopped before the end of the replay log.
+enum Stopped {
+    /// The replay log's entry at this position failed.
+    Entry(usize, GuestError),
+    /// A call of several entries failed outside any of them: it is halved, replay again.
+    Halved,
+    /// The machine is now marked broken.
+    Broken,
 }
 
 /// A store and its instance. Any failed call leaves it poisoned: it is then dropped.
@@ -350,9 +361,10 @@ pub struct Machine {
     base: Bytes,
     replay: Vec<Entry>,
     replay_weight: usize,
-    /// Positions in the replay log of entries that failed beside others and succeeded alone:
-    /// replay applies them alone too (ascending; cleared with the log).
-    replay_alone: Vec<usize>,
+    /// Positions in the replay log where a replay call must begin (ascending, no repeats;
+    /// cleared with the log): before and after an entry that failed beside others and
+    /// succeeded alone, and where a replay call that failed outside any entry was halved.
+    replay_cuts: Vec<usize>,
     /// After a rebase snapshot failed (a state too large to serialize within the memory cap),
     /// the next attempt waits until the replay log weighs this much: every attempt that fails
     /// costs a rebuild, and retrying after every batch made each batch pay one.
@@ -378,7 +390,7 @@ impl Machine {
             base,
             replay: Vec::new(),
             replay_weight: 0,
-            replay_alone: Vec::new(),
+            replay_cuts: Vec::new(),
             rebase_backoff: 0,
             recoveries: 0,
             always_meter: false,
@@ -556,7 +568,7 @@ impl Machine {
                                 let position = self.replay.len();
                                 self.apply_chunk_metered(&chunk[k..=k], results);
                                 if self.replay.len() > position {
-                                    self.replay_alone.push(position);
+                                    self.replay_alone(position);
                                 }
                             } else {
                                 results.push(Err(failure.error));
@@ -604,7 +616,7 @@ impl Machine {
     fn rebase(&mut self, base: Bytes) {
         self.base = base;
         self.replay.clear();
-        self.replay_alone.clear();
+        self.replay_cuts.clear();
         self.replay_weight = 0;
         self.rebase_backoff = 0;
     }
@@ -618,19 +630,19 @@ impl Machine {
                     self.live = live;
                     return;
                 }
+                Err(Stopped::Halved) => {}
                 // Kept for later recoveries too, which would otherwise find it again at the
                 // cost of a rebuild each.
-                Err(Some((position, error)))
-                    if error.depends_on_neighbours() && !self.replay_alone.contains(&position) =>
+                Err(Stopped::Entry(position, error))
+                    if error.depends_on_neighbours() && !self.replayed_alone(position) =>
                 {
-                    self.replay_alone.push(position);
-                    self.replay_alone.sort_unstable();
+                    self.replay_alone(position);
                 }
                 // An entry that succeeded before fails on replay, even alone: only possible
                 // near a limit, where a fresh allocator or hash table differs from the original
                 // one. Drop it (its effect is lost, as if it had failed) rather than lose the
                 // machine.
-                Err(Some((position, error))) => {
+                Err(Stopped::Entry(position, error)) => {
                     tracing::error!(
                         digest = %self.module.digest,
                         index = self.replay[position].index,
@@ -640,19 +652,34 @@ impl Machine {
                     let dropped = self.replay.remove(position);
                     self.replay_weight -= log_weight(&dropped);
                     // Later positions move down by one.
-                    self.replay_alone.retain(|&p| p != position);
-                    for p in self.replay_alone.iter_mut().filter(|p| **p > position) {
-                        *p -= 1;
+                    for cut in self.replay_cuts.iter_mut().filter(|c| **c > position) {
+                        *cut -= 1;
                     }
+                    self.replay_cuts.dedup();
                 }
-                Err(None) => return,
+                Err(Stopped::Broken) => return,
             }
         }
     }
 
-    /// `Err(Some(position))`: replay entry `position` failed; `Err(None)`: the machine is now
-    /// marked broken.
-    fn rebuild(&mut self) -> Result<Live, Option<(usize, GuestError)>> {
+    /// Replays the entry at `position` in a call of its own from now on.
+    fn replay_alone(&mut self, position: usize) {
+        self.cut_replay(position);
+        self.cut_replay(position + 1);
+    }
+
+    fn replayed_alone(&self, position: usize) -> bool {
+        let cut = |p| self.replay_cuts.binary_search(&p).is_ok();
+        cut(position) && cut(position + 1)
+    }
+
+    fn cut_replay(&mut self, position: usize) {
+        if let Err(at) = self.replay_cuts.binary_search(&position) {
+            self.replay_cuts.insert(at, position);
+        }
+    }
+
+    fn rebuild(&mut self) -> Result<Live, Stopped> {
         let mut live = match Live::new(&self.module, &self.limits) {
             Ok(live) => live,
             Err(error) => return Err(self.mark_broken(error)),
@@ -663,36 +690,34 @@ impl Machine {
         let mut start = 0;
         while start < self.replay.len() {
             let mut end = chunk_end(&self.replay, start, self.limits.max_batch_bytes, usize::MAX);
-            // An entry to replay alone ends the call before it, or is the call.
-            if let Some(&p) = self.replay_alone.iter().find(|&&p| p >= start && p < end) {
-                end = if p == start { p + 1 } else { p };
+            // A call begins at every cut.
+            if let Some(&cut) = self.replay_cuts.iter().find(|&&c| c > start && c < end) {
+                end = cut;
             }
             match live.on_apply(&self.replay[start..end], true) {
                 Ok(_) => start = end,
-                Err(Failure {
-                    position: Some(k),
-                    error,
-                    ..
-                }) => {
-                    return Err(Some((start + k, error)));
+                // Lowering the call's payloads into a nearly full memory, say, where the live
+                // path may have applied them in smaller calls: halve it, as the live path does.
+                Err(Failure { position: None, .. }) if end - start > 1 => {
+                    self.cut_replay(start + (end - start) / 2);
+                    return Err(Stopped::Halved);
                 }
+                // A call of one entry failed: that entry did.
                 Err(Failure {
-                    position: None,
-                    error,
-                    ..
-                }) => return Err(self.mark_broken(error)),
+                    position, error, ..
+                }) => return Err(Stopped::Entry(start + position.unwrap_or(0), error)),
             }
         }
         Ok(live)
     }
 
-    fn mark_broken(&mut self, error: GuestError) -> Option<(usize, GuestError)> {
+    fn mark_broken(&mut self, error: GuestError) -> Stopped {
         tracing::error!(digest = %self.module.digest, %error, "machine cannot recover");
         self.broken = Some(GuestError::Trap(format!(
             "the machine cannot recover on this node from an earlier failure ({error}); its \
              tasks fail here until it is deleted and deployed again"
         )));
-        None
+        Stopped::Broken
     }
 }
 
