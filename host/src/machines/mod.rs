@@ -329,11 +329,10 @@ impl StateMachine for MachineSet {
                 run.push(entry);
                 continue;
             }
+            // A task for another machine (`task_header_for` took this run's own) starts a run.
             if let Some((machine, header)) = Command::task_header(&entry.payload) {
-                if machine != run_machine {
-                    self.flush_run(&run_machine, &mut run, &mut out);
-                    machine.clone_into(&mut run_machine);
-                }
+                self.flush_run(&run_machine, &mut run, &mut out);
+                machine.clone_into(&mut run_machine);
                 // The task's payload is the rest of the entry: moved, not copied.
                 entry.payload.advance(header);
                 run.push(entry);
