@@ -266,3 +266,42 @@ fn a_replay_halves_a_call_that_fails_outside_any_entry() {
         Some(&br#"{"value":"v"}"#[..])
     );
 }
+
+/// A guest may survive a refused memory growth (`try_reserve`, a C `malloc` returning null) and
+/// answer something else. Beside a neighbour whose payload fills its memory (payloads are all in
+/// memory while a call runs), that answer depends on the grouping, so such an entry is applied
+/// again alone, as one that trapped would be, live and on replay.
+#[test]
+fn an_entry_refused_memory_that_carries_on_is_tried_alone() {
+    let pad = format!(r#"{{"pad": "{}"}}"#, "x".repeat(8 << 20));
+    let log = lockstep_tests::entries([
+        r#"{"add": 1}"#.to_string(),
+        r#"{"try_alloc_mb": 8}"#.to_string(),
+        pad,
+        r#"{"try_alloc_mb": 8}"#.to_string(),
+        r#"{"add": 1}"#.to_string(),
+        // The recovery replays the log above, grouped its own way.
+        r#"{"trap": true}"#.to_string(),
+        r#"{"add": 1}"#.to_string(),
+    ]);
+    let limits = Limits {
+        memory_bytes: 16 << 20,
+        max_batch_bytes: 16 << 20,
+        ..test_limits()
+    };
+    let mut outcomes = Vec::new();
+    for sizes in [vec![1; log.len()], vec![log.len()], vec![2, 2, 3]] {
+        let fx = Fixture::new(limits.clone());
+        let mut machine = fx.machine(guests::CHAOS);
+        let results = apply_in(&mut machine, &log, &sizes);
+        let shown: Vec<String> = results.iter().map(lockstep_tests::show).collect();
+        outcomes.push((sizes, shown, machine.snapshot().expect("snapshot")));
+    }
+    let (_, alone, state) = &outcomes[0];
+    assert_eq!(alone[1], r#"{"ok":true,"try_alloc_mb":8}"#);
+    assert_eq!(alone[6], r#"{"value":3}"#);
+    for (sizes, results, s) in &outcomes[1..] {
+        assert_eq!(results, alone, "batches {sizes:?}");
+        assert!(s == state, "batches {sizes:?}: states differ");
+    }
+}

@@ -1,7 +1,8 @@
 //! `chaos`: a deliberately hostile machine for the host's isolation tests.
 //!
 //! `{"trap": true}` panics, `{"spin": true}` loops forever, `{"alloc_mb": n}` allocates and
-//! touches n MiB, `{"recurse": n}` recurses n deep, `{"clock": true}` / `{"random": true}`
+//! touches n MiB, `{"try_alloc_mb": n}` tries to (and reports whether it could, as a guest that
+//! survives a refused allocation), `{"recurse": n}` recurses n deep, `{"clock": true}` / `{"random": true}`
 //! report what std's clock and random source return, `{"sleep_ms": n}` tries to sleep,
 //! `{"add": n}` counts, `{"ignore_begin_batch": true}` makes it call `begin-entry` for every
 //! entry from then on (as modules built before `begin-batch` did), `{"log": n}` prints n lines
@@ -56,6 +57,7 @@ pub enum Command {
     Trap(bool),
     Spin(bool),
     AllocMb(u64),
+    TryAllocMb(u64),
     Recurse(u64),
     Clock(bool),
     Random(bool),
@@ -135,6 +137,15 @@ impl StateMachine for Chaos {
                     .map(|&b| b as u64)
                     .sum();
                 json!({ "allocated_mb": mb, "pages": sum })
+            }
+            Command::TryAllocMb(mb) => {
+                let len = usize::try_from(mb << 20).map_err(|_| "too large")?;
+                let mut block: Vec<u8> = Vec::new();
+                let ok = block.try_reserve_exact(len).is_ok();
+                if ok {
+                    block.resize(len, 1);
+                }
+                json!({ "try_alloc_mb": mb, "ok": black_box(&block).len() == len })
             }
             Command::Recurse(depth) => json!({ "depth": recurse(depth) }),
             Command::Clock(_) => {

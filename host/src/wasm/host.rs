@@ -65,6 +65,10 @@ pub(crate) struct EntryMeter {
     /// Whether the guest called `begin-entry` although this call is not metered: a module
     /// built before `begin-batch` existed meters every entry, so it is always metered.
     pub begun_unmetered: bool,
+    /// The first refused memory growth of this call that the guest lived through (it ran on):
+    /// in the entry at this position, or outside any entry (`Some(None)`). What it answered
+    /// then may depend on its neighbours' memory.
+    pub refused: Option<Option<usize>>,
 }
 
 /// Caps the machine's linear memory (all its memories together) and tables, and remembers a
@@ -340,6 +344,14 @@ pub(crate) struct HostState {
 }
 
 impl HostState {
+    /// Called where the guest is known to run on (the next entry begins, the batch ends, the
+    /// call returns): a growth refused since was lived through. Noted where it happened.
+    pub(crate) fn note_refusal(&mut self) {
+        if std::mem::take(&mut self.cap.denied) {
+            self.meter.refused.get_or_insert(self.meter.current);
+        }
+    }
+
     pub fn new(limits: &Limits) -> Self {
         let inputs = Arc::new(EntryInputs::default());
         inputs.set_neutral();
@@ -428,6 +440,7 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostS
         "begin-entry",
         |mut store: StoreContextMut<'_, HostState>, (index,): (u64,)| {
             let state = store.data_mut();
+            state.note_refusal();
             let meter = &mut state.meter;
             if !meter.metered {
                 meter.begun_unmetered = true;
@@ -448,7 +461,6 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostS
             meter.begun += 1;
             meter.current = Some(position);
             let fuel = meter.fuel_per_entry;
-            state.cap.denied = false;
             state.stderr.clear();
             state.inputs.set_entry(&mark);
             store.set_fuel(fuel)?;
@@ -459,6 +471,7 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostS
         "end-batch",
         |mut store: StoreContextMut<'_, HostState>, (): ()| {
             let state = store.data_mut();
+            state.note_refusal();
             let meter = &mut state.meter;
             // Once per `on-apply` call: it refills fuel, so a guest calling it in a loop (or
             // outside `on-apply`) would never run out.

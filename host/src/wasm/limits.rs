@@ -27,9 +27,10 @@ pub struct Limits {
 /// Bumped whenever the host changes what a guest may do or how a limit is counted (2: the
 /// memory cap covers all of a machine's memories, `end-batch` once per call, no timers; 3:
 /// writes to stdout and stderr within `check-write`, `get-random-bytes` up to 4 KiB, a lift
-/// bounded by the memory cap): members applying under other rules could reach different
-/// results from the same log.
-const APPLY_RULES: u32 = 3;
+/// bounded by the memory cap; 4: an entry refused memory beside others that answers anyway is
+/// applied again alone, a recovery's replay halves a call failing outside any entry): members
+/// applying under other rules could reach different results from the same log.
+const APPLY_RULES: u32 = 4;
 
 impl Limits {
     /// Every limit, in one canonical line: peers compare it at the hello. With the rules they

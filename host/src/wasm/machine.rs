@@ -10,8 +10,9 @@
 //! fail never enter the log, so the state is that of the log without them. A failure outside
 //! any entry (lowering a large batch into a nearly full memory, say) is retried by halves down
 //! to single entries, so an entry fails only if it fails on its own. So is an entry that ran
-//! out of memory or fuel beside others: their payloads and outputs share its memory until the
-//! call returns, so it is applied again in a call of its own, and that is its result. Replay
+//! out of memory or fuel beside others, or was refused memory and answered anyway: their
+//! payloads and outputs share its memory until the call returns, so it is applied again in a
+//! call of its own, and that is its result. Replay
 //! after a recovery does the same: it applies such an entry alone, and halves a call that
 //! fails outside any entry (replay groups the log by size, not as it was applied).
 //!
@@ -173,6 +174,7 @@ impl Live {
         state.meter.metered = metered;
         state.meter.ended = false;
         state.meter.begun_unmetered = false;
+        state.meter.refused = None;
         state.cap.denied = false;
         state.stderr.clear();
         state.inputs.touched.store(false, Ordering::Relaxed);
@@ -192,6 +194,9 @@ impl Live {
             TypedFunc::<(BatchParam<'_>,), (OutputsResult,)>::new_unchecked(self.exports.on_apply)
         };
         let outcome = func.call(&mut self.store, (BatchParam(chunk),));
+        if outcome.is_ok() {
+            self.store.data_mut().note_refusal();
+        }
         let state = self.store.data();
         let touched = state.inputs.touched.load(Ordering::Relaxed);
         match outcome {
@@ -218,6 +223,16 @@ impl Live {
                         position: None,
                         error: GuestError::Trap("read the clock or random source".into()),
                         needs_metering: true,
+                    });
+                } else if let Some(position) = meter.refused.filter(|_| chunk.len() > 1) {
+                    // Refused memory beside others, and it answered anyway: what it does alone
+                    // is its answer, as for an entry that trapped for want of memory.
+                    return Err(Failure {
+                        position,
+                        error: GuestError::MemoryLimit {
+                            limit: self.limits.memory_bytes,
+                        },
+                        needs_metering: false,
                     });
                 } else {
                     return Ok(outputs);
