@@ -444,14 +444,16 @@ impl RaftCore {
         }
     }
 
-    /// A former member campaigning does not know it was removed (it was down or cut off when
-    /// it would have been told): the leader replicates to it again, uncounted, until it holds
-    /// its removal (`forget_removed`).
+    /// A node campaigning that is no member does not know it was removed (it was down or cut
+    /// off when it would have been told): the leader replicates to it again, uncounted, until
+    /// it holds the membership in effect (`forget_removed`). The log may no longer record that
+    /// it ever was a member (compacted past every membership that held it), so none is looked
+    /// for: only a node that passed the hello (the cluster's identity, and its secret where
+    /// one is set) reaches the core.
     pub(super) fn tell_removed(&mut self, from: NodeId) {
         if self.role == CoreRole::Leader
             && !self.is_voter(from)
             && !self.replicators.contains_key(&from)
-            && self.memberships.iter().any(|(_, m)| m.contains(from))
         {
             let fresh = self.fresh_replicator();
             self.replicators.insert(from, fresh);

@@ -1789,3 +1789,69 @@ fn a_follower_that_lost_its_log_is_noticed_from_its_heartbeat_answers() {
             .any(|(to, m)| *to == 2 && matches!(m, Message::Append { prev_index: 0, .. }))
     );
 }
+
+/// A removed member can come back after the log was compacted past every membership that held
+/// it: the leader no longer has a record of it, and must tell it all the same, or it campaigns
+/// forever without ever hearing that it is out.
+#[test]
+fn a_removed_member_back_after_compaction_is_told_its_removal() {
+    let mut c = leader_heard_from(&[2, 3]);
+    let at = remove(&mut c, 3);
+    flush(&mut c);
+    c.step(2, ack(c.term(), at));
+    flush(&mut c);
+    // 3 is silent: dropped after an election timeout.
+    for _ in 0..30 {
+        c.tick(c.now + c.cfg.election_timeout_ms.1 / 10, 0);
+        c.step(2, ack(c.term(), c.last_index()));
+        flush(&mut c);
+    }
+    let (first, _) = c
+        .propose((0..4).map(|_| Bytes::from_static(b"a")), 0, None)
+        .expect("leader");
+    let last = first + 3;
+    flush(&mut c);
+    c.step(2, ack(c.term(), last));
+    flush(&mut c);
+    assert_eq!(c.commit_index(), last);
+    c.set_applied(last);
+    let snapshot = Snapshot {
+        membership: Membership::of_ids([1, 2]),
+        ..snapshot_at(last, c.term())
+    };
+    c.compact(snapshot, 1);
+    flush(&mut c);
+    assert!(c.compacted_index() > at, "compacted past the removal");
+
+    c.step(
+        3,
+        Message::PreVote {
+            term: c.term() + 1,
+            last_index: at - 1,
+            last_term: 1,
+        },
+    );
+    let to_3 = sent_to(flush(&mut c), 3);
+    assert!(
+        to_3.iter().any(|m| matches!(m, Message::Append { .. })),
+        "replicated to again: {to_3:?}"
+    );
+    // It holds nothing the leader still has: it is sent the snapshot, the membership without it.
+    c.step(
+        3,
+        Message::AppendResp {
+            term: c.term(),
+            success: false,
+            index: last,
+            last_index: at - 1,
+            seq: 0,
+        },
+    );
+    c.tick(c.now + c.cfg.heartbeat_ms, 0);
+    let to_3 = sent_to(flush(&mut c), 3);
+    assert!(
+        to_3.iter()
+            .any(|m| matches!(m, Message::InstallSnapshot { index, .. } if *index == last)),
+        "{to_3:?}"
+    );
+}
