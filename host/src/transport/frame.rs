@@ -1,7 +1,8 @@
 //! Wire format of the peer transport.
 //!
 //! A connection carries length-prefixed frames: a big-endian `u32` length, then that many bytes.
-//! The accepting side speaks first, a [`Challenge`] with a fresh nonce; the dialing side answers
+//! The accepting side speaks first, a [`Challenge`] with its id and a fresh nonce; the dialing
+//! side checks it reached the member it dialled, and answers
 //! with a [`Hello`] that proves, over that nonce, it holds the cluster's peer secret; every later
 //! frame (dialer to acceptor) is one encoded Raft message. A length above the limit, a short read
 //! or a bad hello closes the connection: nothing in a frame is trusted.
@@ -15,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// Marks a Lockstep peer connection, so garbage is refused before any length is believed.
 pub const MAGIC: [u8; 4] = *b"LKSP";
 /// Bumped on any incompatible change of the frame or message encoding.
-pub const PROTOCOL_VERSION: u8 = 5;
+pub const PROTOCOL_VERSION: u8 = 6;
 /// A hello carries two short strings and an id: anything larger is not a hello.
 pub const MAX_HELLO_BYTES: u32 = 4 * 1024;
 
@@ -76,28 +77,33 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     Ok(())
 }
 
-/// The acceptor's first frame: a nonce the caller's hello must prove the peer secret over, fresh
-/// for every connection, so a hello overheard on one cannot be replayed on another.
+/// The acceptor's first frame: who it is, so a caller that reached another node where it
+/// expected a member (an address the member moved from) can try elsewhere; and a nonce the
+/// caller's hello must prove the peer secret over, fresh for every connection, so a hello
+/// overheard on one cannot be replayed on another.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Challenge {
+    pub node_id: u64,
     pub nonce: [u8; 32],
 }
 
 impl Challenge {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(5 + self.nonce.len());
+        let mut out = Vec::with_capacity(13 + self.nonce.len());
         put_version(&mut out);
+        out.extend_from_slice(&self.node_id.to_be_bytes());
         out.extend_from_slice(&self.nonce);
         out
     }
 
     pub fn decode(mut b: &[u8]) -> Result<Self, FrameError> {
         check_version(&mut b)?;
+        let node_id = u64::from_be_bytes(*take::<8>(&mut b)?);
         let nonce = *take::<32>(&mut b)?;
         if !b.is_empty() {
             return Err(FrameError::BadHello("trailing bytes"));
         }
-        Ok(Challenge { nonce })
+        Ok(Challenge { node_id, nonce })
     }
 }
 
@@ -237,7 +243,10 @@ mod tests {
         let mut h = hello();
         h.seal(b"secret", &[9; 32]);
         assert_eq!(Hello::decode(&h.encode()).ok(), Some(h));
-        let c = Challenge { nonce: [5; 32] };
+        let c = Challenge {
+            node_id: 3,
+            nonce: [5; 32],
+        };
         assert_eq!(Challenge::decode(&c.encode()).ok(), Some(c));
     }
 
@@ -280,7 +289,11 @@ mod tests {
             assert!(Hello::decode(&bytes[..n]).is_err(), "prefix {n} accepted");
         }
         assert!(Hello::decode(b"GET / HTTP/1.1\r\n\r\n").is_err());
-        let bytes = Challenge { nonce: [4; 32] }.encode();
+        let bytes = Challenge {
+            node_id: 3,
+            nonce: [4; 32],
+        }
+        .encode();
         for n in 0..bytes.len() {
             assert!(
                 Challenge::decode(&bytes[..n]).is_err(),

@@ -123,10 +123,11 @@ struct Peer<M> {
 }
 
 impl<M: WireMessage> Peer<M> {
-    fn dial(address: &str, config: &Arc<TransportConfig>) -> Self {
+    fn dial(id: NodeId, address: &str, config: &Arc<TransportConfig>) -> Self {
         let (queue, rx) = mpsc::channel(config.queue_depth.max(1));
         let elsewhere = Arc::new(Mutex::new(None));
         let dialler = tokio::spawn(dial_loop(
+            id,
             address.to_owned(),
             config.clone(),
             rx,
@@ -196,7 +197,7 @@ impl<M: WireMessage> PeerTransport<M> {
                 return false;
             }
             info!(peer = id, %raft_addr, "a peer this node did not know: dialling it");
-            peers.insert(id, Peer::dial(raft_addr, &cfg));
+            peers.insert(id, Peer::dial(id, raft_addr, &cfg));
             true
         };
         let tasks = vec![tokio::spawn(accept_loop(
@@ -237,7 +238,7 @@ impl<M: WireMessage> PeerTransport<M> {
             if id == config.node_id || current.contains_key(&id) {
                 continue;
             }
-            current.insert(id, Peer::dial(address, config));
+            current.insert(id, Peer::dial(id, address, config));
         }
     }
 
@@ -404,7 +405,11 @@ async fn serve_inbound<M: WireMessage>(
     let mut stream = stream;
     let mut buf = Vec::new();
     let nonce: [u8; 32] = rand::random();
-    put_frame(&mut buf, &Challenge { nonce }.encode());
+    let challenge = Challenge {
+        node_id: config.node_id,
+        nonce,
+    };
+    put_frame(&mut buf, &challenge.encode());
     // A silent connection must not hold a task forever. The hello is read unbuffered: a
     // stranger gets no large buffer before it has said who it is.
     tokio::time::timeout(Duration::from_secs(5), async {
@@ -464,6 +469,7 @@ async fn serve_inbound<M: WireMessage>(
 }
 
 async fn dial_loop<M: WireMessage>(
+    peer: NodeId,
     addr: String,
     config: Arc<TransportConfig>,
     mut rx: mpsc::Receiver<M>,
@@ -485,35 +491,26 @@ async fn dial_loop<M: WireMessage>(
     let mut backoff = Duration::from_millis(20);
     let mut out = Vec::with_capacity(64 * 1024);
     loop {
-        let mut stream = match dial(&addr).await {
-            Ok(s) => s,
-            Err(e) => {
-                debug!(%addr, error = %e, "peer not reachable");
-                let other = elsewhere.lock().ok().and_then(|a| a.clone());
-                if let Some(other) = other
-                    && let Ok(s) = dial(&other).await
-                {
+        // The address it was given first; where its hello said it is if that fails, whatever
+        // answers there (nothing, a stranger, another member).
+        let greeted = match greet(peer, &addr, &mut buf).await {
+            Ok(greeted) => Ok(greeted),
+            Err(e) => match elsewhere.lock().ok().and_then(|a| a.clone()) {
+                Some(other) => greet(peer, &other, &mut buf).await.inspect(|_| {
                     info!(%addr, %other, "dialled the peer where it says it is");
-                    s
-                } else {
-                    // Whatever queued meanwhile is stale; Raft resends what still matters.
-                    while rx.try_recv().is_ok() {}
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
-                    continue;
-                }
-            }
+                }),
+                None => Err(e),
+            },
         };
-        tune(&stream);
-        let nonce = match read_challenge(&mut stream, &mut buf).await {
-            Ok(nonce) => nonce,
+        let (mut stream, nonce) = match greeted {
+            Ok(greeted) => greeted,
             Err(e) => {
                 if matches!(e, FrameError::Refused(_)) {
-                    warn!(%addr, error = %e, "the peer's greeting is not this node's protocol");
+                    warn!(peer, %addr, error = %e, "cannot talk to the peer");
                 } else {
-                    debug!(%addr, error = %e, "the peer did not greet this node");
+                    debug!(peer, %addr, error = %e, "peer not reachable");
                 }
-                // As after a failed dial: what queued meanwhile is stale.
+                // Whatever queued meanwhile is stale; Raft resends what still matters.
                 while rx.try_recv().is_ok() {}
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
@@ -558,15 +555,29 @@ async fn dial_loop<M: WireMessage>(
     }
 }
 
-/// The peer speaks first: a nonce for this connection, which the hello proves the secret over.
-async fn read_challenge(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<[u8; 32], FrameError> {
+/// Dials member `peer` at `addr` and reads its challenge: the connection and the nonce the
+/// hello proves the secret over. Whatever else answers there is an error.
+async fn greet(
+    peer: NodeId,
+    addr: &str,
+    buf: &mut Vec<u8>,
+) -> Result<(TcpStream, [u8; 32]), FrameError> {
+    let mut stream = dial(addr).await?;
+    tune(&stream);
     tokio::time::timeout(
         Duration::from_secs(5),
-        read_frame(stream, MAX_HELLO_BYTES, buf),
+        read_frame(&mut stream, MAX_HELLO_BYTES, buf),
     )
     .await
     .map_err(|_| FrameError::BadHello("no challenge within 5 s"))??;
-    Ok(Challenge::decode(buf)?.nonce)
+    let challenge = Challenge::decode(buf)?;
+    if challenge.node_id != peer {
+        return Err(FrameError::Refused(format!(
+            "member {} answers there, not member {peer}",
+            challenge.node_id
+        )));
+    }
+    Ok((stream, challenge.nonce))
 }
 
 /// Connects to `addr` (HOST:PORT), trying each address it resolves to for at most

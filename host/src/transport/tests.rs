@@ -84,6 +84,17 @@ async fn wait_for(inbox: &Inbox, n: usize) -> bool {
     false
 }
 
+/// Sends `to` pings until `inbox` (`to`'s) holds one, for up to ten tries of two seconds.
+async fn reaches(from: &PeerTransport<Ping>, to: NodeId, inbox: &Inbox) -> bool {
+    for _ in 0..10 {
+        from.send(to, Ping(to));
+        if wait_for(inbox, 1).await {
+            return true;
+        }
+    }
+    false
+}
+
 #[tokio::test]
 async fn delivers_in_order_and_learns_http_addresses() {
     let (a, b, inbox, _) = pair("c").await;
@@ -121,18 +132,6 @@ async fn a_peer_that_moved_is_dialled_where_its_hello_says() {
         Some(&old),
         "dialled where it was"
     );
-    let reaches = |from: &PeerTransport<Ping>, to: NodeId, inbox: &Inbox| {
-        let (from, inbox) = (from.clone(), inbox.clone());
-        async move {
-            for _ in 0..10 {
-                from.send(to, Ping(to));
-                if wait_for(&inbox, 1).await {
-                    return true;
-                }
-            }
-            false
-        }
-    };
     assert!(reaches(&b, 1, &to_a).await, "2 reaches 1 at its address");
     assert!(
         reaches(&a, 2, &to_b).await,
@@ -140,6 +139,52 @@ async fn a_peer_that_moved_is_dialled_where_its_hello_says() {
     );
     // The address it was given stays the one the membership knows, and is tried first.
     assert_eq!(a.peer_address(2), Some(old));
+}
+
+/// Something else answers where a member used to be: another member, or no Lockstep node at
+/// all. Neither may be taken for the member: its messages must not go to the other one, and
+/// it is dialled where its hello says it is, as when nothing answers there.
+#[tokio::test]
+async fn another_node_where_a_member_was_is_not_taken_for_it() {
+    // Member 3 now listens where 1 believes 2 is.
+    let (la, lb, peers) = two_members().await;
+    let l3 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let old = l3.local_addr().unwrap().to_string();
+    let mut all = peers.clone();
+    all.insert(3, old.clone());
+    let mut stale = all.clone();
+    stale.insert(2, old);
+    let (a, to_a) = recording(config(&stale, 1, "c", "limits"), la);
+    let (b, to_b) = recording(config(&all, 2, "c", "limits"), lb);
+    let (_c, to_c) = recording(config(&all, 3, "c", "limits"), l3);
+    assert!(reaches(&b, 1, &to_a).await, "2 reaches 1 at its address");
+    assert!(
+        reaches(&a, 2, &to_b).await,
+        "1 reaches 2 where 2 says it is"
+    );
+    assert!(
+        to_c.lock().unwrap().iter().all(|&(from, _)| from != 1),
+        "1 sent nothing to 3: {:?}",
+        to_c.lock().unwrap()
+    );
+
+    // A stranger (not a Lockstep node) answers where 1 believes 2 is.
+    let (la, lb, peers) = two_members().await;
+    let stranger = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut stale = peers.clone();
+    stale.insert(2, stranger.local_addr().unwrap().to_string());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = stranger.accept().await {
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+        }
+    });
+    let (a, to_a) = recording(config(&stale, 1, "c", "limits"), la);
+    let (b, to_b) = recording(config(&peers, 2, "c", "limits"), lb);
+    assert!(reaches(&b, 1, &to_a).await, "2 reaches 1 at its address");
+    assert!(
+        reaches(&a, 2, &to_b).await,
+        "1 reaches 2 where 2 says it is"
+    );
 }
 
 #[tokio::test]
