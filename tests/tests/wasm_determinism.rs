@@ -277,6 +277,8 @@ fn an_entry_refused_memory_that_carries_on_is_tried_alone() {
     let log = lockstep_tests::entries([
         r#"{"add": 1}"#.to_string(),
         r#"{"try_alloc_mb": 8}"#.to_string(),
+        // Traps if the refusal above took effect: that trap must not make it stick.
+        r#"{"trap_if_refused": true}"#.to_string(),
         pad,
         r#"{"try_alloc_mb": 8}"#.to_string(),
         r#"{"add": 1}"#.to_string(),
@@ -290,7 +292,12 @@ fn an_entry_refused_memory_that_carries_on_is_tried_alone() {
         ..test_limits()
     };
     let mut outcomes = Vec::new();
-    for sizes in [vec![1; log.len()], vec![log.len()], vec![2, 2, 3]] {
+    for sizes in [
+        vec![1; log.len()],
+        vec![log.len()],
+        vec![2, 2, 4],
+        vec![3, 5],
+    ] {
         let fx = Fixture::new(limits.clone());
         let mut machine = fx.machine(guests::CHAOS);
         let results = apply_in(&mut machine, &log, &sizes);
@@ -299,7 +306,8 @@ fn an_entry_refused_memory_that_carries_on_is_tried_alone() {
     }
     let (_, alone, state) = &outcomes[0];
     assert_eq!(alone[1], r#"{"ok":true,"try_alloc_mb":8}"#);
-    assert_eq!(alone[6], r#"{"value":3}"#);
+    assert_eq!(alone[2], r#"{"refusals":0}"#);
+    assert_eq!(alone[7], r#"{"value":3}"#);
     for (sizes, results, s) in &outcomes[1..] {
         assert_eq!(results, alone, "batches {sizes:?}");
         assert!(s == state, "batches {sizes:?}: states differ");

@@ -2,7 +2,8 @@
 //!
 //! `{"trap": true}` panics, `{"spin": true}` loops forever, `{"alloc_mb": n}` allocates and
 //! touches n MiB, `{"try_alloc_mb": n}` tries to (and reports whether it could, as a guest that
-//! survives a refused allocation), `{"recurse": n}` recurses n deep, `{"clock": true}` / `{"random": true}`
+//! survives a refused allocation; a refusal is counted in the state), `{"trap_if_refused": true}`
+//! traps if one ever was, `{"recurse": n}` recurses n deep, `{"clock": true}` / `{"random": true}`
 //! report what std's clock and random source return, `{"sleep_ms": n}` tries to sleep,
 //! `{"add": n}` counts, `{"ignore_begin_batch": true}` makes it call `begin-entry` for every
 //! entry from then on (as modules built before `begin-batch` did), `{"log": n}` prints n lines
@@ -27,6 +28,13 @@ pub struct Chaos {
     /// Set by `{"poison": true}`: a snapshot taken from then on cannot be restored.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     poisoned: bool,
+    /// `try_alloc_mb` commands that were refused.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    refusals: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What a snapshot holds; restoring a poisoned one fails.
@@ -35,6 +43,8 @@ struct State {
     value: i64,
     #[serde(default)]
     poisoned: bool,
+    #[serde(default)]
+    refusals: u64,
 }
 
 impl TryFrom<State> for Chaos {
@@ -47,6 +57,7 @@ impl TryFrom<State> for Chaos {
         Ok(Chaos {
             value: s.value,
             poisoned: false,
+            refusals: s.refusals,
         })
     }
 }
@@ -58,6 +69,7 @@ pub enum Command {
     Spin(bool),
     AllocMb(u64),
     TryAllocMb(u64),
+    TrapIfRefused(bool),
     Recurse(u64),
     Clock(bool),
     Random(bool),
@@ -144,9 +156,15 @@ impl StateMachine for Chaos {
                 let ok = block.try_reserve_exact(len).is_ok();
                 if ok {
                     block.resize(len, 1);
+                } else {
+                    self.refusals += 1;
                 }
                 json!({ "try_alloc_mb": mb, "ok": black_box(&block).len() == len })
             }
+            Command::TrapIfRefused(_) if self.refusals > 0 => {
+                panic!("chaos: {} allocations were refused", self.refusals)
+            }
+            Command::TrapIfRefused(_) => json!({ "refusals": 0 }),
             Command::Recurse(depth) => json!({ "depth": recurse(depth) }),
             Command::Clock(_) => {
                 let since_epoch = SystemTime::now()

@@ -440,7 +440,6 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostS
         "begin-entry",
         |mut store: StoreContextMut<'_, HostState>, (index,): (u64,)| {
             let state = store.data_mut();
-            state.note_refusal();
             let meter = &mut state.meter;
             if !meter.metered {
                 meter.begun_unmetered = true;
@@ -458,6 +457,8 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostS
                     mark.index
                 );
             }
+            state.note_refusal();
+            let meter = &mut state.meter;
             meter.begun += 1;
             meter.current = Some(position);
             let fuel = meter.fuel_per_entry;
@@ -471,7 +472,6 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostS
         "end-batch",
         |mut store: StoreContextMut<'_, HostState>, (): ()| {
             let state = store.data_mut();
-            state.note_refusal();
             let meter = &mut state.meter;
             // Once per `on-apply` call: it refills fuel, so a guest calling it in a loop (or
             // outside `on-apply`) would never run out.
@@ -485,6 +485,8 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostS
                     meter.batch.len()
                 );
             }
+            state.note_refusal();
+            let meter = &mut state.meter;
             meter.current = None;
             meter.ended = true;
             let fuel = BATCH_FUEL_PER_ENTRY.saturating_mul(meter.batch.len() as u64 + 1);

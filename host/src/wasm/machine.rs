@@ -255,6 +255,18 @@ impl Live {
                     && (touched
                         || state.meter.begun_unmetered
                         || matches!(error, GuestError::OutOfFuel { .. }));
+                // A failure after a refusal an earlier entry lived through: that entry's
+                // answer, and so what followed it, may depend on its neighbours. It goes
+                // alone first.
+                if let Some(refused) = state.meter.refused.filter(|_| chunk.len() > 1) {
+                    return Err(Failure {
+                        position: refused,
+                        error: GuestError::MemoryLimit {
+                            limit: self.limits.memory_bytes,
+                        },
+                        needs_metering,
+                    });
+                }
                 Err(Failure {
                     position,
                     error,
@@ -377,8 +389,9 @@ pub struct Machine {
     replay: Vec<Entry>,
     replay_weight: usize,
     /// Positions in the replay log where a replay call must begin (ascending, no repeats;
-    /// cleared with the log): before and after an entry that failed beside others and
-    /// succeeded alone, and where a replay call that failed outside any entry was halved.
+    /// cleared with the log): before and after an entry that failed beside others (or was
+    /// refused memory there) and succeeded alone, and where a call that failed outside any
+    /// entry was halved, live or on replay.
     replay_cuts: Vec<usize>,
     /// After a rebase snapshot failed (a state too large to serialize within the memory cap),
     /// the next attempt waits until the replay log weighs this much: every attempt that fails
@@ -593,6 +606,8 @@ impl Machine {
                         None if chunk.len() > 1 => {
                             let mid = chunk.len() / 2;
                             self.apply_chunk_metered(&chunk[..mid], results);
+                            // Replay ends a call here too, rather than find out again.
+                            self.cut_replay(self.replay.len());
                             chunk = &chunk[mid..];
                         }
                         None => {
@@ -717,10 +732,15 @@ impl Machine {
                     self.cut_replay(start + (end - start) / 2);
                     return Err(Stopped::Halved);
                 }
-                // A call of one entry failed: that entry did.
+                // A call of one entry failed: that entry did, alone.
                 Err(Failure {
                     position, error, ..
-                }) => return Err(Stopped::Entry(start + position.unwrap_or(0), error)),
+                }) => {
+                    if end - start == 1 {
+                        self.replay_alone(start);
+                    }
+                    return Err(Stopped::Entry(start + position.unwrap_or(0), error));
+                }
             }
         }
         Ok(live)
