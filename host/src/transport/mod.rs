@@ -490,26 +490,32 @@ async fn dial_loop<M: WireMessage>(
     let mut buf = Vec::new();
     let mut backoff = Duration::from_millis(20);
     let mut out = Vec::with_capacity(64 * 1024);
+    // Where the peer was last found, if not at `addr`: tried first next time.
+    let mut found_elsewhere = false;
+    // A refusal is warned about once, not at every retry (an address now another member's
+    // would otherwise log twice a second for as long as this node runs).
+    let mut warned = String::new();
     loop {
-        // The address it was given first; where its hello said it is if that fails, whatever
-        // answers there (nothing, a stranger, another member).
-        let greeted = match greet(peer, &addr, &mut buf).await {
-            Ok(greeted) => Ok(greeted),
-            Err(e) => match elsewhere.lock().ok().and_then(|a| a.clone()) {
-                Some(other) => greet(peer, &other, &mut buf).await.inspect(|_| {
-                    info!(%addr, %other, "dialled the peer where it says it is");
-                }),
-                None => Err(e),
-            },
+        // The address it was given first, then where its hello said it is: whatever answers
+        // at the one (nothing, a stranger, another member), the other is tried.
+        let other = elsewhere.lock().ok().and_then(|a| a.clone());
+        let (first, second) = match other.as_deref() {
+            Some(other) if found_elsewhere => (other, Some(addr.as_str())),
+            other => (addr.as_str(), other),
         };
-        let (mut stream, nonce) = match greeted {
-            Ok(greeted) => greeted,
-            Err(e) => {
-                if matches!(e, FrameError::Refused(_)) {
-                    warn!(peer, %addr, error = %e, "cannot talk to the peer");
-                } else {
-                    debug!(peer, %addr, error = %e, "peer not reachable");
+        let mut greeted = None;
+        for at in [Some(first), second].into_iter().flatten() {
+            match greet(peer, at, &mut buf).await {
+                Ok(ok) => {
+                    greeted = Some((ok, at));
+                    break;
                 }
+                Err(e) => report(peer, at, &e, &mut warned),
+            }
+        }
+        let ((mut stream, nonce), at) = match greeted {
+            Some(greeted) => greeted,
+            None => {
                 // Whatever queued meanwhile is stale; Raft resends what still matters.
                 while rx.try_recv().is_ok() {}
                 tokio::time::sleep(backoff).await;
@@ -517,6 +523,12 @@ async fn dial_loop<M: WireMessage>(
                 continue;
             }
         };
+        if at != addr {
+            info!(%addr, %at, "dialled the peer where it says it is");
+        }
+        found_elsewhere = at != addr;
+        let at = at.to_owned();
+        warned.clear();
         hello.seal(&config.peer_secret.0, &nonce);
         out.clear();
         put_frame(&mut out, &hello.encode());
@@ -524,7 +536,7 @@ async fn dial_loop<M: WireMessage>(
             tokio::time::sleep(backoff).await;
             continue;
         }
-        info!(%addr, "connected to peer");
+        info!(peer, %at, "connected to peer");
         let connected = std::time::Instant::now();
         loop {
             let Some(first) = rx.recv().await else {
@@ -540,7 +552,7 @@ async fn dial_loop<M: WireMessage>(
                 }
             }
             if let Err(e) = stream.write_all(&out).await {
-                debug!(%addr, error = %e, "peer write failed; reconnecting");
+                debug!(peer, %at, error = %e, "peer write failed; reconnecting");
                 break;
             }
         }
@@ -552,6 +564,19 @@ async fn dial_loop<M: WireMessage>(
         } else {
             backoff = Duration::from_millis(20);
         }
+    }
+}
+
+/// Logs why member `peer` could not be greeted at `at`: a refusal (another protocol, another
+/// member answering there) as a warning, once until it changes; anything else (nothing
+/// listening, the peer down) at debug level.
+fn report(peer: NodeId, at: &str, e: &FrameError, warned: &mut String) {
+    let text = e.to_string();
+    if matches!(e, FrameError::Refused(_)) && text != *warned {
+        warn!(peer, %at, error = %text, "cannot talk to the peer");
+        *warned = text;
+    } else {
+        debug!(peer, %at, error = %text, "peer not reachable");
     }
 }
 
