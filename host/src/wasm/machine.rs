@@ -732,7 +732,8 @@ impl Machine {
                     self.cut_replay(start + (end - start) / 2);
                     return Err(Stopped::Halved);
                 }
-                // A call of one entry failed: that entry did, alone.
+                // An entry failed; in a call of its own, whatever failed was that entry, and it
+                // has now been tried alone.
                 Err(Failure {
                     position, error, ..
                 }) => {
