@@ -1572,12 +1572,14 @@ fn a_member_joins_and_the_leader_removes_itself_under_load() {
     let s = status_listing(&c, removed, 2, Duration::from_secs(10))
         .expect("the removed member learns the members without itself");
     assert!(!lists_member(&s, removed_id), "{s}");
-    assert!(
+    // The removal is in its log (so in effect) before it hears the removal commit, with the
+    // leader's next message: only then does it know it is out.
+    wait_until(Duration::from_secs(10), || {
         c.node_log(removed)
-            .contains("this node was removed from the members"),
-        "{}",
-        c.node_log(removed)
-    );
+            .contains("this node was removed from the members")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("not told it was removed: {}", c.node_log(removed)));
     // Past the longest election timeout (2 s), it has not campaigned.
     std::thread::sleep(Duration::from_millis(3_000));
     let log = c.node_log(removed);
