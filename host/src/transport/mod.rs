@@ -523,10 +523,10 @@ async fn dial_loop<M: WireMessage>(
                 continue;
             }
         };
-        if at != addr {
+        found_elsewhere = at != addr;
+        if found_elsewhere {
             info!(%addr, %at, "dialled the peer where it says it is");
         }
-        found_elsewhere = at != addr;
         let at = at.to_owned();
         warned.clear();
         hello.seal(&config.peer_secret.0, &nonce);

@@ -95,6 +95,13 @@ async fn reaches(from: &PeerTransport<Ping>, to: NodeId, inbox: &Inbox) -> bool 
     false
 }
 
+/// 2 reaches 1 at its address, and then 1 (`a`, which was told another address for 2) reaches
+/// 2 where 2's hello says it is.
+async fn both_reach(a: &PeerTransport<Ping>, to_a: &Inbox, b: &PeerTransport<Ping>, to_b: &Inbox) {
+    assert!(reaches(b, 1, to_a).await, "2 reaches 1 at its address");
+    assert!(reaches(a, 2, to_b).await, "1 reaches 2 where 2 says it is");
+}
+
 #[tokio::test]
 async fn delivers_in_order_and_learns_http_addresses() {
     let (a, b, inbox, _) = pair("c").await;
@@ -132,11 +139,7 @@ async fn a_peer_that_moved_is_dialled_where_its_hello_says() {
         Some(&old),
         "dialled where it was"
     );
-    assert!(reaches(&b, 1, &to_a).await, "2 reaches 1 at its address");
-    assert!(
-        reaches(&a, 2, &to_b).await,
-        "1 reaches 2 where 2 said it is"
-    );
+    both_reach(&a, &to_a, &b, &to_b).await;
     // The address it was given stays the one the membership knows, and is tried first.
     assert_eq!(a.peer_address(2), Some(old));
 }
@@ -157,11 +160,7 @@ async fn another_node_where_a_member_was_is_not_taken_for_it() {
     let (a, to_a) = recording(config(&stale, 1, "c", "limits"), la);
     let (b, to_b) = recording(config(&all, 2, "c", "limits"), lb);
     let (_c, to_c) = recording(config(&all, 3, "c", "limits"), l3);
-    assert!(reaches(&b, 1, &to_a).await, "2 reaches 1 at its address");
-    assert!(
-        reaches(&a, 2, &to_b).await,
-        "1 reaches 2 where 2 says it is"
-    );
+    both_reach(&a, &to_a, &b, &to_b).await;
     assert!(
         to_c.lock().unwrap().iter().all(|&(from, _)| from != 1),
         "1 sent nothing to 3: {:?}",
@@ -180,11 +179,7 @@ async fn another_node_where_a_member_was_is_not_taken_for_it() {
     });
     let (a, to_a) = recording(config(&stale, 1, "c", "limits"), la);
     let (b, to_b) = recording(config(&peers, 2, "c", "limits"), lb);
-    assert!(reaches(&b, 1, &to_a).await, "2 reaches 1 at its address");
-    assert!(
-        reaches(&a, 2, &to_b).await,
-        "1 reaches 2 where 2 says it is"
-    );
+    both_reach(&a, &to_a, &b, &to_b).await;
 }
 
 #[tokio::test]

@@ -12,9 +12,9 @@
 //! to single entries, so an entry fails only if it fails on its own. So is an entry that ran
 //! out of memory or fuel beside others, or was refused memory and answered anyway: their
 //! payloads and outputs share its memory until the call returns, so it is applied again in a
-//! call of its own, and that is its result. Replay
-//! after a recovery does the same: it applies such an entry alone, and halves a call that
-//! fails outside any entry (replay groups the log by size, not as it was applied).
+//! call of its own, and that is its result. Replay after a recovery does the same: it applies
+//! such an entry alone, and halves a call that fails outside any entry (replay groups the log
+//! by size, not as it was applied).
 //!
 //! The common, failure-free path moves the batch's entries into the log (the metered path
 //! clones them, a cheap `Bytes` clone per entry); the base is refreshed once the log weighs
@@ -224,16 +224,8 @@ impl Live {
                         error: GuestError::Trap("read the clock or random source".into()),
                         needs_metering: true,
                     });
-                } else if let Some(position) = meter.refused.filter(|_| chunk.len() > 1) {
-                    // Refused memory beside others, and it answered anyway: what it does alone
-                    // is its answer, as for an entry that trapped for want of memory.
-                    return Err(Failure {
-                        position,
-                        error: GuestError::MemoryLimit {
-                            limit: self.limits.memory_bytes,
-                        },
-                        needs_metering: false,
-                    });
+                } else if let Some(failure) = self.refusal(chunk, false) {
+                    return Err(failure);
                 } else {
                     return Ok(outputs);
                 };
@@ -255,17 +247,10 @@ impl Live {
                     && (touched
                         || state.meter.begun_unmetered
                         || matches!(error, GuestError::OutOfFuel { .. }));
-                // A failure after a refusal an earlier entry lived through: that entry's
-                // answer, and so what followed it, may depend on its neighbours. It goes
-                // alone first.
-                if let Some(refused) = state.meter.refused.filter(|_| chunk.len() > 1) {
-                    return Err(Failure {
-                        position: refused,
-                        error: GuestError::MemoryLimit {
-                            limit: self.limits.memory_bytes,
-                        },
-                        needs_metering,
-                    });
+                // After a refusal an earlier entry lived through, what followed it may depend
+                // on its neighbours too: that entry goes alone first.
+                if let Some(failure) = self.refusal(chunk, needs_metering) {
+                    return Err(failure);
                 }
                 Err(Failure {
                     position,
@@ -274,6 +259,25 @@ impl Live {
                 })
             }
         }
+    }
+
+    /// A call of several entries in which one was refused memory and ran on fails at that
+    /// entry (outside any entry: `None`), as an entry that trapped for want of memory does:
+    /// what it does alone is its answer.
+    fn refusal(&self, chunk: &[Entry], needs_metering: bool) -> Option<Failure> {
+        let position = self
+            .store
+            .data()
+            .meter
+            .refused
+            .filter(|_| chunk.len() > 1)?;
+        Some(Failure {
+            position,
+            error: GuestError::MemoryLimit {
+                limit: self.limits.memory_bytes,
+            },
+            needs_metering,
+        })
     }
 
     fn query(&mut self, request: &[u8]) -> Result<Result<Vec<u8>, String>, GuestError> {
