@@ -89,15 +89,21 @@ impl raft::Transport for TcpTransport {
         self.0.send(to, msg)
     }
 
-    /// Dials the members at the addresses the membership records, and the other peers of
-    /// `--peers` as before (a joining node knows no members yet, and must answer its leader).
+    /// Dials the members, at the addresses the membership records or else `--peers` gives (the
+    /// first members are recorded without). A joining node, which knows no members yet,
+    /// dials `--peers`. Whoever calls in is dialled back while connected (see the transport).
     fn set_members(&self, members: &Membership) {
-        let mut peers = self.0.initial_peers().clone();
-        for id in members.ids() {
-            if let Some(address) = members.address(id) {
-                peers.insert(id, address.to_owned());
-            }
+        let initial = self.0.initial_peers();
+        if members.is_empty() {
+            return self.0.set_peers(initial);
         }
+        let peers = members
+            .ids()
+            .filter_map(|id| {
+                let address = members.address(id).or(initial.get(&id).map(String::as_str));
+                Some((id, address?.to_owned()))
+            })
+            .collect();
         self.0.set_peers(&peers);
     }
 

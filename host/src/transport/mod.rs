@@ -7,7 +7,8 @@
 //! into one `write` call: under load many messages share a syscall. Peers are added as members
 //! are (`set_peers`) and as callers say hello: a caller that proves the cluster's secret and
 //! identity but is not known yet (a member added by a change this node has not seen) is dialled
-//! at the peer address its hello gives, so this node can answer it.
+//! at the peer address its hello gives, so this node can answer it. A peer neither named nor
+//! calling in is no longer dialled.
 
 pub mod frame;
 
@@ -108,9 +109,27 @@ impl<M: WireMessage> Clone for PeerTransport<M> {
 
 struct Inner<M> {
     config: Arc<TransportConfig>,
-    peers: Arc<RwLock<HashMap<NodeId, Peer<M>>>>,
+    peers: Peers<M>,
     http_addrs: Arc<RwLock<HashMap<NodeId, String>>>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// The peers this node dials. A peer is dialled while the last `set_peers` names it or while
+/// it has a connection in, said hello on: a caller this node's log does not know yet (a member
+/// added by a change not seen here, perhaps its leader) must be answered, and a removed member
+/// still running must be told so, but a member removed and gone is not dialled forever.
+struct Peers<M> {
+    config: Arc<TransportConfig>,
+    map: Arc<RwLock<HashMap<NodeId, Peer<M>>>>,
+}
+
+impl<M> Clone for Peers<M> {
+    fn clone(&self) -> Self {
+        Peers {
+            config: self.config.clone(),
+            map: self.map.clone(),
+        }
+    }
 }
 
 /// A peer this node dials: its address, the queue its dialler sends from, and where its
@@ -120,6 +139,10 @@ struct Peer<M> {
     queue: mpsc::Sender<M>,
     dialler: JoinHandle<()>,
     elsewhere: Arc<Mutex<Option<String>>>,
+    /// Named by the last `set_peers`.
+    named: bool,
+    /// Its connections in that said hello and are still open.
+    callers: usize,
 }
 
 impl<M: WireMessage> Peer<M> {
@@ -138,6 +161,107 @@ impl<M: WireMessage> Peer<M> {
             queue,
             dialler,
             elsewhere,
+            named: false,
+            callers: 0,
+        }
+    }
+}
+
+impl<M> Peer<M> {
+    /// Whether it is still dialled.
+    fn wanted(&self) -> bool {
+        self.named || self.callers > 0
+    }
+}
+
+impl<M> Drop for Peer<M> {
+    fn drop(&mut self) {
+        self.dialler.abort();
+    }
+}
+
+impl<M: WireMessage> Peers<M> {
+    /// Dials exactly `named` (this node aside) from now on, besides peers with a connection in.
+    fn set(&self, named: &BTreeMap<NodeId, String>) {
+        let Ok(mut map) = self.map.write() else {
+            return;
+        };
+        map.retain(|id, p| {
+            p.named = named.contains_key(id);
+            p.wanted()
+        });
+        for (&id, address) in named {
+            if id == self.config.node_id {
+                continue;
+            }
+            let callers = match map.get(&id) {
+                Some(p) if p.address == *address => continue,
+                // Dialled at the new address from now on; its callers still count.
+                Some(p) => p.callers,
+                None => 0,
+            };
+            let mut p = Peer::dial(id, address, &self.config);
+            p.named = true;
+            p.callers = callers;
+            map.insert(id, p);
+        }
+    }
+
+    /// A caller proved it is member `id`, taking peer connections at `raft_addr`. Dials it
+    /// there if this node does not yet; `None` if it cannot be reached (no address). The caller
+    /// counts as connected until the returned guard drops.
+    fn admit(&self, id: NodeId, raft_addr: &str) -> Option<Caller<M>> {
+        let mut map = self.map.write().ok()?;
+        if let Some(p) = map.get_mut(&id) {
+            // A member that moved while this node missed the change (`move-member`) says
+            // where it is now. Its dialler tries there whenever the address it was given
+            // does not answer; the given one stays first, so a hello spelling the address
+            // otherwise (a port mapping, a host name) changes nothing that works.
+            if !raft_addr.is_empty()
+                && p.address != raft_addr
+                && let Ok(mut elsewhere) = p.elsewhere.lock()
+                && elsewhere.as_deref() != Some(raft_addr)
+            {
+                info!(peer = id, dialled = %p.address, %raft_addr, "a peer says it is elsewhere");
+                *elsewhere = Some(raft_addr.to_owned());
+            }
+            p.callers += 1;
+        } else {
+            if raft_addr.is_empty() {
+                return None;
+            }
+            info!(peer = id, %raft_addr, "a peer this node did not know: dialling it");
+            let mut p = Peer::dial(id, raft_addr, &self.config);
+            p.callers = 1;
+            map.insert(id, p);
+        }
+        Some(Caller {
+            peers: self.map.clone(),
+            id,
+        })
+    }
+}
+
+/// A peer's connection in, from its hello until it closes (see `Peers`).
+struct Caller<M> {
+    peers: Arc<RwLock<HashMap<NodeId, Peer<M>>>>,
+    id: NodeId,
+}
+
+impl<M> Drop for Caller<M> {
+    fn drop(&mut self) {
+        let Ok(mut map) = self.peers.write() else {
+            return;
+        };
+        if let Some(p) = map.get_mut(&self.id) {
+            p.callers = p.callers.saturating_sub(1);
+            if !p.wanted() {
+                debug!(
+                    peer = self.id,
+                    "no longer a member nor connected: not dialled"
+                );
+                map.remove(&self.id);
+            }
         }
     }
 }
@@ -147,10 +271,9 @@ impl<M> Drop for Inner<M> {
         for t in &self.tasks {
             t.abort();
         }
-        if let Ok(peers) = self.peers.read() {
-            for p in peers.values() {
-                p.dialler.abort();
-            }
+        // Callers' guards may outlive the transport: stop the diallers now.
+        if let Ok(mut peers) = self.peers.map.write() {
+            peers.clear();
         }
     }
 }
@@ -169,43 +292,16 @@ impl<M: WireMessage> PeerTransport<M> {
             config.node_id,
             config.http_addr.clone(),
         )])));
-        let peers: Arc<RwLock<HashMap<NodeId, Peer<M>>>> = Arc::new(RwLock::new(HashMap::new()));
-        let (known, cfg) = (peers.clone(), config.clone());
-        // A caller this node does not dial (a member added by a change this node has not seen
-        // yet, now perhaps its leader) is dialled at the address its hello gives, so that
-        // this node can answer it and be caught up.
-        let admit = move |id, raft_addr: &str| {
-            let Ok(mut peers) = known.write() else {
-                return false;
-            };
-            if let Some(p) = peers.get(&id) {
-                // A member that moved while this node missed the change (`move-member`) says
-                // where it is now. Its dialler tries there whenever the address it was given
-                // does not answer; the given one stays first, so a hello spelling the address
-                // otherwise (a port mapping, a host name) changes nothing that works.
-                if !raft_addr.is_empty()
-                    && p.address != raft_addr
-                    && let Ok(mut elsewhere) = p.elsewhere.lock()
-                    && elsewhere.as_deref() != Some(raft_addr)
-                {
-                    info!(peer = id, dialled = %p.address, %raft_addr, "a peer says it is elsewhere");
-                    *elsewhere = Some(raft_addr.to_owned());
-                }
-                return true;
-            }
-            if raft_addr.is_empty() {
-                return false;
-            }
-            info!(peer = id, %raft_addr, "a peer this node did not know: dialling it");
-            peers.insert(id, Peer::dial(id, raft_addr, &cfg));
-            true
+        let peers = Peers {
+            config: config.clone(),
+            map: Arc::default(),
         };
         let tasks = vec![tokio::spawn(accept_loop(
             listener,
             config.clone(),
             http_addrs.clone(),
             on_message,
-            Arc::new(admit),
+            peers.clone(),
         ))];
         let transport = PeerTransport {
             inner: Arc::new(Inner {
@@ -220,26 +316,10 @@ impl<M: WireMessage> PeerTransport<M> {
     }
 
     /// Dials `peers` (this node's own entry aside) from now on, at the addresses given: a
-    /// peer at a new address is dialled there. Peers not named are kept: one learnt from its
-    /// hello (a leader this node's log does not know yet) must still be answered.
+    /// peer at a new address is dialled there. A peer not named is dropped unless it has a
+    /// connection in (see `Peers`).
     pub fn set_peers(&self, peers: &BTreeMap<NodeId, String>) {
-        let config = &self.inner.config;
-        let Ok(mut current) = self.inner.peers.write() else {
-            return;
-        };
-        current.retain(|id, p| {
-            let keep = peers.get(id).is_none_or(|a| *a == p.address);
-            if !keep {
-                p.dialler.abort();
-            }
-            keep
-        });
-        for (&id, address) in peers {
-            if id == config.node_id || current.contains_key(&id) {
-                continue;
-            }
-            current.insert(id, Peer::dial(id, address, config));
-        }
+        self.inner.peers.set(peers);
     }
 
     /// The address this node dials `id` at.
@@ -247,7 +327,7 @@ impl<M: WireMessage> PeerTransport<M> {
         if id == self.inner.config.node_id {
             return self.inner.config.peers.get(&id).cloned();
         }
-        let peers = self.inner.peers.read().ok()?;
+        let peers = self.inner.peers.map.read().ok()?;
         peers.get(&id).map(|p| p.address.clone())
     }
 
@@ -258,7 +338,7 @@ impl<M: WireMessage> PeerTransport<M> {
 
     /// Queues `msg` for `to`; drops it when the peer is unknown or its queue is full.
     pub fn send(&self, to: NodeId, msg: M) {
-        let Ok(peers) = self.inner.peers.read() else {
+        let Ok(peers) = self.inner.peers.map.read() else {
             return;
         };
         if let Some(p) = peers.get(&to)
@@ -338,16 +418,12 @@ fn inbound(shared: &SharedInbound) -> std::sync::MutexGuard<'_, Inbound> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Whether a caller that said hello as this id, taking peer connections at this address, is
-/// admitted.
-type Admit = Arc<dyn Fn(NodeId, &str) -> bool + Send + Sync>;
-
 async fn accept_loop<M: WireMessage>(
     listener: TcpListener,
     config: Arc<TransportConfig>,
     http_addrs: Arc<RwLock<HashMap<NodeId, String>>>,
     on_message: Handler<M>,
-    admit: Admit,
+    peers: Peers<M>,
 ) {
     let conns = SharedInbound::default();
     loop {
@@ -364,12 +440,12 @@ async fn accept_loop<M: WireMessage>(
         let mut registry = inbound(&conns);
         registry.next += 1;
         let conn = registry.next;
-        let (config, http_addrs, on_message, shared, admit) = (
+        let (config, http_addrs, on_message, shared, peers) = (
             config.clone(),
             http_addrs.clone(),
             on_message.clone(),
             conns.clone(),
-            admit.clone(),
+            peers.clone(),
         );
         let task = tokio::spawn(async move {
             let served = serve_inbound(
@@ -377,7 +453,7 @@ async fn accept_loop<M: WireMessage>(
                 &config,
                 &http_addrs,
                 &on_message,
-                &*admit,
+                &peers,
                 |member| inbound(&shared).promote(conn, member),
             )
             .await;
@@ -398,7 +474,7 @@ async fn serve_inbound<M: WireMessage>(
     config: &TransportConfig,
     http_addrs: &RwLock<HashMap<NodeId, String>>,
     on_message: &Handler<M>,
-    admit: &(dyn Fn(NodeId, &str) -> bool + Send + Sync),
+    peers: &Peers<M>,
     said_hello: impl FnOnce(NodeId) -> bool,
 ) -> Result<(), FrameError> {
     tune(&stream);
@@ -448,9 +524,13 @@ async fn serve_inbound<M: WireMessage>(
             hello.node_id, hello.apply_limits, config.apply_limits
         )));
     }
-    if hello.node_id == config.node_id || !admit(hello.node_id, &hello.raft_addr) {
+    if hello.node_id == config.node_id {
         return Err(FrameError::BadHello("peer id is not a member"));
     }
+    // Held while the connection is open: the caller is dialled back until it closes.
+    let Some(_caller) = peers.admit(hello.node_id, &hello.raft_addr) else {
+        return Err(FrameError::BadHello("peer id is not a member"));
+    };
     let from = hello.node_id;
     if !said_hello(from) {
         debug!(from, "the member has a newer connection; closing this one");

@@ -182,6 +182,38 @@ async fn another_node_where_a_member_was_is_not_taken_for_it() {
     both_reach(&a, &to_a, &b, &to_b).await;
 }
 
+/// A member no longer named is still dialled while it calls in (a removed member still running
+/// must hear that it was removed; a leader this node's log does not know yet must be answered),
+/// and no longer once it is gone.
+#[tokio::test]
+async fn a_peer_not_named_is_dialled_only_while_it_calls_in() {
+    let (la, lb, peers) = two_members().await;
+    let (a, to_a) = recording(config(&peers, 1, "c", "limits"), la);
+    let (b, to_b) = recording(config(&peers, 2, "c", "limits"), lb);
+    both_reach(&a, &to_a, &b, &to_b).await;
+    a.set_peers(&BTreeMap::from([(1, peers[&1].clone())]));
+    to_b.lock().unwrap().clear();
+    assert!(
+        reaches(&a, 2, &to_b).await,
+        "still answered while it calls in"
+    );
+
+    drop(b);
+    let mut dialled = true;
+    for _ in 0..200 {
+        dialled = a.peer_address(2).is_some();
+        if !dialled {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!dialled, "a member removed and gone is not dialled");
+
+    // Named again, it is dialled again.
+    a.set_peers(&peers);
+    assert_eq!(a.peer_address(2).as_ref(), Some(&peers[&2]));
+}
+
 #[tokio::test]
 async fn garbage_and_oversized_frames_close_only_their_connection() {
     let (a, _b, inbox, b_addr) = pair("c").await;
