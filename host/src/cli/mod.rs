@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 use hyper::Method;
 
 use crate::node::{self, NodeConfig};
+use crate::raft::MAX_NODE_ID;
 use crate::wasm::Limits;
 
 /// URL of the node `lockstep dev` starts first.
@@ -215,6 +216,9 @@ fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, String> {
             .map_err(|_| format!("{id:?} is not a node id"))?;
         if id == 0 {
             return Err("node id 0 is reserved (ids start at 1)".into());
+        }
+        if id > MAX_NODE_ID {
+            return Err(format!("node id {id} is too large (at most {MAX_NODE_ID})"));
         }
         if peers.insert(id, addr.trim().to_owned()).is_some() {
             return Err(format!("node id {id} appears twice"));
@@ -518,7 +522,7 @@ pub async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
-    use super::{Cli, Cmd, parse_advertise, parse_peers};
+    use super::{Cli, Cmd, MAX_NODE_ID, parse_advertise, parse_peers};
     use clap::Parser;
 
     fn serve(extra: &[&str]) -> Result<Cli, clap::Error> {
@@ -545,6 +549,10 @@ mod tests {
         assert_eq!(peers.keys().copied().collect::<Vec<_>>(), [1, 2]);
         let err = parse_peers("0=127.0.0.1:2,1=127.0.0.1:3").expect_err("id 0 accepted");
         assert!(err.contains("id 0 is reserved"), "{err}");
+        // The largest id a membership can carry, and one past it.
+        assert!(parse_peers(&format!("{MAX_NODE_ID}=a:1")).is_ok());
+        let err = parse_peers(&format!("{}=a:1", MAX_NODE_ID + 1)).expect_err("id too large");
+        assert!(err.contains("too large"), "{err}");
         assert!(
             parse_peers("1=a:1,1=b:2").is_err(),
             "a repeated id accepted"

@@ -11,7 +11,17 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use super::NodeId;
-use super::message::{DecodeError, Reader, put_u64};
+use super::message::{DecodeError, MAX_WIRE_NUMBER, Reader, put_u64};
+
+/// The largest member id. Ids travel in memberships as wire numbers, which readers refuse past
+/// `MAX_WIRE_NUMBER`: a larger id would be written into the log and then refused by every node
+/// that reads it back (followers, a restart).
+pub const MAX_NODE_ID: NodeId = MAX_WIRE_NUMBER;
+
+/// Whether `id` can be a member's: 1 to `MAX_NODE_ID`.
+pub fn valid_id(id: NodeId) -> bool {
+    (1..=MAX_NODE_ID).contains(&id)
+}
 
 /// The members, by id, with their peer (Raft) addresses. An address may be empty: the
 /// members a cluster was started with are reached at the addresses in `--peers`.
@@ -35,8 +45,8 @@ pub enum ChangeRefused {
     NotAMember(NodeId),
     #[error("the last member cannot be removed")]
     LastMember,
-    #[error("member ids are never 0")]
-    ZeroId,
+    #[error("member ids are 1 to {MAX_NODE_ID}, not {0}")]
+    BadId(NodeId),
     #[error("a membership change adds or removes exactly one member, or moves one")]
     NotOneChange,
     #[error("{0} is reached at that address already")]
@@ -113,8 +123,8 @@ impl Membership {
 
     /// This membership with `id` added at `address`.
     pub fn with(&self, id: NodeId, address: String) -> Result<Membership, ChangeRefused> {
-        if id == 0 {
-            return Err(ChangeRefused::ZeroId);
+        if !valid_id(id) {
+            return Err(ChangeRefused::BadId(id));
         }
         if self.contains(id) {
             return Err(ChangeRefused::AlreadyAMember(id));
@@ -231,13 +241,27 @@ mod tests {
     }
 
     #[test]
+    fn every_member_id_it_takes_reads_back() {
+        let m = Membership::of_ids([1]);
+        let largest = m
+            .with(MAX_NODE_ID, "10.0.0.9:7000".into())
+            .expect("in range");
+        assert_eq!(Membership::decode(&largest.encode()), Ok(largest));
+        // Past it, a membership would encode and then fail to decode on every node that
+        // reads the log: refused before it is proposed.
+        for id in [MAX_NODE_ID + 1, u64::MAX] {
+            assert_eq!(m.with(id, String::new()), Err(ChangeRefused::BadId(id)));
+        }
+    }
+
+    #[test]
     fn changes_are_one_member_at_a_time() {
         let m = Membership::of_ids([1, 2, 3]);
         assert_eq!(
             m.with(3, String::new()),
             Err(ChangeRefused::AlreadyAMember(3))
         );
-        assert_eq!(m.with(0, String::new()), Err(ChangeRefused::ZeroId));
+        assert_eq!(m.with(0, String::new()), Err(ChangeRefused::BadId(0)));
         assert_eq!(m.without(4), Err(ChangeRefused::NotAMember(4)));
         assert_eq!(
             Membership::of_ids([1]).without(1),

@@ -17,7 +17,7 @@ pub use self::core::{
     ChangeOutcome, ChangeStarted, CoreConfig, CoreRole, DurableState, HardState, LogRead, LogWrite,
     RaftCore, Ready, Snapshot,
 };
-pub use membership::{ChangeRefused, Membership};
+pub use membership::{ChangeRefused, MAX_NODE_ID, Membership};
 pub use message::{DecodeError, EntryKind, LogEntry, Message};
 pub use metrics::{HistogramSnapshot, MetricsSnapshot};
 pub use node::{
