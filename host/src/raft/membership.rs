@@ -247,8 +247,11 @@ mod tests {
             .with(MAX_NODE_ID, "10.0.0.9:7000".into())
             .expect("in range");
         assert_eq!(Membership::decode(&largest.encode()), Ok(largest));
-        // Past it, a membership would encode and then fail to decode on every node that
-        // reads the log: refused before it is proposed.
+        // Past it, a membership encodes and then fails to decode on every node that reads
+        // the log...
+        let past = Membership::of_ids([1, MAX_NODE_ID + 1]);
+        assert!(Membership::decode(&past.encode()).is_err());
+        // ...so it is refused before it is proposed.
         for id in [MAX_NODE_ID + 1, u64::MAX] {
             assert_eq!(m.with(id, String::new()), Err(ChangeRefused::BadId(id)));
         }
