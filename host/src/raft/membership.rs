@@ -19,7 +19,7 @@ use super::message::{DecodeError, MAX_WIRE_NUMBER, Reader, put_u64};
 pub const MAX_NODE_ID: NodeId = MAX_WIRE_NUMBER;
 
 /// Whether `id` can be a member's: 1 to `MAX_NODE_ID`.
-pub fn valid_id(id: NodeId) -> bool {
+fn valid_id(id: NodeId) -> bool {
     (1..=MAX_NODE_ID).contains(&id)
 }
 
