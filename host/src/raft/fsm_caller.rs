@@ -160,8 +160,10 @@ impl<SM: StateMachine> FsmCaller<SM> {
     }
 
     fn snapshot_due(&self) -> bool {
+        // Saturating: `--snapshot-every` may be as large as u64 (an operator's "never").
         self.snapshot_every != 0
-            && self.applied.load(Ordering::Relaxed) >= self.snapshot_index + self.snapshot_every
+            && self.applied.load(Ordering::Relaxed)
+                >= self.snapshot_index.saturating_add(self.snapshot_every)
     }
 
     /// Every `snapshot_every` entries the machine's state is taken here, between applies, and
@@ -355,6 +357,32 @@ mod tests {
             kind: EntryKind::Normal,
             payload: Bytes::from_static(b"x"),
         }
+    }
+
+    /// Regression: `snapshot_index + snapshot_every` overflowed for a `--snapshot-every` near
+    /// u64::MAX, panicking the state-machine thread in a debug build and, wrapped in a release
+    /// one, making a snapshot due after every apply once one had been taken.
+    #[test]
+    fn a_huge_snapshot_interval_means_no_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_tx, rx) = std::sync::mpsc::channel();
+        let (events, _events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let caller = FsmCaller {
+            sm: Count(0),
+            rx,
+            applied: Default::default(),
+            metrics: Default::default(),
+            events,
+            snapshots: SnapshotStore::new(dir.path().to_path_buf()),
+            snapshot_every: u64::MAX,
+            snapshot_index: 1_000,
+            last_entry: (0, 0),
+            membership: Membership::of_ids([1]),
+            writing: Arc::new(AtomicBool::new(false)),
+            writer: None,
+        };
+        caller.applied.store(2_000, Ordering::Relaxed);
+        assert!(!caller.snapshot_due());
     }
 
     /// Regression (a CI run): a snapshot that fell due while the previous one was still being
