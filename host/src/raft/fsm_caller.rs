@@ -359,28 +359,45 @@ mod tests {
         }
     }
 
-    /// Regression: `snapshot_index + snapshot_every` overflowed for a `--snapshot-every` near
-    /// u64::MAX, panicking the state-machine thread in a debug build and, wrapped in a release
-    /// one, making a snapshot due after every apply once one had been taken.
-    #[test]
-    fn a_huge_snapshot_interval_means_no_snapshot() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (_tx, rx) = std::sync::mpsc::channel();
-        let (events, _events_rx) = tokio::sync::mpsc::unbounded_channel();
+    /// A caller of `Count` snapshotting every `every` entries into `dir`, with the sender of
+    /// its tasks and the receiver of its events.
+    fn count_caller(
+        dir: &std::path::Path,
+        every: u64,
+        writing: Arc<AtomicBool>,
+    ) -> (
+        FsmCaller<Count>,
+        std::sync::mpsc::Sender<FsmTask<Count>>,
+        tokio::sync::mpsc::UnboundedReceiver<Event<Count>>,
+    ) {
+        let (tasks, rx) = std::sync::mpsc::channel();
+        let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
         let caller = FsmCaller {
             sm: Count(0),
             rx,
             applied: Default::default(),
             metrics: Default::default(),
             events,
-            snapshots: SnapshotStore::new(dir.path().to_path_buf()),
-            snapshot_every: u64::MAX,
-            snapshot_index: 1_000,
+            snapshots: SnapshotStore::new(dir.to_path_buf()),
+            snapshot_every: every,
+            snapshot_index: 0,
             last_entry: (0, 0),
             membership: Membership::of_ids([1]),
-            writing: Arc::new(AtomicBool::new(false)),
+            writing,
             writer: None,
         };
+        (caller, tasks, events_rx)
+    }
+
+    /// Regression: `snapshot_index + snapshot_every` overflowed for a `--snapshot-every` near
+    /// u64::MAX, panicking the state-machine thread in a debug build and, wrapped in a release
+    /// one, making a snapshot due after every apply once one had been taken.
+    #[test]
+    fn a_huge_snapshot_interval_means_no_snapshot() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut caller, _tasks, _events) =
+            count_caller(dir.path(), u64::MAX, Arc::new(AtomicBool::new(false)));
+        caller.snapshot_index = 1_000;
         caller.applied.store(2_000, Ordering::Relaxed);
         assert!(!caller.snapshot_due());
     }
@@ -390,23 +407,8 @@ mod tests {
     #[test]
     fn a_snapshot_due_during_a_write_is_taken_once_the_write_is_done_without_more_entries() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (events, mut events_rx) = tokio::sync::mpsc::unbounded_channel();
         let writing = Arc::new(AtomicBool::new(true)); // the previous snapshot's write
-        let caller = FsmCaller {
-            sm: Count(0),
-            rx,
-            applied: Default::default(),
-            metrics: Default::default(),
-            events,
-            snapshots: SnapshotStore::new(dir.path().to_path_buf()),
-            snapshot_every: 5,
-            snapshot_index: 0,
-            last_entry: (0, 0),
-            membership: Membership::of_ids([1]),
-            writing: writing.clone(),
-            writer: None,
-        };
+        let (caller, tx, mut events_rx) = count_caller(dir.path(), 5, writing.clone());
         let thread = std::thread::spawn(move || caller.run());
         let applied = |n| FsmTask::Apply {
             entries: (1..=n).map(entry).collect(),
