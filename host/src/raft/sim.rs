@@ -18,7 +18,7 @@
 //! applies the whole committed log and holds the same membership, addresses included.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashSet};
+use std::collections::{BTreeMap, BinaryHeap};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -32,6 +32,9 @@ use super::core::{
 };
 use super::membership::{ChangeRefused, Membership};
 use super::message::{EntryKind, LogEntry, Message};
+use history::{HistOp, OpKind, linearizable};
+
+pub mod history;
 
 /// What one simulation run looks like.
 #[derive(Clone, Debug)]
@@ -175,22 +178,6 @@ impl LogRead for SharedDisk {
         }
         Some(out)
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum OpKind {
-    Put(u64),
-    Get,
-}
-
-#[derive(Clone, Debug)]
-struct HistOp {
-    key: u64,
-    kind: OpKind,
-    invoke: u64,
-    /// `None`: indeterminate (may or may not have taken effect).
-    ret: Option<u64>,
-    read: Option<u64>,
 }
 
 struct SimNode {
@@ -1354,7 +1341,7 @@ impl Sim {
         };
         let op = self.history.len();
         let outcome = match kind {
-            OpKind::Put(v) => core
+            OpKind::Put(v) | OpKind::Swap(v, _) => core
                 .propose([encode_put(key, v)], wall, None)
                 .map(|(index, term)| self.nodes[ti].pending.insert(index, (term, op)).map(|_| ()))
                 .map(|dup| dup.is_none()),
@@ -1647,84 +1634,4 @@ fn decode_put(p: &[u8]) -> Option<(u64, u64)> {
     let k = u64::from_le_bytes(p.get(0..8)?.try_into().ok()?);
     let v = u64::from_le_bytes(p.get(8..16)?.try_into().ok()?);
     Some((k, v))
-}
-
-/// Wing & Gong / Lowe search for a register: ops with `ret == None` are indeterminate (they may
-/// take effect at any point after their invocation, or never).
-fn linearizable(ops: &[&HistOp]) -> bool {
-    let n = ops.len();
-    let words = n.div_ceil(64).max(1);
-    let mut seen: HashSet<(Vec<u64>, Option<u64>)> = HashSet::new();
-    let mut stack: Vec<(Vec<u64>, Option<u64>)> = vec![(vec![0; words], None)];
-    let must = |done: &Vec<u64>| {
-        (0..n).all(|i| ops[i].ret.is_none() || done[i / 64] & (1 << (i % 64)) != 0)
-    };
-    while let Some((done, value)) = stack.pop() {
-        if must(&done) {
-            return true;
-        }
-        if !seen.insert((done.clone(), value)) {
-            continue;
-        }
-        // Only ops invoked before every pending determinate op returned may go next.
-        let horizon = (0..n)
-            .filter(|&i| done[i / 64] & (1 << (i % 64)) == 0)
-            .filter_map(|i| ops[i].ret)
-            .min()
-            .unwrap_or(u64::MAX);
-        for i in 0..n {
-            if done[i / 64] & (1 << (i % 64)) != 0 || ops[i].invoke > horizon {
-                continue;
-            }
-            let next = match ops[i].kind {
-                OpKind::Put(v) => Some(v),
-                OpKind::Get if ops[i].read == value => value,
-                OpKind::Get => continue,
-            };
-            let mut d = done.clone();
-            d[i / 64] |= 1 << (i % 64);
-            stack.push((d, next));
-        }
-    }
-    false
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn op(kind: OpKind, invoke: u64, ret: Option<u64>, read: Option<u64>) -> HistOp {
-        HistOp {
-            key: 0,
-            kind,
-            invoke,
-            ret,
-            read,
-        }
-    }
-
-    #[test]
-    fn checker_accepts_and_rejects() {
-        let w1 = op(OpKind::Put(1), 0, Some(2), None);
-        let r1 = op(OpKind::Get, 3, Some(4), Some(1));
-        let r0 = op(OpKind::Get, 3, Some(4), None);
-        assert!(linearizable(&[&w1, &r1]));
-        assert!(
-            !linearizable(&[&w1, &r0]),
-            "stale read after a completed write"
-        );
-        // An indeterminate write may or may not have happened.
-        let wi = op(OpKind::Put(2), 0, None, None);
-        let r2 = op(OpKind::Get, 5, Some(6), Some(2));
-        assert!(linearizable(&[&wi, &r0]));
-        assert!(linearizable(&[&wi, &r2]));
-        // Once seen, a value cannot disappear.
-        let r_after = op(OpKind::Get, 7, Some(8), None);
-        assert!(!linearizable(&[&wi, &r2, &r_after]));
-        // Concurrent ops may take either order.
-        let wa = op(OpKind::Put(3), 0, Some(10), None);
-        let ra = op(OpKind::Get, 1, Some(2), None);
-        let rb = op(OpKind::Get, 3, Some(4), Some(3));
-        assert!(linearizable(&[&wa, &ra, &rb]));
-    }
 }
