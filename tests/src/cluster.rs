@@ -272,9 +272,24 @@ impl TestCluster {
 
     /// SIGTERM, as an operator stops a node; the process is reaped later (kill, restart, drop).
     pub fn sigterm(&self, i: usize) {
+        self.signal(i, "-TERM");
+    }
+
+    /// SIGSTOP: node `i` freezes (a long pause of its machine), connections and all, until
+    /// `resume`.
+    pub fn pause(&self, i: usize) {
+        self.signal(i, "-STOP");
+    }
+
+    /// SIGCONT after `pause`.
+    pub fn resume(&self, i: usize) {
+        self.signal(i, "-CONT");
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
         if let Some(c) = &self.nodes[i].child {
             let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
+                .args([signal, &c.id().to_string()])
                 .status();
         }
     }

@@ -48,6 +48,11 @@ impl Client {
         }
     }
 
+    /// The "host:port" it talks to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
     pub fn get(&mut self, path: &str) -> std::io::Result<Reply> {
         self.request("GET", path, &[], &[])
     }
