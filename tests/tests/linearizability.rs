@@ -1,5 +1,5 @@
-//! Linearizability of real nodes under faults: HTTP clients write and read a few keys of `kv`
-//! through every node while members are killed with -9 (one, two, all of them) and restarted,
+//! Linearizability of real nodes under faults: HTTP clients write (alone or in batches) and read
+//! a few keys of `kv` through every node while members are killed with -9 (one, two, all of them) and restarted,
 //! the leader is frozen past an election timeout, logs are compacted behind snapshots, and
 //! leadership is handed over. Each key's history (when each call was sent and answered, and
 //! what it saw) must be linearizable. The simulator checks the consensus core this way; this
@@ -50,12 +50,12 @@ const FAULTS: [Fault; 8] = [
     Fault::Kill(&[Who::Follower, Who::Other]),
 ];
 
-/// What a call's answer says about whether it took effect.
+/// What an answer says about a call (or one task of a batch).
 enum Outcome {
     /// Answered `200`.
-    Done(Reply),
-    /// Nothing was proposed (or a read refused): `307`, or an error that promises so.
-    NotDone(Option<String>),
+    Done,
+    /// Nothing was proposed (or a read refused): `307`, or a code that promises so.
+    NotDone,
     /// It may or may not have taken effect.
     Unknown,
 }
@@ -63,32 +63,14 @@ enum Outcome {
 /// The codes the README promises mean "nothing was proposed".
 const NOTHING_PROPOSED: [&str; 4] = ["no_leader", "shutting_down", "overloaded", "leader_moving"];
 
-fn outcome(r: std::io::Result<Reply>, call: &str, unexpected: &Mutex<Vec<String>>) -> Outcome {
-    match r {
-        Ok(r) if r.status == 200 => Outcome::Done(r),
-        Ok(r) if r.status == 307 => Outcome::NotDone(r.header("location").map(str::to_owned)),
-        Ok(r) if r.status == 503 => match r.error_code().as_deref() {
-            Some(code) if NOTHING_PROPOSED.contains(&code) => Outcome::NotDone(None),
-            Some("outcome_unknown") => Outcome::Unknown,
-            _ => {
-                unexpected
-                    .lock()
-                    .unwrap()
-                    .push(format!("{call}: {}", r.text()));
-                Outcome::Unknown
-            }
-        },
-        Ok(r) => {
-            unexpected
-                .lock()
-                .unwrap()
-                .push(format!("{call}: {} {}", r.status, r.text()));
-            Outcome::Unknown
-        }
-        // Nothing reached a node.
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Outcome::NotDone(None),
-        // Sent, perhaps received: the node died or the connection broke.
-        Err(_) => Outcome::Unknown,
+/// `None`: an answer no caller should get here.
+fn judge(status: u64, code: Option<&str>) -> Option<Outcome> {
+    match (status, code) {
+        (200, _) => Some(Outcome::Done),
+        (307, _) => Some(Outcome::NotDone),
+        (503, Some(code)) if NOTHING_PROPOSED.contains(&code) => Some(Outcome::NotDone),
+        (503, Some("outcome_unknown")) => Some(Outcome::Unknown),
+        _ => None,
     }
 }
 
@@ -101,120 +83,244 @@ fn value(v: &serde_json::Value) -> Option<u64> {
     )
 }
 
-struct Clients {
-    stop: Arc<AtomicBool>,
-    history: Arc<Mutex<Vec<HistOp>>>,
+/// One call of a client.
+enum Call {
+    /// A `put` of a fresh value to a key, alone or (several) in one `tasks:batch` request.
+    Write(Vec<(u64, u64)>, bool),
+    /// A linearizable query of a key.
+    Read(u64),
+}
+
+impl Call {
+    fn path(&self) -> &'static str {
+        match self {
+            Call::Write(_, false) => "/v1/machines/kv/tasks",
+            Call::Write(_, true) => "/v1/machines/kv/tasks:batch",
+            Call::Read(_) => "/v1/machines/kv/query",
+        }
+    }
+
+    fn body(&self) -> String {
+        let put = |(key, v): &(u64, u64)| format!(r#"{{"put":{{"key":"k{key}","value":"{v}"}}}}"#);
+        match self {
+            Call::Write(puts, false) => put(&puts[0]),
+            Call::Write(puts, true) => {
+                format!("[{}]", puts.iter().map(put).collect::<Vec<_>>().join(","))
+            }
+            Call::Read(key) => format!(r#"{{"get":{{"key":"k{key}"}}}}"#),
+        }
+    }
+}
+
+/// What the clients share with the test.
+#[derive(Default)]
+struct Shared {
+    stop: AtomicBool,
+    history: Mutex<Vec<HistOp>>,
     /// Writes answered `200`.
-    writes: Arc<AtomicUsize>,
-    unexpected: Arc<Mutex<Vec<String>>>,
+    writes: AtomicUsize,
+    unexpected: Mutex<Vec<String>>,
+}
+
+/// Where a client sends its next call.
+enum Next {
+    Same,
+    /// Where a `307` pointed.
+    To(String),
+    /// Another node, picked at random.
+    Elsewhere,
+}
+
+impl Shared {
+    /// Records what `reply` says `call`, sent at `invoke`, did, and says where to send the next
+    /// call.
+    fn record(
+        &self,
+        call: &Call,
+        invoke: u64,
+        ret: u64,
+        reply: std::io::Result<Reply>,
+        sent_to: &str,
+    ) -> Next {
+        let done = |key, kind, read| HistOp {
+            key,
+            kind,
+            invoke,
+            ret: Some(ret),
+            read,
+        };
+        // A write that may or may not have taken effect, at any time after `invoke`.
+        let maybe = |key, v| HistOp {
+            key,
+            kind: OpKind::Put(v),
+            invoke,
+            ret: None,
+            read: None,
+        };
+        let unknown = || match call {
+            Call::Write(puts, _) => puts.iter().map(|&(key, v)| maybe(key, v)).collect(),
+            Call::Read(_) => Vec::new(),
+        };
+        let unexpected = |what: String| {
+            self.unexpected.lock().unwrap().push(format!(
+                "{} sent to {sent_to} at µs {invoke}: {what}",
+                call.body()
+            ));
+        };
+        let reply = match reply {
+            Ok(r) => r,
+            // Nothing reached a node.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Next::Elsewhere,
+            // Sent, perhaps received: the node died or the connection broke.
+            Err(_) => {
+                self.history.lock().unwrap().extend(unknown());
+                return Next::Elsewhere;
+            }
+        };
+        let (ops, next) = match judge(u64::from(reply.status), reply.error_code().as_deref()) {
+            Some(Outcome::Done) => (
+                self.answered(call, &reply, done, maybe, &unexpected),
+                Next::Same,
+            ),
+            Some(Outcome::NotDone) => {
+                let next = match reply.header("location") {
+                    Some(l) => {
+                        let host = l.trim_start_matches("http://");
+                        Next::To(host.split('/').next().unwrap_or(host).to_owned())
+                    }
+                    None => Next::Elsewhere,
+                };
+                (Vec::new(), next)
+            }
+            Some(Outcome::Unknown) => (unknown(), Next::Elsewhere),
+            None => {
+                unexpected(format!("{} {}", reply.status, reply.text()));
+                (unknown(), Next::Elsewhere)
+            }
+        };
+        self.history.lock().unwrap().extend(ops);
+        next
+    }
+
+    /// The ops a `200` answer to `call` shows (each task of a batch has its own outcome), with
+    /// `done` the op of a key that took effect.
+    fn answered(
+        &self,
+        call: &Call,
+        reply: &Reply,
+        done: impl Fn(u64, OpKind, Option<u64>) -> HistOp,
+        unknown: impl Fn(u64, u64) -> HistOp,
+        unexpected: &impl Fn(String),
+    ) -> Vec<HistOp> {
+        let body = reply.json();
+        let wrote = |key, v, prev| {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            done(key, OpKind::Swap(v, prev), None)
+        };
+        match call {
+            Call::Read(key) => vec![done(*key, OpKind::Get, value(&body["value"]))],
+            Call::Write(puts, false) => {
+                let (key, v) = puts[0];
+                vec![wrote(key, v, value(&body["prev"]))]
+            }
+            Call::Write(puts, true) => {
+                let results = body["results"].as_array().cloned().unwrap_or_default();
+                if results.len() != puts.len() {
+                    unexpected(format!(
+                        "{} results for {} tasks",
+                        results.len(),
+                        puts.len()
+                    ));
+                }
+                let mut ops = Vec::new();
+                for (i, &(key, v)) in puts.iter().enumerate() {
+                    let r = results.get(i).cloned().unwrap_or_default();
+                    let status = r["status"].as_u64().unwrap_or(0);
+                    match judge(status, r["error"]["code"].as_str()) {
+                        Some(Outcome::Done) => ops.push(wrote(key, v, value(&r["output"]["prev"]))),
+                        Some(Outcome::NotDone) => {}
+                        Some(Outcome::Unknown) => ops.push(unknown(key, v)),
+                        None => {
+                            unexpected(format!("task {i}: {r}"));
+                            ops.push(unknown(key, v));
+                        }
+                    }
+                }
+                ops
+            }
+        }
+    }
+}
+
+struct Clients {
+    shared: Arc<Shared>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Clients {
-    /// `CLIENTS` threads, each writing (a `put`, whose answer says what it replaced) or reading
-    /// (a linearizable query) a random key through a random node, one call at a time.
+    /// `CLIENTS` threads, each making one call at a time on a random key through a random
+    /// node: a write (a `put`, whose answer says what it replaced), a batch of two or three
+    /// writes, or a read (a linearizable query).
     fn start(c: &TestCluster, start: Instant) -> Self {
         let addrs: Vec<String> = c.nodes.iter().map(|n| n.http.to_string()).collect();
-        let stop = Arc::new(AtomicBool::new(false));
-        let history = Arc::new(Mutex::new(Vec::new()));
-        let writes = Arc::new(AtomicUsize::new(0));
-        let unexpected = Arc::new(Mutex::new(Vec::new()));
+        let shared = Arc::new(Shared::default());
         let threads = (0..CLIENTS)
             .map(|id| {
-                let (addrs, stop, history, writes, unexpected) = (
-                    addrs.clone(),
-                    stop.clone(),
-                    history.clone(),
-                    writes.clone(),
-                    unexpected.clone(),
-                );
+                let (addrs, shared) = (addrs.clone(), shared.clone());
                 std::thread::spawn(move || {
                     let now = || start.elapsed().as_micros() as u64;
                     let mut rng = Lcg(id + 1);
                     let mut client = Client::new(addrs[(id % 3) as usize].clone());
                     let mut seq = 0u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        let key = rng.below(KEYS);
-                        let write = rng.below(2) == 0;
-                        let (path, body, written) = if write {
-                            seq += 1;
-                            let v = id << 32 | seq;
-                            let body = format!(r#"{{"put":{{"key":"k{key}","value":"{v}"}}}}"#);
-                            ("/v1/machines/kv/tasks", body, Some(v))
-                        } else {
-                            let body = format!(r#"{{"get":{{"key":"k{key}"}}}}"#);
-                            ("/v1/machines/kv/query", body, None)
+                    let mut fresh = |rng: &mut Lcg| {
+                        seq += 1;
+                        (rng.below(KEYS), id << 32 | seq)
+                    };
+                    while !shared.stop.load(Ordering::Relaxed) {
+                        let call = match rng.below(5) {
+                            0 | 1 => Call::Read(rng.below(KEYS)),
+                            2 | 3 => Call::Write(vec![fresh(&mut rng)], false),
+                            _ => {
+                                let n = 2 + rng.below(2);
+                                Call::Write((0..n).map(|_| fresh(&mut rng)).collect(), true)
+                            }
                         };
                         let invoke = now();
-                        let reply = client.post(path, body.as_bytes());
+                        let reply = client.post(call.path(), call.body().as_bytes());
                         let ret = now();
-                        let op = |kind, ret, read| HistOp {
-                            key,
-                            kind,
-                            invoke,
-                            ret,
-                            read,
-                        };
-                        let call = format!(
-                            "{} of k{key} sent to {} at µs {invoke}",
-                            if write { "write" } else { "read" },
-                            client.addr()
-                        );
-                        let recorded = match (outcome(reply, &call, &unexpected), written) {
-                            (Outcome::Done(r), Some(v)) => {
-                                writes.fetch_add(1, Ordering::Relaxed);
-                                Some(op(
-                                    OpKind::Swap(v, value(&r.json()["prev"])),
-                                    Some(ret),
-                                    None,
-                                ))
-                            }
-                            (Outcome::Done(r), None) => {
-                                Some(op(OpKind::Get, Some(ret), value(&r.json()["value"])))
-                            }
-                            (Outcome::Unknown, Some(v)) => Some(op(OpKind::Put(v), None, None)),
-                            (Outcome::NotDone(Some(location)), _) => {
-                                let host = location.trim_start_matches("http://");
-                                client = Client::new(host.split('/').next().unwrap_or(host));
-                                None
-                            }
-                            (Outcome::NotDone(None) | Outcome::Unknown, _) => {
+                        match shared.record(&call, invoke, ret, reply, client.addr()) {
+                            Next::Same => {}
+                            Next::To(addr) => client = Client::new(addr),
+                            Next::Elsewhere => {
                                 let next = addrs[rng.below(addrs.len() as u64) as usize].clone();
                                 client = Client::new(next);
                                 std::thread::sleep(Duration::from_millis(10));
-                                None
                             }
-                        };
-                        history.lock().unwrap().extend(recorded);
+                        }
                     }
                 })
             })
             .collect();
-        Clients {
-            stop,
-            history,
-            writes,
-            unexpected,
-            threads,
-        }
+        Clients { shared, threads }
     }
 
     /// Waits until `n` more writes have been answered `200`.
     fn wait_for_writes(&self, n: usize, what: &str) {
-        let target = self.writes.load(Ordering::Relaxed) + n;
+        let writes = &self.shared.writes;
+        let target = writes.load(Ordering::Relaxed) + n;
         wait_until(Duration::from_secs(30), || {
-            (self.writes.load(Ordering::Relaxed) >= target).then_some(())
+            (writes.load(Ordering::Relaxed) >= target).then_some(())
         })
         .unwrap_or_else(|| panic!("no writes succeeded {what}"));
     }
 
     fn stop(self) -> (Vec<HistOp>, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Relaxed);
         for t in self.threads {
             t.join().expect("client thread");
         }
-        let history = std::mem::take(&mut *self.history.lock().unwrap());
-        let unexpected = std::mem::take(&mut *self.unexpected.lock().unwrap());
+        let history = std::mem::take(&mut *self.shared.history.lock().unwrap());
+        let unexpected = std::mem::take(&mut *self.shared.unexpected.lock().unwrap());
         (history, unexpected)
     }
 }
