@@ -1,10 +1,10 @@
 //! Linearizability of real nodes under faults: HTTP clients write (alone or in batches) and read
-//! a few keys of `kv` through every node while members are killed with -9 (one, two, all of them) and restarted,
-//! the leader is frozen past an election timeout, logs are compacted behind snapshots, and
-//! leadership is handed over. Each key's history (when each call was sent and answered, and
-//! what it saw) must be linearizable. The simulator checks the consensus core this way; this
-//! checks the whole path a caller sees: HTTP, redirects, what each error code promises, restarts
-//! from disk.
+//! a few keys of `kv` through every node while members are killed with -9 (one, two, all of
+//! them) and restarted, the leader is frozen past an election timeout, leadership is handed over,
+//! a new node joins and the leader removes itself, and logs are compacted behind snapshots. Each
+//! key's history (when each call was sent and answered, and what it saw) must be linearizable.
+//! The simulator checks the consensus core this way; this checks the whole path a caller sees:
+//! HTTP, redirects, what each error code promises, restarts from disk.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,6 +30,9 @@ enum Fault {
     PauseLeader,
     /// Leadership handed to a follower.
     Transfer,
+    /// A new node joins, is added, and the leader removes itself (it steps down once that
+    /// commits); it stays up a while, called by clients, before it is stopped.
+    ReplaceLeader,
 }
 
 #[derive(Debug)]
@@ -39,12 +42,13 @@ enum Who {
     Other,
 }
 
-const FAULTS: [Fault; 8] = [
+const FAULTS: [Fault; 9] = [
     Fault::Kill(&[Who::Leader]),
     Fault::Kill(&[Who::Follower]),
     Fault::PauseLeader,
     Fault::Kill(&[Who::Leader, Who::Follower]),
     Fault::Transfer,
+    Fault::ReplaceLeader,
     Fault::Kill(&[Who::Leader, Who::Follower, Who::Other]),
     Fault::PauseLeader,
     Fault::Kill(&[Who::Follower, Who::Other]),
@@ -358,7 +362,7 @@ fn assert_linearizable(history: &[HistOp]) {
 }
 
 #[test]
-fn histories_under_kill_9_pauses_and_snapshots_are_linearizable() {
+fn histories_under_crashes_pauses_and_membership_changes_are_linearizable() {
     let start = Instant::now();
     let mut c =
         TestCluster::start_with_args(3, &["--snapshot-every", "300", "--snapshot-keep", "50"]);
@@ -367,9 +371,13 @@ fn histories_under_kill_9_pauses_and_snapshots_are_linearizable() {
     clients.wait_for_writes(50, "before any fault");
 
     let mut rng = Lcg(7);
+    // Indexes (in `c.nodes`) of the members.
+    let mut members = vec![0, 1, 2];
     for (round, fault) in FAULTS.iter().enumerate() {
         let leader = c.wait_for_leader(Duration::from_secs(20));
-        let follower = (leader + 1 + rng.below(2) as usize) % 3;
+        let others: Vec<usize> = members.iter().copied().filter(|&i| i != leader).collect();
+        let pick = rng.below(2) as usize;
+        let (follower, other) = (others[pick], others[1 - pick]);
         match fault {
             Fault::Kill(who) => {
                 let killed: Vec<usize> = who
@@ -377,7 +385,7 @@ fn histories_under_kill_9_pauses_and_snapshots_are_linearizable() {
                     .map(|w| match w {
                         Who::Leader => leader,
                         Who::Follower => follower,
-                        Who::Other => 3 - leader - follower,
+                        Who::Other => other,
                     })
                     .collect();
                 for &i in &killed {
@@ -399,6 +407,34 @@ fn histories_under_kill_9_pauses_and_snapshots_are_linearizable() {
                     .client(leader)
                     .post("/v1/cluster/leader", format!(r#"{{"id":{to}}}"#).as_bytes());
                 assert!(r.is_ok(), "transfer request failed: {r:?}");
+            }
+            Fault::ReplaceLeader => {
+                let joiner = c.join();
+                let (id, raft) = (c.nodes[joiner].id, c.nodes[joiner].raft);
+                let added = c.client(leader).post(
+                    "/v1/cluster/members",
+                    format!(r#"{{"id":{id},"raft":"{raft}"}}"#).as_bytes(),
+                );
+                assert!(
+                    added.as_ref().is_ok_and(|r| r.status == 200),
+                    "adding {id}: {added:?}"
+                );
+                let leader_id = c.nodes[leader].id;
+                let removed = c.client(leader).request(
+                    "DELETE",
+                    &format!("/v1/cluster/members/{leader_id}"),
+                    &[],
+                    b"",
+                );
+                assert!(
+                    removed.as_ref().is_ok_and(|r| r.status == 200),
+                    "removing {leader_id}: {removed:?}"
+                );
+                members.retain(|&i| i != leader);
+                members.push(joiner);
+                // It stays up a while, no longer a member, with clients still calling it.
+                clients.wait_for_writes(30, "after the leader removed itself");
+                c.kill(leader);
             }
         }
         clients.wait_for_writes(30, &format!("after round {round} ({fault:?})"));
@@ -446,7 +482,7 @@ fn histories_under_kill_9_pauses_and_snapshots_are_linearizable() {
     );
     assert_linearizable(&history);
     c.wait_converged("kv", Duration::from_secs(30));
-    let snapshots: u64 = (0..3)
+    let snapshots: u64 = (0..c.nodes.len())
         .filter_map(|i| {
             let text = c.client(i).get("/metrics").ok()?.text();
             let line = text
