@@ -1,10 +1,11 @@
 //! Linearizability of real nodes under faults: HTTP clients write (alone or in batches) and read
 //! a few keys of `kv` through every node while members are killed with -9 (one, two, all of
 //! them) and restarted, the leader is frozen past an election timeout, leadership is handed over,
-//! a new node joins and the leader removes itself, and logs are compacted behind snapshots. Each
-//! key's history (when each call was sent and answered, and what it saw) must be linearizable.
-//! The simulator checks the consensus core this way; this checks the whole path a caller sees:
-//! HTTP, redirects, what each error code promises, restarts from disk.
+//! a new node joins and the leader removes itself, `kv` is upgraded in place, and logs are
+//! compacted behind snapshots. Each key's history (when each call was sent and answered, and
+//! what it saw) must be linearizable. The simulator checks the consensus core this way; this
+//! checks the whole path a caller sees: HTTP, redirects, what each error code promises, restarts
+//! from disk.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,9 @@ enum Fault {
     /// A new node joins, is added, and the leader removes itself (it steps down once that
     /// commits); it stays up a while, called by clients, before it is stopped.
     ReplaceLeader,
+    /// `kv` deployed again: an upgrade through the log, its state carried across by the old
+    /// instance's snapshot and the new one's restore.
+    Upgrade,
 }
 
 #[derive(Debug)]
@@ -42,9 +46,10 @@ enum Who {
     Other,
 }
 
-const FAULTS: [Fault; 9] = [
+const FAULTS: [Fault; 10] = [
     Fault::Kill(&[Who::Leader]),
     Fault::Kill(&[Who::Follower]),
+    Fault::Upgrade,
     Fault::PauseLeader,
     Fault::Kill(&[Who::Leader, Who::Follower]),
     Fault::Transfer,
@@ -435,6 +440,10 @@ fn histories_under_crashes_pauses_and_membership_changes_are_linearizable() {
                 // It stays up a while, no longer a member, with clients still calling it.
                 clients.wait_for_writes(30, "after the leader removed itself");
                 c.kill(leader);
+            }
+            Fault::Upgrade => {
+                let r = c.deploy("kv", &guests::read(guests::KV));
+                assert_eq!(r.status, 200, "upgrading kv: {}", r.text());
             }
         }
         clients.wait_for_writes(30, &format!("after round {round} ({fault:?})"));
