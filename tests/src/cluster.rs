@@ -275,6 +275,18 @@ impl TestCluster {
         self.signal(i, "-TERM");
     }
 
+    /// SIGTERM, and waits until node `i` has exited (within `timeout`; kill -9 past it).
+    /// Returns whether it exited by itself.
+    pub fn stop(&mut self, i: usize, timeout: Duration) -> bool {
+        self.sigterm(i);
+        let Some(child) = self.nodes[i].child.as_mut() else {
+            return true;
+        };
+        let exited = wait_until(timeout, || child.try_wait().ok().flatten()).is_some();
+        self.kill(i);
+        exited
+    }
+
     /// SIGSTOP: node `i` freezes (a long pause of its machine), connections and all, until
     /// `resume`.
     pub fn pause(&self, i: usize) {

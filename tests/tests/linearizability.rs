@@ -1,11 +1,11 @@
 //! Linearizability of real nodes under faults: HTTP clients write (alone or in batches) and read
 //! a few keys of `kv` through every node while members are killed with -9 (one, two, all of
-//! them) and restarted, the leader is frozen past an election timeout, leadership is handed over,
-//! a new node joins and the leader removes itself, `kv` is upgraded in place, and logs are
-//! compacted behind snapshots. Each key's history (when each call was sent and answered, and
-//! what it saw) must be linearizable. The simulator checks the consensus core this way; this
-//! checks the whole path a caller sees: HTTP, redirects, what each error code promises, restarts
-//! from disk.
+//! them) or stopped (SIGTERM) and restarted, the leader is frozen past an election timeout,
+//! leadership is handed over, a new node joins and the leader removes itself, `kv` is upgraded
+//! in place, and logs are compacted behind snapshots. Each key's history (when each call was
+//! sent and answered, and what it saw) must be linearizable. The simulator checks the consensus
+//! core this way; this checks the whole path a caller sees: HTTP, redirects, what each error
+//! code promises, restarts from disk.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +26,9 @@ enum Fault {
     /// kill -9, and a restart a moment later. Without a quorum (two or three of them) writes
     /// and reads must stop, not go wrong.
     Kill(&'static [Who]),
+    /// SIGTERM, as an operator stops a node: it answers the calls it has taken (for up to 5 s)
+    /// and exits; restarted at once.
+    Stop(Who),
     /// The leader frozen past an election timeout (SIGSTOP): the others elect another, and it
     /// wakes believing it still leads, with calls in hand.
     PauseLeader,
@@ -46,9 +49,10 @@ enum Who {
     Other,
 }
 
-const FAULTS: [Fault; 10] = [
+const FAULTS: [Fault; 12] = [
     Fault::Kill(&[Who::Leader]),
     Fault::Kill(&[Who::Follower]),
+    Fault::Stop(Who::Leader),
     Fault::Upgrade,
     Fault::PauseLeader,
     Fault::Kill(&[Who::Leader, Who::Follower]),
@@ -57,6 +61,7 @@ const FAULTS: [Fault; 10] = [
     Fault::Kill(&[Who::Leader, Who::Follower, Who::Other]),
     Fault::PauseLeader,
     Fault::Kill(&[Who::Follower, Who::Other]),
+    Fault::Stop(Who::Follower),
 ];
 
 /// What an answer says about a call (or one task of a batch).
@@ -381,18 +386,16 @@ fn histories_under_crashes_pauses_and_membership_changes_are_linearizable() {
     for (round, fault) in FAULTS.iter().enumerate() {
         let leader = c.wait_for_leader(Duration::from_secs(20));
         let others: Vec<usize> = members.iter().copied().filter(|&i| i != leader).collect();
-        let pick = rng.below(2) as usize;
-        let (follower, other) = (others[pick], others[1 - pick]);
+        let k = rng.below(2) as usize;
+        let (follower, other) = (others[k], others[1 - k]);
+        let pick = |w: &Who| match w {
+            Who::Leader => leader,
+            Who::Follower => follower,
+            Who::Other => other,
+        };
         match fault {
             Fault::Kill(who) => {
-                let killed: Vec<usize> = who
-                    .iter()
-                    .map(|w| match w {
-                        Who::Leader => leader,
-                        Who::Follower => follower,
-                        Who::Other => other,
-                    })
-                    .collect();
+                let killed: Vec<usize> = who.iter().map(&pick).collect();
                 for &i in &killed {
                     c.kill(i);
                 }
@@ -400,6 +403,11 @@ fn histories_under_crashes_pauses_and_membership_changes_are_linearizable() {
                 for &i in &killed {
                     c.restart(i);
                 }
+            }
+            Fault::Stop(who) => {
+                let i = pick(who);
+                assert!(c.stop(i, Duration::from_secs(15)), "node {i} did not stop");
+                c.restart(i);
             }
             Fault::PauseLeader => {
                 c.pause(leader);
