@@ -134,6 +134,8 @@ struct Shared {
     /// Writes answered `200`.
     writes: AtomicUsize,
     unexpected: Mutex<Vec<String>>,
+    /// The nodes' HTTP addresses, joiners included.
+    addrs: Mutex<Vec<String>>,
 }
 
 /// Where a client sends its next call.
@@ -146,6 +148,12 @@ enum Next {
 }
 
 impl Shared {
+    /// The address of node `i`, modulo the number of nodes.
+    fn addr(&self, i: u64) -> String {
+        let addrs = self.addrs.lock().unwrap();
+        addrs[(i % addrs.len() as u64) as usize].clone()
+    }
+
     /// Records what `reply` says `call`, sent at `invoke`, did, and says where to send the next
     /// call.
     fn record(
@@ -276,15 +284,15 @@ impl Clients {
     /// node: a write (a `put`, whose answer says what it replaced), a batch of two or three
     /// writes, or a read (a linearizable query).
     fn start(c: &TestCluster, start: Instant) -> Self {
-        let addrs: Vec<String> = c.nodes.iter().map(|n| n.http.to_string()).collect();
         let shared = Arc::new(Shared::default());
+        *shared.addrs.lock().unwrap() = c.nodes.iter().map(|n| n.http.to_string()).collect();
         let threads = (0..CLIENTS)
             .map(|id| {
-                let (addrs, shared) = (addrs.clone(), shared.clone());
+                let shared = shared.clone();
                 std::thread::spawn(move || {
                     let now = || start.elapsed().as_micros() as u64;
                     let mut rng = Lcg(id + 1);
-                    let mut client = Client::new(addrs[(id % 3) as usize].clone());
+                    let mut client = Client::new(shared.addr(id));
                     let mut seq = 0u64;
                     let mut fresh = |rng: &mut Lcg| {
                         seq += 1;
@@ -306,8 +314,7 @@ impl Clients {
                             Next::Same => {}
                             Next::To(addr) => client = Client::new(addr),
                             Next::Elsewhere => {
-                                let next = addrs[rng.below(addrs.len() as u64) as usize].clone();
-                                client = Client::new(next);
+                                client = Client::new(shared.addr(rng.below(u64::MAX)));
                                 std::thread::sleep(Duration::from_millis(10));
                             }
                         }
@@ -383,7 +390,17 @@ fn histories_under_crashes_pauses_and_membership_changes_are_linearizable() {
     let mut rng = Lcg(7);
     // Indexes (in `c.nodes`) of the members.
     let mut members = vec![0, 1, 2];
-    for (round, fault) in FAULTS.iter().enumerate() {
+    // A longer soak: `LOCKSTEP_LIN_CYCLES=20 cargo test -p lockstep-tests --test linearizability`.
+    let cycles: usize = match std::env::var("LOCKSTEP_LIN_CYCLES") {
+        Ok(v) => v.parse().expect("LOCKSTEP_LIN_CYCLES: a number of cycles"),
+        Err(_) => 1,
+    };
+    for (round, fault) in FAULTS
+        .iter()
+        .cycle()
+        .take(FAULTS.len() * cycles)
+        .enumerate()
+    {
         let leader = c.wait_for_leader(Duration::from_secs(20));
         let others: Vec<usize> = members.iter().copied().filter(|&i| i != leader).collect();
         let k = rng.below(2) as usize;
@@ -423,6 +440,12 @@ fn histories_under_crashes_pauses_and_membership_changes_are_linearizable() {
             }
             Fault::ReplaceLeader => {
                 let joiner = c.join();
+                clients
+                    .shared
+                    .addrs
+                    .lock()
+                    .unwrap()
+                    .push(c.nodes[joiner].http.to_string());
                 let (id, raft) = (c.nodes[joiner].id, c.nodes[joiner].raft);
                 let added = c.client(leader).post(
                     "/v1/cluster/members",
