@@ -493,6 +493,34 @@ fn bad_input_gets_clear_errors_and_the_cluster_stays_healthy() {
     let r = l.post("/v1/machines/nope/tasks", b"{}").unwrap();
     assert_eq!(r.status, 404);
     assert_eq!(r.error_code().as_deref(), Some("not_found"));
+    // A parameter or a header given twice is refused, not guessed at (nothing is proposed:
+    // the counts below would be off).
+    let r = l
+        .post(
+            "/v1/machines/chaos/query?consistency=local&consistency=linearizable",
+            b"",
+        )
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("consistency given more than once"),
+        "{}",
+        r.text()
+    );
+    let term = c.cluster_status(leader).expect("status")["term"].to_string();
+    let r = l
+        .request(
+            "POST",
+            "/v1/machines/chaos/tasks",
+            &[
+                ("lockstep-expected-term", &term),
+                ("lockstep-expected-term", "1"),
+            ],
+            br#"{"add":1}"#,
+        )
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("given more than once"), "{}", r.text());
     // A known route with another method is a 405; an unknown path a 404, whatever the method.
     let r = l.get("/v1/machines/chaos/tasks").unwrap();
     assert_eq!(r.status, 405, "{}", r.text());

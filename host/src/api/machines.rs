@@ -74,7 +74,7 @@ pub(super) async fn describe(
     req: &Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
     check_name(name)?;
-    let with_digest = query_param(req.uri(), "digest").is_some_and(|v| v == "1" || v == "true");
+    let with_digest = query_param(req.uri(), "digest")?.is_some_and(|v| v == "1" || v == "true");
     let name_owned = name.to_owned();
     let status = state
         .node
@@ -119,7 +119,7 @@ pub(super) async fn query(
     req: Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
     check_name(name)?;
-    let linearizable = match query_param(req.uri(), "consistency").as_deref() {
+    let linearizable = match query_param(req.uri(), "consistency")?.as_deref() {
         None | Some("linearizable") => true,
         Some("local") => false,
         Some(other) => {

@@ -192,17 +192,23 @@ fn leader_or_redirect(state: &ApiState, uri: &hyper::Uri) -> Option<Response<Bod
 }
 
 fn expected_term(req: &Request<RequestBody>) -> Result<Option<u64>, ApiError> {
-    req.headers()
-        .get(EXPECTED_TERM)
-        .map(|v| {
-            v.to_str()
-                .ok()
-                .and_then(|s| s.trim().parse::<u64>().ok())
-                .ok_or_else(|| {
-                    ApiError::bad_request("Lockstep-Expected-Term must be an unsigned integer")
-                })
-        })
-        .transpose()
+    let mut given = req.headers().get_all(EXPECTED_TERM).iter();
+    let term = given.next();
+    // Two terms: which one the caller meant is a guess; the first is not safer than the last.
+    if given.next().is_some() {
+        return Err(ApiError::bad_request(
+            "Lockstep-Expected-Term given more than once",
+        ));
+    }
+    term.map(|v| {
+        v.to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                ApiError::bad_request("Lockstep-Expected-Term must be an unsigned integer")
+            })
+    })
+    .transpose()
 }
 
 pub fn role_name(r: Role) -> &'static str {
@@ -213,9 +219,22 @@ pub fn role_name(r: Role) -> &'static str {
     }
 }
 
-fn query_param(uri: &hyper::Uri, key: &str) -> Option<String> {
-    uri.query()?.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        (k == key).then(|| v.to_owned())
-    })
+/// The value of `key` in the query string; given twice (`?consistency=local&consistency=...`)
+/// it is refused rather than one of them picked.
+fn query_param(uri: &hyper::Uri, key: &str) -> Result<Option<String>, ApiError> {
+    let mut values = uri
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k == key).then(|| v.to_owned())
+        });
+    let value = values.next();
+    if values.next().is_some() {
+        return Err(ApiError::bad_request(format!(
+            "query parameter {key} given more than once"
+        )));
+    }
+    Ok(value)
 }
