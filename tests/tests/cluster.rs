@@ -507,6 +507,16 @@ fn bad_input_gets_clear_errors_and_the_cluster_stays_healthy() {
         "{}",
         r.text()
     );
+    let r = l.get("/v1/machines/chaos?digest=yes").unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.text().contains("digest must be 1, true, 0 or false"),
+        "{}",
+        r.text()
+    );
+    let r = l.get("/v1/machines/chaos?digest=0").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json().get("state_digest").is_none(), "{}", r.text());
     let term = c.cluster_status(leader).expect("status")["term"].to_string();
     let r = l
         .request(

@@ -74,7 +74,16 @@ pub(super) async fn describe(
     req: &Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
     check_name(name)?;
-    let with_digest = query_param(req.uri(), "digest")?.is_some_and(|v| v == "1" || v == "true");
+    let with_digest = match query_param(req.uri(), "digest")?.as_deref() {
+        None | Some("0" | "false") => false,
+        Some("1" | "true") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "digest must be 1, true, 0 or false, not {}",
+                Clipped(other)
+            )));
+        }
+    };
     let name_owned = name.to_owned();
     let status = state
         .node
