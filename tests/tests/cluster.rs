@@ -494,43 +494,30 @@ fn bad_input_gets_clear_errors_and_the_cluster_stays_healthy() {
     assert_eq!(r.status, 404);
     assert_eq!(r.error_code().as_deref(), Some("not_found"));
     // A parameter or a header given twice is refused, not guessed at (nothing is proposed:
-    // the counts below would be off).
-    let r = l
-        .post(
-            "/v1/machines/chaos/query?consistency=local&consistency=linearizable",
-            b"",
-        )
-        .unwrap();
-    assert_eq!(r.status, 400, "{}", r.text());
-    assert!(
-        r.text().contains("consistency given more than once"),
-        "{}",
-        r.text()
+    // the counts below would be off); so is a digest flag that is neither yes nor no.
+    let refused = |r: lockstep_tests::http::Reply, says: &str| {
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert!(r.text().contains(says), "{}", r.text());
+    };
+    let twice = "/v1/machines/chaos/query?consistency=local&consistency=linearizable";
+    refused(
+        l.post(twice, b"").unwrap(),
+        "consistency given more than once",
     );
-    let r = l.get("/v1/machines/chaos?digest=yes").unwrap();
-    assert_eq!(r.status, 400, "{}", r.text());
-    assert!(
-        r.text().contains("digest must be 1, true, 0 or false"),
-        "{}",
-        r.text()
+    refused(
+        l.get("/v1/machines/chaos?digest=yes").unwrap(),
+        "digest must be 1, true, 0 or false",
     );
     let r = l.get("/v1/machines/chaos?digest=0").unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.json().get("state_digest").is_none(), "{}", r.text());
     let term = c.cluster_status(leader).expect("status")["term"].to_string();
-    let r = l
-        .request(
-            "POST",
-            "/v1/machines/chaos/tasks",
-            &[
-                ("lockstep-expected-term", &term),
-                ("lockstep-expected-term", "1"),
-            ],
-            br#"{"add":1}"#,
-        )
-        .unwrap();
-    assert_eq!(r.status, 400, "{}", r.text());
-    assert!(r.text().contains("given more than once"), "{}", r.text());
+    let terms = [
+        ("lockstep-expected-term", term.as_str()),
+        ("lockstep-expected-term", "1"),
+    ];
+    let r = l.request("POST", "/v1/machines/chaos/tasks", &terms, br#"{"add":1}"#);
+    refused(r.unwrap(), "given more than once");
     // A known route with another method is a 405; an unknown path a 404, whatever the method.
     let r = l.get("/v1/machines/chaos/tasks").unwrap();
     assert_eq!(r.status, 405, "{}", r.text());
