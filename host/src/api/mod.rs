@@ -192,23 +192,17 @@ fn leader_or_redirect(state: &ApiState, uri: &hyper::Uri) -> Option<Response<Bod
 }
 
 fn expected_term(req: &Request<RequestBody>) -> Result<Option<u64>, ApiError> {
-    let mut given = req.headers().get_all(EXPECTED_TERM).iter();
-    let term = given.next();
-    // Two terms: which one the caller meant is a guess; the first is not safer than the last.
-    if given.next().is_some() {
-        return Err(ApiError::bad_request(
-            "Lockstep-Expected-Term given more than once",
-        ));
-    }
-    term.map(|v| {
-        v.to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .ok_or_else(|| {
-                ApiError::bad_request("Lockstep-Expected-Term must be an unsigned integer")
-            })
-    })
-    .transpose()
+    let given = req.headers().get_all(EXPECTED_TERM).iter();
+    at_most_one(given, "Lockstep-Expected-Term")?
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::bad_request("Lockstep-Expected-Term must be an unsigned integer")
+                })
+        })
+        .transpose()
 }
 
 pub fn role_name(r: Role) -> &'static str {
@@ -219,10 +213,9 @@ pub fn role_name(r: Role) -> &'static str {
     }
 }
 
-/// The value of `key` in the query string; given twice (`?consistency=local&consistency=...`)
-/// it is refused rather than one of them picked.
+/// The value of `key` in the query string, if given (at most once).
 fn query_param(uri: &hyper::Uri, key: &str) -> Result<Option<String>, ApiError> {
-    let mut values = uri
+    let values = uri
         .query()
         .into_iter()
         .flat_map(|q| q.split('&'))
@@ -230,11 +223,17 @@ fn query_param(uri: &hyper::Uri, key: &str) -> Result<Option<String>, ApiError> 
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
             (k == key).then(|| v.to_owned())
         });
-    let value = values.next();
+    at_most_one(values, &format!("query parameter {key}"))
+}
+
+/// The one value a caller gave for `what`, if any. Given twice (`?consistency=local&
+/// consistency=linearizable`), it is refused: which one the caller meant would be a guess.
+fn at_most_one<T>(mut values: impl Iterator<Item = T>, what: &str) -> Result<Option<T>, ApiError> {
+    let first = values.next();
     if values.next().is_some() {
         return Err(ApiError::bad_request(format!(
-            "query parameter {key} given more than once"
+            "{what} given more than once"
         )));
     }
-    Ok(value)
+    Ok(first)
 }
