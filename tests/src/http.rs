@@ -28,6 +28,13 @@ impl Reply {
         serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
     }
 
+    /// The "host:port" a redirect's `Location` points to.
+    pub fn redirect_addr(&self) -> Option<String> {
+        let url = self.header("location")?;
+        let host = url.trim_start_matches("http://");
+        Some(host.split('/').next().unwrap_or(host).to_owned())
+    }
+
     /// The stable error code of an error reply, if any.
     pub fn error_code(&self) -> Option<String> {
         self.json()["error"]["code"].as_str().map(str::to_owned)

@@ -107,10 +107,8 @@ impl Writers {
                                 seq += 1;
                             }
                             Ok(r) if r.status == 307 => {
-                                if let Some(loc) = r.header("location") {
-                                    let host = loc.trim_start_matches("http://");
-                                    let host = host.split('/').next().unwrap_or(host);
-                                    client = Client::new(host.to_owned());
+                                if let Some(host) = r.redirect_addr() {
+                                    client = Client::new(host);
                                 }
                             }
                             // Down, no leader yet, or outcome unknown: try another node. The key
@@ -367,8 +365,7 @@ fn follower_redirects_to_the_leader() {
         loc,
         format!("http://{}/v1/machines/counter/tasks", c.nodes[leader].http)
     );
-    let host = loc.trim_start_matches("http://").split('/').next().unwrap();
-    let r = Client::new(host)
+    let r = Client::new(r.redirect_addr().expect("leader address"))
         .post("/v1/machines/counter/tasks", br#"{"add":5}"#)
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());

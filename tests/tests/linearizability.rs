@@ -205,13 +205,7 @@ impl Shared {
                 Next::Same,
             ),
             Some(Outcome::NotDone) => {
-                let next = match reply.header("location") {
-                    Some(l) => {
-                        let host = l.trim_start_matches("http://");
-                        Next::To(host.split('/').next().unwrap_or(host).to_owned())
-                    }
-                    None => Next::Elsewhere,
-                };
+                let next = reply.redirect_addr().map_or(Next::Elsewhere, Next::To);
                 (Vec::new(), next)
             }
             Some(Outcome::Unknown) => (unknown(), Next::Elsewhere),
