@@ -4,10 +4,12 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::http::{Client, Reply};
+use crate::partition::{LinkProxy, Links};
 
 /// The `lockstep` binary cargo built for this test run (next to the test executable's folder).
 pub fn lockstep_bin() -> PathBuf {
@@ -82,7 +84,11 @@ fn ephemeral_floor() -> u32 {
 pub struct TestNode {
     pub id: u64,
     pub http: SocketAddr,
+    /// The node's peer address, as the cluster knows it (`--peers`, `add-member`).
     pub raft: SocketAddr,
+    /// In a cluster that can be partitioned, `raft` is the node's proxy and the node listens
+    /// here (its `--raft`).
+    behind_proxy: Option<(SocketAddr, LinkProxy)>,
     data_dir: PathBuf,
     child: Option<Child>,
     /// For a node that joined the running cluster: its `--peers` and `--join --cluster-id`.
@@ -92,6 +98,30 @@ pub struct TestNode {
     moved: Option<(String, String)>,
 }
 
+impl TestNode {
+    /// Node `id`, not started, its data under `dir`; behind a proxy when `links` is given.
+    fn new(id: u64, dir: &std::path::Path, links: Option<&Arc<Links>>) -> Self {
+        let (raft, behind_proxy) = match links {
+            None => (free_addr(), None),
+            Some(links) => {
+                let listen = free_addr();
+                let proxy = LinkProxy::start(id, listen, links.clone()).expect("start a proxy");
+                (proxy.addr, Some((listen, proxy)))
+            }
+        };
+        TestNode {
+            id,
+            http: free_addr(),
+            raft,
+            behind_proxy,
+            data_dir: dir.join(format!("node{id}")),
+            child: None,
+            joined: None,
+            moved: None,
+        }
+    }
+}
+
 pub struct TestCluster {
     pub nodes: Vec<TestNode>,
     peers: String,
@@ -99,37 +129,42 @@ pub struct TestCluster {
     advertise_host: Option<&'static str>,
     /// Given to every node's `lockstep serve` after the usual flags.
     extra_args: Vec<String>,
+    /// Set when the nodes talk through proxies that can cut links (`start_partitionable`).
+    links: Option<Arc<Links>>,
     _dir: tempfile::TempDir,
 }
 
 impl TestCluster {
     /// Starts `n` nodes and waits until one of them leads.
     pub fn start(n: u64) -> Self {
-        Self::start_inner(n, None, &[])
+        Self::start_inner(n, None, &[], None)
     }
 
     /// Like `start`, each node advertising `host` with its own HTTP port (`--advertise-http`).
     pub fn start_advertising(n: u64, host: &'static str) -> Self {
-        Self::start_inner(n, Some(host), &[])
+        Self::start_inner(n, Some(host), &[], None)
     }
 
     /// Like `start`, with `args` added to every node's command line.
     pub fn start_with_args(n: u64, args: &[&str]) -> Self {
-        Self::start_inner(n, None, args)
+        Self::start_inner(n, None, args, None)
     }
 
-    fn start_inner(n: u64, advertise_host: Option<&'static str>, args: &[&str]) -> Self {
+    /// Like `start_with_args`, each node reached by its peers through a proxy, so that links
+    /// between nodes can be cut (`links`); the nodes that join later too.
+    pub fn start_partitionable(n: u64, args: &[&str]) -> Self {
+        Self::start_inner(n, None, args, Some(Arc::default()))
+    }
+
+    fn start_inner(
+        n: u64,
+        advertise_host: Option<&'static str>,
+        args: &[&str],
+        links: Option<Arc<Links>>,
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let nodes: Vec<TestNode> = (1..=n)
-            .map(|id| TestNode {
-                id,
-                http: free_addr(),
-                raft: free_addr(),
-                data_dir: dir.path().join(format!("node{id}")),
-                child: None,
-                joined: None,
-                moved: None,
-            })
+            .map(|id| TestNode::new(id, dir.path(), links.as_ref()))
             .collect();
         let peers = nodes
             .iter()
@@ -141,6 +176,7 @@ impl TestCluster {
             peers,
             advertise_host,
             extra_args: args.iter().map(|a| a.to_string()).collect(),
+            links,
             _dir: dir,
         };
         for i in 0..c.nodes.len() {
@@ -162,7 +198,13 @@ impl TestCluster {
         cmd.args(["serve", "--id", &n.id.to_string()])
             .arg("--data-dir")
             .arg(&n.data_dir)
-            .args(["--http", &n.http.to_string(), "--raft", &n.raft.to_string()]);
+            .args(["--http", &n.http.to_string(), "--raft"])
+            .arg(
+                n.behind_proxy
+                    .as_ref()
+                    .map_or(n.raft, |(listen, _)| *listen)
+                    .to_string(),
+            );
         match &n.joined {
             Some((peers, cluster_id)) => {
                 cmd.args(["--peers", peers, "--join", "--cluster-id", cluster_id]);
@@ -215,18 +257,9 @@ impl TestCluster {
             .expect("cluster id")
             .to_owned();
         let id = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
-        let raft = free_addr();
-        let peers = format!("{},{id}={raft}", self.peers);
-        let dir = self._dir.path().join(format!("node{id}"));
-        self.nodes.push(TestNode {
-            id,
-            http: free_addr(),
-            raft,
-            data_dir: dir,
-            child: None,
-            joined: Some((peers, cluster_id)),
-            moved: None,
-        });
+        let mut node = TestNode::new(id, self._dir.path(), self.links.as_ref());
+        node.joined = Some((format!("{},{id}={}", self.peers, node.raft), cluster_id));
+        self.nodes.push(node);
         let i = self.nodes.len() - 1;
         self.spawn(i);
         i
@@ -242,8 +275,9 @@ impl TestCluster {
 
     /// kill -9, then gives node `i` a new peer address: its `--raft`, and its own entry in the
     /// `--peers` it starts with next, with the cluster's `--cluster-id` (the other nodes keep
-    /// theirs). Returns the new address.
+    /// theirs). Returns the new address. Not for a cluster behind proxies.
     pub fn move_raft(&mut self, i: usize) -> SocketAddr {
+        assert!(self.links.is_none(), "move_raft behind a proxy");
         let status = self.cluster_status(i).expect("the node's status");
         let cluster_id = status["cluster_id"]
             .as_str()
@@ -285,6 +319,13 @@ impl TestCluster {
         let exited = wait_until(timeout, || child.try_wait().ok().flatten()).is_some();
         self.kill(i);
         exited
+    }
+
+    /// The links between the nodes of a cluster started with `start_partitionable`.
+    pub fn links(&self) -> &Links {
+        self.links
+            .as_deref()
+            .expect("a cluster started with start_partitionable")
     }
 
     /// SIGSTOP: node `i` freezes (a long pause of its machine), connections and all, until

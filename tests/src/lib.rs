@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod http;
+pub mod partition;
 
 /// Paths of the example guests built by `build.rs`.
 pub mod guests {

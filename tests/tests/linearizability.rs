@@ -1,6 +1,7 @@
 //! Linearizability of real nodes under faults: HTTP clients write (alone or in batches) and read
 //! a few keys of `kv` through every node while members are killed with -9 (one, two, all of
 //! them) or stopped (SIGTERM) and restarted, the leader is frozen past an election timeout,
+//! cut off from the others (both ways, or one way only) and so is a follower,
 //! leadership is handed over, a new node joins and the leader removes itself, `kv` is upgraded
 //! in place, and logs are compacted behind snapshots. Each key's history (when each call was
 //! sent and answered, and what it saw) must be linearizable. The simulator checks the consensus
@@ -40,6 +41,16 @@ enum Fault {
     /// `kv` deployed again: an upgrade through the log, its state carried across by the old
     /// instance's snapshot and the new one's restore.
     Upgrade,
+    /// Every link to and from a member cut for a while, then healed; it runs on, called by
+    /// clients. An isolated leader cannot commit or confirm a read and must step down; the
+    /// others elect a leader and go on. What it sent meanwhile arrives late, at the heal.
+    Isolate(Who),
+    /// The leader heard by its followers but hearing none of them (links cut one way): its
+    /// heartbeats still arrive, yet it cannot commit, and must step down.
+    DeafLeader,
+    /// The leader hearing its followers but heard by none (the other way): they elect another,
+    /// whose term reaches the old leader.
+    MuteLeader,
 }
 
 #[derive(Debug)]
@@ -49,7 +60,8 @@ enum Who {
     Other,
 }
 
-const FAULTS: [Fault; 12] = [
+const FAULTS: [Fault; 16] = [
+    Fault::Isolate(Who::Leader),
     Fault::Kill(&[Who::Leader]),
     Fault::Kill(&[Who::Follower]),
     Fault::Stop(Who::Leader),
@@ -62,7 +74,27 @@ const FAULTS: [Fault; 12] = [
     Fault::PauseLeader,
     Fault::Kill(&[Who::Follower, Who::Other]),
     Fault::Stop(Who::Follower),
+    Fault::DeafLeader,
+    Fault::Isolate(Who::Follower),
+    Fault::MuteLeader,
 ];
+
+/// How long a partition lasts once it has shown its effect, with clients calling every side.
+const PARTITION: Duration = Duration::from_millis(1_500);
+
+/// The members other than `i`.
+fn others_of(i: usize, members: &[usize]) -> impl Iterator<Item = usize> + '_ {
+    members.iter().copied().filter(move |&m| m != i)
+}
+
+/// Waits until one of `nodes` (indexes in the cluster) reports itself leader.
+fn wait_for_leader_among(c: &TestCluster, nodes: &[usize]) {
+    let leads = |&n: &usize| c.cluster_status(n).is_some_and(|s| s["role"] == "leader");
+    wait_until(Duration::from_secs(20), || {
+        nodes.iter().any(leads).then_some(())
+    })
+    .unwrap_or_else(|| panic!("none of {nodes:?} took the lead across the partition"));
+}
 
 /// What an answer says about a call (or one task of a batch).
 enum Outcome {
@@ -373,10 +405,10 @@ fn assert_linearizable(history: &[HistOp]) {
 }
 
 #[test]
-fn histories_under_crashes_pauses_and_membership_changes_are_linearizable() {
+fn histories_under_crashes_partitions_and_membership_changes_are_linearizable() {
     let start = Instant::now();
     let mut c =
-        TestCluster::start_with_args(3, &["--snapshot-every", "300", "--snapshot-keep", "50"]);
+        TestCluster::start_partitionable(3, &["--snapshot-every", "300", "--snapshot-keep", "50"]);
     c.deploy_guest("kv", guests::KV);
     let clients = Clients::start(&c, start);
     clients.wait_for_writes(50, "before any fault");
@@ -396,7 +428,7 @@ fn histories_under_crashes_pauses_and_membership_changes_are_linearizable() {
         .enumerate()
     {
         let leader = c.wait_for_leader(Duration::from_secs(20));
-        let others: Vec<usize> = members.iter().copied().filter(|&i| i != leader).collect();
+        let others: Vec<usize> = others_of(leader, &members).collect();
         let k = rng.below(2) as usize;
         let (follower, other) = (others[k], others[1 - k]);
         let pick = |w: &Who| match w {
@@ -469,6 +501,37 @@ fn histories_under_crashes_pauses_and_membership_changes_are_linearizable() {
             Fault::Upgrade => {
                 let r = c.deploy("kv", &guests::read(guests::KV));
                 assert_eq!(r.status, 200, "upgrading kv: {}", r.text());
+            }
+            Fault::Isolate(who) => {
+                let i = pick(who);
+                let ids = others_of(i, &members).map(|m| c.nodes[m].id);
+                c.links().isolate(c.nodes[i].id, ids);
+                if i == leader {
+                    // The partition is real: the others elect a leader of their own.
+                    wait_for_leader_among(&c, &others);
+                } else {
+                    // The isolated follower hears of no commit, while the others commit.
+                    let commit = |n| c.cluster_status(n).and_then(|s| s["commit_index"].as_u64());
+                    // What was already on its way when the links were cut lands first.
+                    std::thread::sleep(Duration::from_millis(300));
+                    let cut_off = commit(i);
+                    clients.wait_for_writes(30, "with a follower cut off");
+                    assert_eq!(commit(i), cut_off, "an isolated follower heard of a commit");
+                }
+                std::thread::sleep(PARTITION);
+                c.links().heal();
+            }
+            Fault::DeafLeader | Fault::MuteLeader => {
+                let leader_id = c.nodes[leader].id;
+                for &m in &others {
+                    match fault {
+                        Fault::DeafLeader => c.links().cut(c.nodes[m].id, leader_id),
+                        _ => c.links().cut(leader_id, c.nodes[m].id),
+                    }
+                }
+                wait_for_leader_among(&c, &others);
+                std::thread::sleep(PARTITION);
+                c.links().heal();
             }
         }
         clients.wait_for_writes(30, &format!("after round {round} ({fault:?})"));
