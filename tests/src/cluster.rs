@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::http::{Client, Reply};
-use crate::partition::{LinkProxy, Links};
+use crate::partition::{Links, PeerProxy};
 
 /// The `lockstep` binary cargo built for this test run (next to the test executable's folder).
 pub fn lockstep_bin() -> PathBuf {
@@ -88,7 +88,7 @@ pub struct TestNode {
     pub raft: SocketAddr,
     /// In a cluster that can be partitioned, `raft` is the node's proxy and the node listens
     /// here (its `--raft`).
-    behind_proxy: Option<(SocketAddr, LinkProxy)>,
+    behind_proxy: Option<(SocketAddr, PeerProxy)>,
     data_dir: PathBuf,
     child: Option<Child>,
     /// For a node that joined the running cluster: its `--peers` and `--join --cluster-id`.
@@ -99,13 +99,14 @@ pub struct TestNode {
 }
 
 impl TestNode {
-    /// Node `id`, not started, its data under `dir`; behind a proxy when `links` is given.
+    /// Node `id`, not started, its data under `dir`; behind a proxy when `links` is given (it
+    /// then logs that its `--raft` is not its `--peers` entry, as it should).
     fn new(id: u64, dir: &std::path::Path, links: Option<&Arc<Links>>) -> Self {
         let (raft, behind_proxy) = match links {
             None => (free_addr(), None),
             Some(links) => {
                 let listen = free_addr();
-                let proxy = LinkProxy::start(id, listen, links.clone()).expect("start a proxy");
+                let proxy = PeerProxy::start(id, listen, links.clone()).expect("start a proxy");
                 (proxy.addr, Some((listen, proxy)))
             }
         };
@@ -119,6 +120,13 @@ impl TestNode {
             joined: None,
             moved: None,
         }
+    }
+
+    /// Where the node takes peer connections (its `--raft`).
+    fn listen_addr(&self) -> SocketAddr {
+        self.behind_proxy
+            .as_ref()
+            .map_or(self.raft, |(listen, _)| *listen)
     }
 }
 
@@ -198,13 +206,8 @@ impl TestCluster {
         cmd.args(["serve", "--id", &n.id.to_string()])
             .arg("--data-dir")
             .arg(&n.data_dir)
-            .args(["--http", &n.http.to_string(), "--raft"])
-            .arg(
-                n.behind_proxy
-                    .as_ref()
-                    .map_or(n.raft, |(listen, _)| *listen)
-                    .to_string(),
-            );
+            .args(["--http", &n.http.to_string()])
+            .args(["--raft", &n.listen_addr().to_string()]);
         match &n.joined {
             Some((peers, cluster_id)) => {
                 cmd.args(["--peers", peers, "--join", "--cluster-id", cluster_id]);
@@ -275,9 +278,13 @@ impl TestCluster {
 
     /// kill -9, then gives node `i` a new peer address: its `--raft`, and its own entry in the
     /// `--peers` it starts with next, with the cluster's `--cluster-id` (the other nodes keep
-    /// theirs). Returns the new address. Not for a cluster behind proxies.
+    /// theirs). Returns the new address. Not for a cluster behind proxies, whose addresses
+    /// are the proxies'.
     pub fn move_raft(&mut self, i: usize) -> SocketAddr {
-        assert!(self.links.is_none(), "move_raft behind a proxy");
+        assert!(
+            self.links.is_none(),
+            "move_raft: a proxy passes connections to the address the node had"
+        );
         let status = self.cluster_status(i).expect("the node's status");
         let cluster_id = status["cluster_id"]
             .as_str()

@@ -1,20 +1,20 @@
-//! Network partitions between real nodes on one machine: a [`LinkProxy`] listens at the peer
-//! address the cluster knows for each node and passes connections on to the node's own
-//! listener, and a test cuts and heals the link from one node to another.
+//! Network partitions between real nodes on one machine: a [`PeerProxy`] listens at the peer
+//! address the cluster knows for a node and passes connections on to the node's own listener,
+//! and a test cuts and heals the link from one node to another ([`Links`]).
 //!
-//! The peer transport sends each way on its own connection: a node dials every peer and only
-//! writes to it (the acceptor speaks once, its challenge). So the dialer of a connection is
-//! the sender of everything on it, and it names itself in the first frame it sends, its hello.
-//! While the link from
-//! that node to this one is cut, the proxy stops reading the connection, as a partition drops
-//! packets: the sender's writes back up in its socket, and what it sent reaches the node late,
-//! once the link heals, unless either end has given the connection up by then.
+//! A connection's dialer names itself in the first frame it sends, its hello, so the proxy knows
+//! which link each direction of a connection travels: dialer to node, and node to dialer. While
+//! a direction's link is cut the proxy stops reading that side, as a partition drops packets:
+//! the sender's writes back up in its socket, and what it sent arrives late, once the link
+//! heals, unless either end has given the connection up by then. (The peer transport sends each
+//! way on a connection of its own, so in practice only the dialer's side carries messages; the
+//! node's side carries its challenge, which goes back before the dialer is known.)
 
 use std::collections::HashSet;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use lockstep::transport::frame::{Hello, MAX_HELLO_BYTES};
@@ -32,7 +32,7 @@ impl Links {
         self.lock().insert((from, to));
     }
 
-    /// Cuts every link to and from `node`.
+    /// Cuts every link between `node` and `others`, both ways.
     pub fn isolate(&self, node: u64, others: impl IntoIterator<Item = u64>) {
         let mut cut = self.lock();
         for other in others {
@@ -51,13 +51,14 @@ impl Links {
         self.cut.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits while the link from `from` to `to` is cut; false if `closed` was set meanwhile.
-    fn wait_open(&self, from: u64, to: u64, closed: &AtomicBool) -> bool {
+    /// Waits while `link` is cut; false if the connection was closed meanwhile.
+    fn wait_open(&self, link: Option<(u64, u64)>, closed: &AtomicBool) -> bool {
         let mut cut = self.lock();
-        while cut.contains(&(from, to)) {
+        while link.is_some_and(|l| cut.contains(&l)) {
             if closed.load(Ordering::Relaxed) {
                 return false;
             }
+            // Polled as well, so that a connection closed during a cut is let go.
             cut = self
                 .healed
                 .wait_timeout(cut, Duration::from_millis(50))
@@ -68,14 +69,15 @@ impl Links {
     }
 }
 
-/// The peer address of node `to`: connections accepted here go on to `target`, the address the
-/// node itself listens on, for as long as the proxy lives (across restarts of the node).
-pub struct LinkProxy {
+/// The peer address of one node: connections accepted here go on to the address the node
+/// itself listens on, for as long as the proxy lives (across restarts of the node).
+pub struct PeerProxy {
     pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
 }
 
-impl LinkProxy {
+impl PeerProxy {
+    /// A proxy for node `to`, which listens at `target`.
     pub fn start(to: u64, target: SocketAddr, links: Arc<Links>) -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
@@ -86,16 +88,21 @@ impl LinkProxy {
                 if stopped.load(Ordering::Relaxed) {
                     return;
                 }
-                let Ok(conn) = conn else { continue };
-                let links = links.clone();
-                std::thread::spawn(move || pass_on(conn, to, target, &links));
+                match conn {
+                    Ok(conn) => {
+                        let links = links.clone();
+                        std::thread::spawn(move || pass_on(conn, to, target, links));
+                    }
+                    // Out of descriptors, say: try again in a moment rather than spin.
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
             }
         });
-        Ok(LinkProxy { addr, stop })
+        Ok(PeerProxy { addr, stop })
     }
 }
 
-impl Drop for LinkProxy {
+impl Drop for PeerProxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         // Wakes the accept loop so that it sees `stop`.
@@ -103,55 +110,72 @@ impl Drop for LinkProxy {
     }
 }
 
-/// One connection from a dialer to node `to`, passed on while its link is open.
-fn pass_on(dialer: TcpStream, to: u64, target: SocketAddr, links: &Links) {
+/// One connection from a dialer to node `to`, each direction passed on while its link is open.
+fn pass_on(dialer: TcpStream, to: u64, target: SocketAddr, links: Arc<Links>) {
     let Ok(node) = TcpStream::connect(target) else {
         return;
     };
+    // As the transport does on its own sockets: small frames (heartbeats) are not held back.
+    let _ = (dialer.set_nodelay(true), node.set_nodelay(true));
     let closed = Arc::new(AtomicBool::new(false));
-    let close = |closed: &AtomicBool| {
-        closed.store(true, Ordering::Relaxed);
-        let _ = dialer.shutdown(Shutdown::Both);
-        let _ = node.shutdown(Shutdown::Both);
-    };
-    // The node's side (its challenge) goes back as it comes.
+    let from: Arc<OnceLock<u64>> = Arc::default();
     let back = match (node.try_clone(), dialer.try_clone()) {
-        (Ok(mut from), Ok(mut into)) => {
-            let closed = closed.clone();
+        (Ok(node), Ok(dialer)) => {
+            let (closed, from, links) = (closed.clone(), from.clone(), links.clone());
             std::thread::spawn(move || {
-                let _ = std::io::copy(&mut from, &mut into);
-                closed.store(true, Ordering::Relaxed);
-                let _ = from.shutdown(Shutdown::Both);
-                let _ = into.shutdown(Shutdown::Both);
+                // Until the dialer has said who it is, nothing but the challenge can come.
+                pump(
+                    &node,
+                    &dialer,
+                    || from.get().map(|&f| (to, f)),
+                    &links,
+                    &closed,
+                );
+                close(&node, &dialer, &closed);
             })
         }
-        _ => return close(&closed),
+        _ => return close(&node, &dialer, &closed),
     };
-    let (mut dialer_r, mut node_w) = (&dialer, &node);
-    let hello = read_hello(&mut dialer_r);
-    let from = hello
-        .as_ref()
-        .and_then(|h| Hello::decode(&h[4..]).ok())
-        .map(|h| h.node_id);
-    if let (Some(hello), Some(from)) = (hello, from) {
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut pending: &[u8] = &hello;
-        loop {
-            if !links.wait_open(from, to, &closed) || node_w.write_all(pending).is_err() {
-                break;
-            }
-            // Not read while the link is cut: the dialer's writes back up, as in a partition.
-            if !links.wait_open(from, to, &closed) {
-                break;
-            }
-            match dialer_r.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => pending = &buf[..n],
-            }
+    if let Some(hello) = read_hello(&mut &dialer)
+        && let Ok(h) = Hello::decode(&hello[4..])
+    {
+        let _ = from.set(h.node_id);
+        let link = Some((h.node_id, to));
+        if links.wait_open(link, &closed) && (&node).write_all(&hello).is_ok() {
+            pump(&dialer, &node, || link, &links, &closed);
         }
     }
-    close(&closed);
+    close(&node, &dialer, &closed);
     let _ = back.join();
+}
+
+/// Copies `src` to `dst` until either closes, reading and writing only while `link()` is open.
+fn pump(
+    mut src: &TcpStream,
+    mut dst: &TcpStream,
+    link: impl Fn() -> Option<(u64, u64)>,
+    links: &Links,
+    closed: &AtomicBool,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    // Not read while the link is cut, so the sender's writes back up as in a partition; and a
+    // chunk read just before a cut is held until the heal.
+    while links.wait_open(link(), closed) {
+        let n = match src.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if !links.wait_open(link(), closed) || dst.write_all(&buf[..n]).is_err() {
+            return;
+        }
+    }
+}
+
+/// Ends both sides of a connection (and wakes the thread reading the other direction).
+fn close(a: &TcpStream, b: &TcpStream, closed: &AtomicBool) {
+    closed.store(true, Ordering::Relaxed);
+    let _ = a.shutdown(Shutdown::Both);
+    let _ = b.shutdown(Shutdown::Both);
 }
 
 /// The first frame of a connection, length prefix included (`None`: not a frame).

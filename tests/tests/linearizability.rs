@@ -1,7 +1,7 @@
 //! Linearizability of real nodes under faults: HTTP clients write (alone or in batches) and read
 //! a few keys of `kv` through every node while members are killed with -9 (one, two, all of
-//! them) or stopped (SIGTERM) and restarted, the leader is frozen past an election timeout,
-//! cut off from the others (both ways, or one way only) and so is a follower,
+//! them) or stopped (SIGTERM) and restarted, the leader is frozen past an election timeout or
+//! cut off from the others (both ways, or one way), a follower is cut off both ways,
 //! leadership is handed over, a new node joins and the leader removes itself, `kv` is upgraded
 //! in place, and logs are compacted behind snapshots. Each key's history (when each call was
 //! sent and answered, and what it saw) must be linearizable. The simulator checks the consensus
@@ -87,13 +87,20 @@ fn others_of(i: usize, members: &[usize]) -> impl Iterator<Item = usize> + '_ {
     members.iter().copied().filter(move |&m| m != i)
 }
 
-/// Waits until one of `nodes` (indexes in the cluster) reports itself leader.
-fn wait_for_leader_among(c: &TestCluster, nodes: &[usize]) {
+/// Waits until one of `nodes` (indexes in the cluster) reports itself leader, and returns it.
+fn wait_for_leader_among(c: &TestCluster, nodes: &[usize]) -> usize {
     let leads = |&n: &usize| c.cluster_status(n).is_some_and(|s| s["role"] == "leader");
     wait_until(Duration::from_secs(20), || {
-        nodes.iter().any(leads).then_some(())
+        nodes.iter().copied().find(leads)
     })
-    .unwrap_or_else(|| panic!("none of {nodes:?} took the lead across the partition"));
+    .unwrap_or_else(|| panic!("none of {nodes:?} took the lead across the partition"))
+}
+
+/// A number in node `n`'s `/v1/cluster` answer.
+fn status(c: &TestCluster, n: usize, field: &str) -> u64 {
+    c.cluster_status(n)
+        .and_then(|s| s[field].as_u64())
+        .unwrap_or_else(|| panic!("node {n}'s {field}"))
 }
 
 /// What an answer says about a call (or one task of a batch).
@@ -510,26 +517,48 @@ fn histories_under_crashes_partitions_and_membership_changes_are_linearizable() 
                     // The partition is real: the others elect a leader of their own.
                     wait_for_leader_among(&c, &others);
                 } else {
-                    // The isolated follower hears of no commit, while the others commit.
-                    let commit = |n| c.cluster_status(n).and_then(|s| s["commit_index"].as_u64());
-                    // What was already on its way when the links were cut lands first.
-                    std::thread::sleep(Duration::from_millis(300));
-                    let cut_off = commit(i);
+                    // All the follower can still hear was sent before the cut, with a commit
+                    // index no higher than the leader's now; the others go on committing.
+                    let bound = status(&c, leader, "commit_index");
                     clients.wait_for_writes(30, "with a follower cut off");
-                    assert_eq!(commit(i), cut_off, "an isolated follower heard of a commit");
+                    let (cut_off, went_on) = (
+                        status(&c, i, "commit_index"),
+                        status(&c, leader, "commit_index"),
+                    );
+                    assert!(
+                        cut_off <= bound && bound < went_on,
+                        "an isolated follower at commit {cut_off}, the leader {bound} at the \
+                         cut and {went_on} since"
+                    );
                 }
                 std::thread::sleep(PARTITION);
                 c.links().heal();
             }
             Fault::DeafLeader | Fault::MuteLeader => {
-                let leader_id = c.nodes[leader].id;
+                let old = c.nodes[leader].id;
+                let deaf = matches!(fault, Fault::DeafLeader);
                 for &m in &others {
-                    match fault {
-                        Fault::DeafLeader => c.links().cut(c.nodes[m].id, leader_id),
-                        _ => c.links().cut(leader_id, c.nodes[m].id),
-                    }
+                    let id = c.nodes[m].id;
+                    let (from, to) = if deaf { (id, old) } else { (old, id) };
+                    c.links().cut(from, to);
                 }
-                wait_for_leader_among(&c, &others);
+                let new = wait_for_leader_among(&c, &others);
+                let term = status(&c, new, "term");
+                if deaf {
+                    // It hears nothing, the new term included.
+                    assert!(
+                        status(&c, leader, "term") < term,
+                        "a deaf leader heard a term"
+                    );
+                } else {
+                    // It hears the new leader, and follows it.
+                    let new_id = c.nodes[new].id;
+                    wait_until(Duration::from_secs(10), || {
+                        let s = c.cluster_status(leader)?;
+                        (s["leader"]["id"] == new_id).then_some(())
+                    })
+                    .unwrap_or_else(|| panic!("a mute leader did not hear of {new_id}"));
+                }
                 std::thread::sleep(PARTITION);
                 c.links().heal();
             }
