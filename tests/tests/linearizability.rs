@@ -96,6 +96,18 @@ fn wait_for_leader_among(c: &TestCluster, nodes: &[usize]) -> usize {
     .unwrap_or_else(|| panic!("none of {nodes:?} took the lead across the partition"))
 }
 
+/// A counter in node `n`'s `/metrics`.
+fn metric(c: &TestCluster, n: usize, name: &str) -> u64 {
+    let text = c
+        .client(n)
+        .get("/metrics")
+        .map(|r| r.text())
+        .unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("node {n}'s {name}"))
+}
+
 /// A number in node `n`'s `/v1/cluster` answer.
 fn status(c: &TestCluster, n: usize, field: &str) -> u64 {
     c.cluster_status(n)
@@ -421,6 +433,8 @@ fn histories_under_crashes_partitions_and_membership_changes_are_linearizable() 
     clients.wait_for_writes(50, "before any fault");
 
     let mut rng = Lcg(7);
+    // Followers cut off until the leader compacted its log past them, caught up by a snapshot.
+    let mut snapshots_sent = 0;
     // Indexes (in `c.nodes`) of the members.
     let mut members = vec![0, 1, 2];
     // A longer soak: `LOCKSTEP_LIN_CYCLES=20 cargo test -p lockstep-tests --test linearizability`.
@@ -532,7 +546,26 @@ fn histories_under_crashes_partitions_and_membership_changes_are_linearizable() 
                     );
                 }
                 std::thread::sleep(PARTITION);
-                c.links().heal();
+                if i == leader {
+                    c.links().heal();
+                } else {
+                    // Healed, the follower catches up: from a snapshot if the leader compacted
+                    // its log past the follower's end meanwhile.
+                    let installed = |n| metric(&c, n, "lockstep_snapshots_installed_total");
+                    let before = installed(i);
+                    let past = status(&c, leader, "compacted_index") > status(&c, i, "last_index");
+                    c.links().heal();
+                    let commit = status(&c, leader, "commit_index");
+                    wait_until(Duration::from_secs(20), || {
+                        let s = c.cluster_status(i)?;
+                        (s["applied_index"].as_u64()? >= commit).then_some(())
+                    })
+                    .unwrap_or_else(|| panic!("a healed follower did not catch up to {commit}"));
+                    if past {
+                        assert!(installed(i) > before, "caught up past a compacted log");
+                        snapshots_sent += 1;
+                    }
+                }
             }
             Fault::DeafLeader | Fault::MuteLeader => {
                 let old = c.nodes[leader].id;
@@ -603,19 +636,15 @@ fn histories_under_crashes_partitions_and_membership_changes_are_linearizable() 
         "{writes} writes and {reads} reads"
     );
     eprintln!(
-        "{writes} writes, {reads} reads, {} writes of unknown outcome",
+        "{writes} writes, {reads} reads, {} writes of unknown outcome; {snapshots_sent} \
+         partitioned followers caught up by a snapshot",
         count(|o| o.ret.is_none())
     );
     assert_linearizable(&history);
     c.wait_converged("kv", Duration::from_secs(30));
     let snapshots: u64 = (0..c.nodes.len())
-        .filter_map(|i| {
-            let text = c.client(i).get("/metrics").ok()?.text();
-            let line = text
-                .lines()
-                .find(|l| l.starts_with("lockstep_snapshots_taken_total "))?;
-            line.rsplit(' ').next()?.parse::<u64>().ok()
-        })
+        .filter(|&i| c.cluster_status(i).is_some())
+        .map(|i| metric(&c, i, "lockstep_snapshots_taken_total"))
         .sum();
     assert!(snapshots > 0, "no snapshot was taken");
 }
