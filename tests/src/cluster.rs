@@ -405,7 +405,12 @@ impl TestCluster {
 
     /// Index of a node that reports itself leader right now.
     pub fn leader(&self) -> Option<usize> {
-        (0..self.nodes.len()).find(|&i| {
+        self.leader_among(0..self.nodes.len())
+    }
+
+    /// The first of `nodes` (indexes) that reports itself leader right now.
+    pub fn leader_among(&self, nodes: impl IntoIterator<Item = usize>) -> Option<usize> {
+        nodes.into_iter().find(|&i| {
             self.cluster_status(i)
                 .is_some_and(|s| s["role"] == "leader")
         })

@@ -87,11 +87,16 @@ fn others_of(i: usize, members: &[usize]) -> impl Iterator<Item = usize> + '_ {
     members.iter().copied().filter(move |&m| m != i)
 }
 
+/// Cuts every link between member `i` and the other members, both ways.
+fn isolate(c: &TestCluster, i: usize, members: &[usize]) {
+    let others = others_of(i, members).map(|m| c.nodes[m].id);
+    c.links().isolate(c.nodes[i].id, others);
+}
+
 /// Waits until one of `nodes` (indexes in the cluster) reports itself leader, and returns it.
 fn wait_for_leader_among(c: &TestCluster, nodes: &[usize]) -> usize {
-    let leads = |&n: &usize| c.cluster_status(n).is_some_and(|s| s["role"] == "leader");
     wait_until(Duration::from_secs(20), || {
-        nodes.iter().copied().find(leads)
+        c.leader_among(nodes.iter().copied())
     })
     .unwrap_or_else(|| panic!("none of {nodes:?} took the lead across the partition"))
 }
@@ -523,48 +528,45 @@ fn histories_under_crashes_partitions_and_membership_changes_are_linearizable() 
                 let r = c.deploy("kv", &guests::read(guests::KV));
                 assert_eq!(r.status, 200, "upgrading kv: {}", r.text());
             }
+            Fault::Isolate(Who::Leader) => {
+                isolate(&c, leader, &members);
+                // The partition is real: the others elect a leader of their own.
+                wait_for_leader_among(&c, &others);
+                std::thread::sleep(PARTITION);
+                c.links().heal();
+            }
             Fault::Isolate(who) => {
                 let i = pick(who);
-                let ids = others_of(i, &members).map(|m| c.nodes[m].id);
-                c.links().isolate(c.nodes[i].id, ids);
-                if i == leader {
-                    // The partition is real: the others elect a leader of their own.
-                    wait_for_leader_among(&c, &others);
-                } else {
-                    // All the follower can still hear was sent before the cut, with a commit
-                    // index no higher than the leader's now; the others go on committing.
-                    let bound = status(&c, leader, "commit_index");
-                    clients.wait_for_writes(30, "with a follower cut off");
-                    let (cut_off, went_on) = (
-                        status(&c, i, "commit_index"),
-                        status(&c, leader, "commit_index"),
-                    );
-                    assert!(
-                        cut_off <= bound && bound < went_on,
-                        "an isolated follower at commit {cut_off}, the leader {bound} at the \
-                         cut and {went_on} since"
-                    );
-                }
+                isolate(&c, i, &members);
+                // All the follower can still hear was sent before the cut, with a commit index
+                // no higher than the leader's now; the others go on committing.
+                let bound = status(&c, leader, "commit_index");
+                clients.wait_for_writes(30, "with a follower cut off");
+                let (cut_off, went_on) = (
+                    status(&c, i, "commit_index"),
+                    status(&c, leader, "commit_index"),
+                );
+                assert!(
+                    cut_off <= bound && bound < went_on,
+                    "an isolated follower at commit {cut_off}, the leader {bound} at the cut \
+                     and {went_on} since"
+                );
                 std::thread::sleep(PARTITION);
-                if i == leader {
-                    c.links().heal();
-                } else {
-                    // Healed, the follower catches up: from a snapshot if the leader compacted
-                    // its log past the follower's end meanwhile.
-                    let installed = |n| metric(&c, n, "lockstep_snapshots_installed_total");
-                    let before = installed(i);
-                    let past = status(&c, leader, "compacted_index") > status(&c, i, "last_index");
-                    c.links().heal();
-                    let commit = status(&c, leader, "commit_index");
-                    wait_until(Duration::from_secs(20), || {
-                        let s = c.cluster_status(i)?;
-                        (s["applied_index"].as_u64()? >= commit).then_some(())
-                    })
-                    .unwrap_or_else(|| panic!("a healed follower did not catch up to {commit}"));
-                    if past {
-                        assert!(installed(i) > before, "caught up past a compacted log");
-                        snapshots_sent += 1;
-                    }
+                // Healed, the follower catches up: from a snapshot if the leader compacted its
+                // log past the follower's end meanwhile.
+                let installed = |n| metric(&c, n, "lockstep_snapshots_installed_total");
+                let before = installed(i);
+                let past = status(&c, leader, "compacted_index") > status(&c, i, "last_index");
+                c.links().heal();
+                let commit = status(&c, leader, "commit_index");
+                wait_until(Duration::from_secs(20), || {
+                    let s = c.cluster_status(i)?;
+                    (s["applied_index"].as_u64()? >= commit).then_some(())
+                })
+                .unwrap_or_else(|| panic!("a healed follower did not catch up to {commit}"));
+                if past {
+                    assert!(installed(i) > before, "caught up past a compacted log");
+                    snapshots_sent += 1;
                 }
             }
             Fault::DeafLeader | Fault::MuteLeader => {
