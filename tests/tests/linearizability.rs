@@ -51,6 +51,12 @@ enum Fault {
     /// The leader hearing its followers but heard by none (the other way): they elect another,
     /// whose term reaches the old leader.
     MuteLeader,
+    /// A follower cut off and replaced while it cannot hear of it: a new node joins and is
+    /// added, the cut-off one removed. It is down through the heal (so nothing sent to it
+    /// meanwhile arrives late) and restarted knowing nothing of either change: it calls
+    /// elections among the members it remembers, must be told it is out, and must never lead
+    /// or take the members' leader away. It runs a while, called by clients, then is stopped.
+    ReplaceIsolated,
 }
 
 #[derive(Debug)]
@@ -60,7 +66,7 @@ enum Who {
     Other,
 }
 
-const FAULTS: [Fault; 16] = [
+const FAULTS: [Fault; 17] = [
     Fault::Isolate(Who::Leader),
     Fault::Kill(&[Who::Leader]),
     Fault::Kill(&[Who::Follower]),
@@ -77,6 +83,7 @@ const FAULTS: [Fault; 16] = [
     Fault::DeafLeader,
     Fault::Isolate(Who::Follower),
     Fault::MuteLeader,
+    Fault::ReplaceIsolated,
 ];
 
 /// How long a partition lasts once it has shown its effect, with clients calling every side.
@@ -91,6 +98,40 @@ fn others_of(i: usize, members: &[usize]) -> impl Iterator<Item = usize> + '_ {
 fn isolate(c: &TestCluster, i: usize, members: &[usize]) {
     let others = others_of(i, members).map(|m| c.nodes[m].id);
     c.links().isolate(c.nodes[i].id, others);
+}
+
+/// Starts a node that joins the cluster, has `leader` add it, and has the clients call it too;
+/// its index.
+fn add_joiner(c: &mut TestCluster, clients: &Clients, leader: usize) -> usize {
+    let joiner = c.join();
+    clients
+        .shared
+        .addrs
+        .lock()
+        .unwrap()
+        .push(c.nodes[joiner].http.to_string());
+    let (id, raft) = (c.nodes[joiner].id, c.nodes[joiner].raft);
+    let added = c.client(leader).post(
+        "/v1/cluster/members",
+        format!(r#"{{"id":{id},"raft":"{raft}"}}"#).as_bytes(),
+    );
+    assert!(
+        added.as_ref().is_ok_and(|r| r.status == 200),
+        "adding {id}: {added:?}"
+    );
+    joiner
+}
+
+/// Has `leader` remove member `i` (itself, perhaps).
+fn remove(c: &TestCluster, leader: usize, i: usize) {
+    let id = c.nodes[i].id;
+    let removed =
+        c.client(leader)
+            .request("DELETE", &format!("/v1/cluster/members/{id}"), &[], b"");
+    assert!(
+        removed.as_ref().is_ok_and(|r| r.status == 200),
+        "removing {id}: {removed:?}"
+    );
 }
 
 /// Waits until one of `nodes` (indexes in the cluster) reports itself leader, and returns it.
@@ -491,38 +532,44 @@ fn histories_under_crashes_partitions_and_membership_changes_are_linearizable() 
                 assert!(r.is_ok(), "transfer request failed: {r:?}");
             }
             Fault::ReplaceLeader => {
-                let joiner = c.join();
-                clients
-                    .shared
-                    .addrs
-                    .lock()
-                    .unwrap()
-                    .push(c.nodes[joiner].http.to_string());
-                let (id, raft) = (c.nodes[joiner].id, c.nodes[joiner].raft);
-                let added = c.client(leader).post(
-                    "/v1/cluster/members",
-                    format!(r#"{{"id":{id},"raft":"{raft}"}}"#).as_bytes(),
-                );
-                assert!(
-                    added.as_ref().is_ok_and(|r| r.status == 200),
-                    "adding {id}: {added:?}"
-                );
-                let leader_id = c.nodes[leader].id;
-                let removed = c.client(leader).request(
-                    "DELETE",
-                    &format!("/v1/cluster/members/{leader_id}"),
-                    &[],
-                    b"",
-                );
-                assert!(
-                    removed.as_ref().is_ok_and(|r| r.status == 200),
-                    "removing {leader_id}: {removed:?}"
-                );
+                let joiner = add_joiner(&mut c, &clients, leader);
+                remove(&c, leader, leader);
                 members.retain(|&i| i != leader);
                 members.push(joiner);
                 // It stays up a while, no longer a member, with clients still calling it.
                 clients.wait_for_writes(30, "after the leader removed itself");
                 c.kill(leader);
+            }
+            Fault::ReplaceIsolated => {
+                isolate(&c, follower, &members);
+                let joiner = add_joiner(&mut c, &clients, leader);
+                remove(&c, leader, follower);
+                members.retain(|&i| i != follower);
+                members.push(joiner);
+                // Down through the heal: nothing the leader sent it before giving it up arrives.
+                c.kill(follower);
+                std::thread::sleep(PARTITION);
+                c.links().heal();
+                c.restart(follower);
+                let told = wait_until(Duration::from_secs(20), || {
+                    assert!(
+                        c.leader_among([follower]).is_none(),
+                        "a removed member took the lead"
+                    );
+                    c.node_log(follower)
+                        .contains("this node was removed from the members")
+                        .then_some(())
+                });
+                assert!(
+                    told.is_some(),
+                    "a member removed while cut off was not told"
+                );
+                clients.wait_for_writes(30, "with a member removed while cut off back");
+                assert!(
+                    c.leader_among([follower]).is_none(),
+                    "a removed member took the lead"
+                );
+                c.kill(follower);
             }
             Fault::Upgrade => {
                 let r = c.deploy("kv", &guests::read(guests::KV));
