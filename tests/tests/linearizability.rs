@@ -35,6 +35,9 @@ enum Fault {
     PauseLeader,
     /// Leadership handed to a follower.
     Transfer,
+    /// Leadership handed to a follower that is cut off: it can never catch up, so the leader
+    /// gives the hand-over up (`transfer_failed`) and leads on; meanwhile it proposes nothing.
+    TransferToIsolated,
     /// A new node joins, is added, and the leader removes itself (it steps down once that
     /// commits); it stays up a while, called by clients, before it is stopped.
     ReplaceLeader,
@@ -66,7 +69,7 @@ enum Who {
     Other,
 }
 
-const FAULTS: [Fault; 17] = [
+const FAULTS: [Fault; 18] = [
     Fault::Isolate(Who::Leader),
     Fault::Kill(&[Who::Leader]),
     Fault::Kill(&[Who::Follower]),
@@ -84,6 +87,7 @@ const FAULTS: [Fault; 17] = [
     Fault::Isolate(Who::Follower),
     Fault::MuteLeader,
     Fault::ReplaceIsolated,
+    Fault::TransferToIsolated,
 ];
 
 /// How long a partition lasts once it has shown its effect, with clients calling every side.
@@ -530,6 +534,27 @@ fn histories_under_crashes_partitions_and_membership_changes_are_linearizable() 
                     .client(leader)
                     .post("/v1/cluster/leader", format!(r#"{{"id":{to}}}"#).as_bytes());
                 assert!(r.is_ok(), "transfer request failed: {r:?}");
+            }
+            Fault::TransferToIsolated => {
+                isolate(&c, follower, &members);
+                let to = c.nodes[follower].id;
+                let r = c
+                    .client(leader)
+                    .post("/v1/cluster/leader", format!(r#"{{"id":{to}}}"#).as_bytes())
+                    .expect("transfer request");
+                assert_eq!(
+                    (r.status, r.error_code().as_deref()),
+                    (503, Some("transfer_failed")),
+                    "a hand-over to a member cut off: {}",
+                    r.text()
+                );
+                clients.wait_for_writes(30, "after a hand-over was given up");
+                assert_eq!(
+                    c.leader_among([leader]),
+                    Some(leader),
+                    "the leader gave a failed hand-over its lead"
+                );
+                c.links().heal();
             }
             Fault::ReplaceLeader => {
                 let joiner = add_joiner(&mut c, &clients, leader);
