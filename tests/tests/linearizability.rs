@@ -104,9 +104,15 @@ fn isolate(c: &TestCluster, i: usize, members: &[usize]) {
     c.links().isolate(c.nodes[i].id, others);
 }
 
-/// Starts a node that joins the cluster, has `leader` add it, and has the clients call it too;
-/// its index.
-fn add_joiner(c: &mut TestCluster, clients: &Clients, leader: usize) -> usize {
+/// Replaces member `out` (the leader itself, perhaps): a new node joins, `leader` adds it and
+/// then removes `out`, and the clients call the new node too. Returns the new node's index.
+fn replace(
+    c: &mut TestCluster,
+    clients: &Clients,
+    members: &mut Vec<usize>,
+    leader: usize,
+    out: usize,
+) -> usize {
     let joiner = c.join();
     clients
         .shared
@@ -123,12 +129,7 @@ fn add_joiner(c: &mut TestCluster, clients: &Clients, leader: usize) -> usize {
         added.as_ref().is_ok_and(|r| r.status == 200),
         "adding {id}: {added:?}"
     );
-    joiner
-}
-
-/// Has `leader` remove member `i` (itself, perhaps).
-fn remove(c: &TestCluster, leader: usize, i: usize) {
-    let id = c.nodes[i].id;
+    let id = c.nodes[out].id;
     let removed =
         c.client(leader)
             .request("DELETE", &format!("/v1/cluster/members/{id}"), &[], b"");
@@ -136,6 +137,9 @@ fn remove(c: &TestCluster, leader: usize, i: usize) {
         removed.as_ref().is_ok_and(|r| r.status == 200),
         "removing {id}: {removed:?}"
     );
+    members.retain(|&i| i != out);
+    members.push(joiner);
+    joiner
 }
 
 /// Waits until one of `nodes` (indexes in the cluster) reports itself leader, and returns it.
@@ -557,30 +561,25 @@ fn histories_under_crashes_partitions_and_membership_changes_are_linearizable() 
                 c.links().heal();
             }
             Fault::ReplaceLeader => {
-                let joiner = add_joiner(&mut c, &clients, leader);
-                remove(&c, leader, leader);
-                members.retain(|&i| i != leader);
-                members.push(joiner);
+                replace(&mut c, &clients, &mut members, leader, leader);
                 // It stays up a while, no longer a member, with clients still calling it.
                 clients.wait_for_writes(30, "after the leader removed itself");
                 c.kill(leader);
             }
             Fault::ReplaceIsolated => {
                 isolate(&c, follower, &members);
-                let joiner = add_joiner(&mut c, &clients, leader);
-                remove(&c, leader, follower);
-                members.retain(|&i| i != follower);
-                members.push(joiner);
+                replace(&mut c, &clients, &mut members, leader, follower);
                 // Down through the heal: nothing the leader sent it before giving it up arrives.
                 c.kill(follower);
                 std::thread::sleep(PARTITION);
                 c.links().heal();
                 c.restart(follower);
+                let never_leads = || {
+                    let leads = c.leader_among([follower]).is_some();
+                    assert!(!leads, "a removed member took the lead");
+                };
                 let told = wait_until(Duration::from_secs(20), || {
-                    assert!(
-                        c.leader_among([follower]).is_none(),
-                        "a removed member took the lead"
-                    );
+                    never_leads();
                     c.node_log(follower)
                         .contains("this node was removed from the members")
                         .then_some(())
@@ -590,10 +589,7 @@ fn histories_under_crashes_partitions_and_membership_changes_are_linearizable() 
                     "a member removed while cut off was not told"
                 );
                 clients.wait_for_writes(30, "with a member removed while cut off back");
-                assert!(
-                    c.leader_among([follower]).is_none(),
-                    "a removed member took the lead"
-                );
+                never_leads();
                 c.kill(follower);
             }
             Fault::Upgrade => {
