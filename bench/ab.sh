@@ -7,6 +7,7 @@
 #
 #   bench/ab.sh <bin-dir-A> <bin-dir-B>          # 4 pairs, 8 s each, 256 connections
 #   PAIRS=6 DUR=10 CONNS=64 NODES=1 bench/ab.sh old/release new/release
+#   BATCH=256 CONNS=64 bench/ab.sh A B       # the batch endpoint, 256 tasks per request
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -eq 2 ] || { echo "usage: bench/ab.sh <bin-dir-A> <bin-dir-B>" >&2; exit 1; }
@@ -14,6 +15,7 @@ A=$1 B=$2
 PAIRS=${PAIRS:-4}
 DUR=${DUR:-8}
 CONNS=${CONNS:-256}
+BATCH=${BATCH:-} # tasks per request through the batch endpoint; unset: one task per request
 LOCKSTEP_BIN_DIR=$A # only the guest is built here; each run names its binaries
 . bench/lib.sh
 build
@@ -30,7 +32,12 @@ one() { # label bin-dir
   start_cluster 770 780 "${NODES:-3}"
   local c0 c1 rps p50 p99 err rss=""
   c0=$(cpu_ticks)
-  read -r rps p50 p99 err <<<"$(run "$LS/v1/machines/counter/tasks" '{"add":1}       ' "$CONNS")"
+  if [ -n "$BATCH" ]; then
+    read -r rps p50 p99 err <<<"$(run "$LS/v1/machines/counter/tasks:batch" "$BATCH_BODY" "$CONNS")"
+    rps=$((rps * BATCH))
+  else
+    read -r rps p50 p99 err <<<"$(run "$LS/v1/machines/counter/tasks" '{"add":1}       ' "$CONNS")"
+  fi
   c1=$(cpu_ticks)
   for i in $(seq 1 "$NODES"); do
     rss+="$(awk '/VmHWM/ {printf "%d", $2 / 1024}' "/proc/${LS_PID[$i]}/status") "
@@ -41,6 +48,10 @@ one() { # label bin-dir
     "$1" "$rps" "$p50" "$p99" "$err" \
     "$(echo "($c1 - $c0) * 1000000 / $(getconf CLK_TCK) / ($rps * $DUR)" | bc -l)" "$rss"
 }
+if [ -n "$BATCH" ]; then
+  BATCH_BODY="[$(printf '{"add":1},%.0s' $(seq 1 "$BATCH"))"
+  BATCH_BODY="${BATCH_BODY%,}]"
+fi
 # Not through a pipe: `one` must run in this shell, so that `cleanup` knows the nodes it started.
 RUNS=$WORK/runs
 for p in $(seq 1 "$PAIRS"); do
