@@ -284,6 +284,8 @@ pub struct RaftCore {
     election_deadline: u64,
     last_leader_contact: Option<u64>,
     votes: BTreeMap<NodeId, bool>,
+    /// A candidate's write of its own vote, not yet durable: the vote counts once it is.
+    own_vote_write: Option<u64>,
 
     replicators: BTreeMap<NodeId, Replicator>,
     next_heartbeat: u64,
@@ -380,6 +382,7 @@ impl RaftCore {
             election_deadline: 0,
             last_leader_contact: None,
             votes: BTreeMap::new(),
+            own_vote_write: None,
             replicators: BTreeMap::new(),
             next_heartbeat: 0,
             next_quorum_check: 0,
@@ -582,6 +585,9 @@ impl RaftCore {
     /// group. A notice from before the latest truncation is ignored: the same (index, term) may
     /// have been truncated and appended again since, and not be durable yet.
     pub fn persisted(&mut self, id: u64, index: u64, term: u64) {
+        if self.own_vote_write.is_some_and(|w| id >= w) {
+            self.own_vote_durable();
+        }
         if id < self.truncated_by || index <= self.durable || self.term_at(index) != term {
             return;
         }

@@ -1517,6 +1517,7 @@ impl Sim {
                 self.history[op].ret = Some(u64::MAX);
             }
             if !done {
+                self.check_committed_held()?;
                 return Err(format!(
                     "no progress: the healed cluster did not serve a read of key {key}: {}",
                     self.describe()
@@ -1547,6 +1548,25 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// The last committed entry is in the log of some node that counts itself a member (a node
+    /// down counts as holding it): else no member can lead without it, and the cluster is stuck
+    /// because a committed entry was lost, not merely slow to recover.
+    fn check_committed_held(&self) -> Result<(), String> {
+        let last = self.committed.len() as u64;
+        let held = self.nodes.iter().any(|n| match &n.core {
+            Some(c) => c.members().contains(&n.id) && c.last_index() >= last,
+            None => true,
+        });
+        if held {
+            Ok(())
+        } else {
+            Err(format!(
+                "committed entry {last} lost: no member holds it ({})",
+                self.describe()
+            ))
+        }
     }
 
     fn check_acked_writes(&self) -> Result<(), String> {

@@ -149,12 +149,13 @@ impl RaftCore {
         self.vote = self.cfg.id;
         self.leader = None;
         self.votes.clear();
-        if self.is_voter(self.cfg.id) {
-            self.votes.insert(self.cfg.id, true);
-        }
         self.reset_election_deadline();
         let hs = self.hard_state();
-        self.write_mut(false).hard_state = Some(hs);
+        let w = self.write_mut(false);
+        w.hard_state = Some(hs);
+        // Our own vote counts once durable: a lone member that led before, then crashed and
+        // forgot the vote, could grant it to another candidate of the same term.
+        self.own_vote_write = Some(w.id);
         let (last_index, last_term) = (self.last_index, self.term_at(self.last_index));
         let peers: Vec<NodeId> = self
             .voters
@@ -172,7 +173,15 @@ impl RaftCore {
             };
             self.send_after_durable(p, m, u64::MAX);
         }
-        self.tally(false);
+    }
+
+    /// The write holding a candidate's own vote is durable: the vote counts.
+    pub(super) fn own_vote_durable(&mut self) {
+        self.own_vote_write = None;
+        if self.role == CoreRole::Candidate && self.is_voter(self.cfg.id) {
+            self.votes.insert(self.cfg.id, true);
+            self.tally(false);
+        }
     }
 
     pub(super) fn tally(&mut self, pre: bool) {
@@ -182,8 +191,6 @@ impl RaftCore {
             if pre {
                 self.start_election(false);
             } else {
-                // Our own vote is in the write queued ahead of everything the leader does, so
-                // nothing commits before it is durable (FIFO storage).
                 self.become_leader();
             }
         } else if rejected >= self.quorum() {
@@ -205,6 +212,7 @@ impl RaftCore {
         self.role = CoreRole::Follower;
         self.leader = leader;
         self.votes.clear();
+        self.own_vote_write = None;
         self.transfer = None;
         self.catch_up = None;
         if was_leader {

@@ -272,6 +272,26 @@ fn a_forged_term_cannot_push_the_cluster_past_decodable_terms() {
 }
 
 #[test]
+fn a_lone_member_leads_only_once_its_own_vote_is_durable() {
+    // Regression (simulator, slow disks): a lone member led at once, crashed before its vote
+    // was durable, came back in the older term and granted that term's vote to another
+    // candidate (a member added since): two leaders in one term.
+    let mut c = core(1, 1, &[1], 1);
+    c.tick(1_000, 0);
+    let r = c.take_ready();
+    assert_eq!(c.term(), 2);
+    assert!(!c.is_leader(), "not before its vote is durable");
+    let w = r
+        .writes
+        .iter()
+        .find(|w| w.hard_state.is_some())
+        .expect("its vote is written");
+    assert_eq!(w.hard_state.map(|h| (h.term, h.vote)), Some((2, 1)));
+    c.persisted(w.id, w.last_index, w.last_term);
+    assert!(c.is_leader(), "once it is");
+}
+
+#[test]
 fn election_safety_one_vote_per_term_and_only_when_durable() {
     let mut c = core(1, 3, &[1, 1], 1);
     c.step(
