@@ -43,8 +43,9 @@ pub struct RaftConfig {
     pub max_batch_bytes: usize,
     /// Appends in flight per follower.
     pub max_inflight_appends: usize,
-    /// Payload bytes of entries not yet durable and applied beyond which the leader refuses new
-    /// proposals (`ProposeError::Overloaded`).
+    /// Bytes of entries not yet durable and applied, each counted as its payload and
+    /// `message::TAIL_OVERHEAD`, beyond which the leader refuses new proposals
+    /// (`ProposeError::Overloaded`).
     pub max_unapplied_bytes: usize,
     /// Bounds of one group commit in the disk queue.
     pub max_write_entries: usize,

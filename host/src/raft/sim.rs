@@ -31,7 +31,7 @@ use super::core::{
     Snapshot, TransferRefused,
 };
 use super::membership::{ChangeRefused, Membership};
-use super::message::{EntryKind, LogEntry, Message};
+use super::message::{EntryKind, LogEntry, Message, tail_size};
 use history::{HistOp, OpKind, linearizable};
 
 pub mod history;
@@ -426,8 +426,8 @@ impl Sim {
             max_inflight: 4,
             // Snapshots span several chunks.
             snapshot_chunk_bytes: 40,
-            // A few entries' worth, so clients meet `Overloaded` and retry.
-            max_unapplied_bytes: 64,
+            // Four puts' worth, so clients meet `Overloaded` and retry.
+            max_unapplied_bytes: 4 * tail_size(16),
             unsafe_ack_before_durable: self.cfg.unsafe_ack_before_durable,
         }
     }

@@ -1,4 +1,5 @@
 use super::*;
+use crate::raft::message::TAIL_OVERHEAD;
 
 struct NoStorage;
 impl LogRead for NoStorage {
@@ -186,11 +187,11 @@ fn a_follower_behind_on_applying_takes_no_entries_until_it_catches_up() {
             .any(|(to, m)| *to == 1 && matches!(m, Message::AppendResp { success: true, .. }))
     };
     let mut c = core(2, 3, &[1], 1);
-    c.cfg.max_unapplied_bytes = 3;
+    c.cfg.max_unapplied_bytes = 3 * tail_size(1);
     c.step(1, append(1, 1, 1, &[1, 1, 1], 4));
     assert!(answered(&flush(&mut c)));
     assert_eq!((c.last_index(), c.commit_index()), (4, 4));
-    // Four bytes committed and none applied: more entries are dropped, unanswered.
+    // Four entries committed and none applied: more entries are dropped, unanswered.
     c.step(1, append(1, 4, 1, &[1, 1], 4));
     assert!(flush(&mut c).is_empty());
     assert_eq!(c.last_index(), 4);
@@ -212,7 +213,7 @@ fn a_follower_behind_on_applying_takes_no_entries_until_it_catches_up() {
     // A full tail of entries nobody committed (a deposed leader's) still gives way to
     // the new leader's: the machine has nothing left to apply.
     let mut c = core(2, 3, &[1, 1, 1, 1], 1);
-    c.cfg.max_unapplied_bytes = 2;
+    c.cfg.max_unapplied_bytes = 2 * tail_size(1);
     c.step(3, append(2, 1, 1, &[2], 0));
     assert!(
         flush(&mut c)
@@ -573,7 +574,8 @@ fn commit_needs_the_leaders_own_durable_write() {
 #[test]
 fn the_leader_refuses_proposals_while_the_tail_is_full() {
     let mut c = core(1, 1, &[], 0);
-    c.cfg.max_unapplied_bytes = 100;
+    // Room for two entries' overhead and 100 payload bytes.
+    c.cfg.max_unapplied_bytes = 2 * TAIL_OVERHEAD + 100;
     elect(&mut c, 1);
     let noop = c.last_index();
     c.set_applied(noop);
@@ -605,6 +607,23 @@ fn the_leader_refuses_proposals_while_the_tail_is_full() {
     c.set_applied(a);
     c.propose(p(60), 0, None)
         .expect("the applied entry no longer counts");
+}
+
+#[test]
+fn a_tail_of_tiny_tasks_is_bounded_by_their_count_not_only_their_bytes() {
+    // Regression: the bound counted payload bytes alone, and a stalled machine let a tail of
+    // 16-byte tasks hold 29 times the bound in memory.
+    let bound = 1 << 20;
+    let mut c = core(1, 1, &[], 0);
+    c.cfg.max_unapplied_bytes = bound;
+    elect(&mut c, 1);
+    c.set_applied(c.last_index());
+    let mut taken = 0;
+    while c.propose([Bytes::from(vec![1u8; 16])], 0, None).is_ok() {
+        taken += 1;
+        assert!(taken <= bound / 16, "the bound never refused");
+    }
+    assert_eq!(taken, bound / tail_size(16));
 }
 
 #[test]
