@@ -7,8 +7,12 @@ use std::time::Instant;
 
 use lockstep::raft::sim::{Sim, SimConfig, SimReport};
 
+/// Alternating 3- and 5-node clusters; one seed in eight with slow disks (20-100 ms a group
+/// commit), where votes and acknowledgements wait longest for durability.
 fn config(seed: u64) -> SimConfig {
-    SimConfig::new(seed, if seed.is_multiple_of(2) { 3 } else { 5 })
+    let mut c = SimConfig::new(seed, if seed.is_multiple_of(2) { 3 } else { 5 });
+    c.slow_disks = seed % 8 == 5;
+    c
 }
 
 fn run(cfg: SimConfig) -> Result<SimReport, String> {
@@ -135,6 +139,8 @@ fn leadership_moves_where_asked() {
     for seed in 3000..3040 {
         let mut c = config(seed);
         c.faults = false;
+        // A hand-over waits for durable votes: counted as prompt only on prompt disks.
+        c.slow_disks = false;
         c.transfer_every_ms = 400;
         let r = run(c).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         asked += r.transfers_asked;
@@ -190,7 +196,7 @@ fn negative_control_ack_before_durable_is_caught() {
 fn members_are_added_and_removed_one_at_a_time() {
     let (mut asked, mut committed, mut refused, mut ok, mut reshaped) = (0, 0, 0, 0, 0);
     let (mut moves, mut moved) = (0, 0);
-    for seed in 4000..4060 {
+    for seed in 4000..4090 {
         let mut c = config(seed);
         c.membership_changes = true;
         c.membership_every_ms = 300;
@@ -205,12 +211,12 @@ fn members_are_added_and_removed_one_at_a_time() {
         reshaped += usize::from(r.members != initial);
     }
     println!(
-        "60 seeds: {committed} of {asked} membership changes committed ({refused} refused with \
+        "90 seeds: {committed} of {asked} membership changes committed ({refused} refused with \
          too few members reachable; {moved} of {moves} moves committed), {reshaped} groups \
          reshaped, {ok} operations acknowledged"
     );
-    assert!(asked >= 60 * 5, "{asked} changes asked");
+    assert!(asked >= 90 * 5, "{asked} changes asked");
     assert!(committed * 2 >= asked, "{committed} of {asked} committed");
-    assert!(reshaped >= 30, "{reshaped} of 60 groups changed");
+    assert!(reshaped >= 45, "{reshaped} of 90 groups changed");
     assert!(moved >= 30, "{moved} of {moves} moves committed");
 }

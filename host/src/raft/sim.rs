@@ -186,7 +186,9 @@ struct SimNode {
     core: Option<RaftCore>,
     disk: SharedDisk,
     disk_queue: std::collections::VecDeque<LogWrite>,
-    disk_busy: bool,
+    /// Writes of the group commit under way (those queued when it started), as the disk
+    /// queue's: a write queued meanwhile waits for the next group.
+    disk_group: usize,
     kv: BTreeMap<u64, u64>,
     applied: u64,
     /// Term and timestamp of the entry at `applied`, and the membership in effect there (what
@@ -363,7 +365,7 @@ impl Sim {
                 core: None,
                 disk: SharedDisk(Arc::new(Mutex::new(Disk::default()))),
                 disk_queue: Default::default(),
-                disk_busy: false,
+                disk_group: 0,
                 kv: BTreeMap::new(),
                 applied: 0,
                 applied_term: 0,
@@ -874,7 +876,7 @@ impl Sim {
         n.core = None;
         n.incarnation += 1;
         n.disk_queue.clear();
-        n.disk_busy = false;
+        n.disk_group = 0;
         // Callers of a crashed node learn nothing: writes indeterminate, reads void.
         let pending: Vec<usize> = n.pending.values().map(|&(_, op)| op).collect();
         let reads: Vec<usize> = n
@@ -966,11 +968,8 @@ impl Sim {
             }
             if !ready.writes.is_empty() {
                 self.nodes[i].disk_queue.extend(ready.writes);
-                if !self.nodes[i].disk_busy {
-                    self.nodes[i].disk_busy = true;
-                    let inc = self.nodes[i].incarnation;
-                    let at = self.disk_latency();
-                    self.schedule(at, Ev::DiskDone { node: i, inc });
+                if self.nodes[i].disk_group == 0 {
+                    self.start_group_commit(i);
                 }
             }
             if let Some(commit) = ready.commit {
@@ -1146,63 +1145,80 @@ impl Sim {
         }
     }
 
+    /// Starts a group commit of every write queued now.
+    fn start_group_commit(&mut self, i: usize) {
+        self.nodes[i].disk_group = self.nodes[i].disk_queue.len();
+        let inc = self.nodes[i].incarnation;
+        let at = self.disk_latency();
+        self.schedule(at, Ev::DiskDone { node: i, inc });
+    }
+
+    /// The group commit under way is durable: its writes reach the disk in order, their
+    /// messages go out, and the core hears of the last one (as `log_manager.rs` does). One
+    /// write at a time instead let a follower short of its commit index queue a write per
+    /// heartbeat faster than slow disks retired them, and never catch up.
     fn disk_done(&mut self, i: usize) -> Result<(), String> {
-        let Some(w) = self.nodes[i].disk_queue.pop_front() else {
-            self.nodes[i].disk_busy = false;
-            return Ok(());
-        };
+        let group = std::mem::take(&mut self.nodes[i].disk_group);
+        let mut last = None;
+        for _ in 0..group {
+            let Some(w) = self.nodes[i].disk_queue.pop_front() else {
+                break;
+            };
+            self.write_to_disk(i, &w)?;
+            let id = self.nodes[i].id;
+            for (to, m) in &w.after {
+                self.send(id, *to, m);
+            }
+            last = Some((w.id, w.last_index, w.last_term));
+        }
+        if let Some((id, index, term)) = last
+            && let Some(core) = self.nodes[i].core.as_mut()
         {
-            let mut d = self.nodes[i].disk.0.lock().map_err(|_| "poisoned disk")?;
-            if let Some((index, term)) = w.compact_through {
-                if d.snapshot.as_ref().is_none_or(|s| s.index < index) {
-                    return Err(format!("log compacted to {index} past the snapshot"));
-                }
-                d.compact(index, term);
-            }
-            if let Some(from) = w.truncate_from {
-                let keep = from.saturating_sub(d.compacted.0 + 1);
-                d.entries.truncate(keep as usize);
-                d.memberships.retain(|&i, _| i < from);
-            }
-            for e in &w.entries {
-                if e.index != d.last_index() + 1 {
-                    return Err(format!(
-                        "non-contiguous write at {} (disk has {})",
-                        e.index,
-                        d.last_index()
-                    ));
-                }
-                d.entries.push(e.clone());
-                if e.kind == EntryKind::Config {
-                    let m = Membership::decode(&e.payload).map_err(|e| e.to_string())?;
-                    d.memberships.insert(e.index, m);
-                }
-            }
-            if let Some((index, m)) = &w.membership {
-                d.memberships.insert(*index, m.clone());
-            }
-            if let Some(hs) = w.hard_state {
-                d.hard.term = hs.term;
-                d.hard.vote = hs.vote;
-            }
-            let last = d.last_index();
-            d.hard.commit = d.hard.commit.max(w.commit.min(last));
+            core.persisted(id, index, term);
         }
-        let id = self.nodes[i].id;
-        for (to, m) in &w.after {
-            self.send(id, *to, m);
-        }
-        if let Some(core) = self.nodes[i].core.as_mut() {
-            core.persisted(w.id, w.last_index, w.last_term);
-        }
-        if self.nodes[i].disk_queue.is_empty() {
-            self.nodes[i].disk_busy = false;
-        } else {
-            let inc = self.nodes[i].incarnation;
-            let at = self.disk_latency();
-            self.schedule(at, Ev::DiskDone { node: i, inc });
+        if !self.nodes[i].disk_queue.is_empty() {
+            self.start_group_commit(i);
         }
         self.drain(i)
+    }
+
+    fn write_to_disk(&mut self, i: usize, w: &LogWrite) -> Result<(), String> {
+        let mut d = self.nodes[i].disk.0.lock().map_err(|_| "poisoned disk")?;
+        if let Some((index, term)) = w.compact_through {
+            if d.snapshot.as_ref().is_none_or(|s| s.index < index) {
+                return Err(format!("log compacted to {index} past the snapshot"));
+            }
+            d.compact(index, term);
+        }
+        if let Some(from) = w.truncate_from {
+            let keep = from.saturating_sub(d.compacted.0 + 1);
+            d.entries.truncate(keep as usize);
+            d.memberships.retain(|&i, _| i < from);
+        }
+        for e in &w.entries {
+            if e.index != d.last_index() + 1 {
+                return Err(format!(
+                    "non-contiguous write at {} (disk has {})",
+                    e.index,
+                    d.last_index()
+                ));
+            }
+            d.entries.push(e.clone());
+            if e.kind == EntryKind::Config {
+                let m = Membership::decode(&e.payload).map_err(|e| e.to_string())?;
+                d.memberships.insert(e.index, m);
+            }
+        }
+        if let Some((index, m)) = &w.membership {
+            d.memberships.insert(*index, m.clone());
+        }
+        if let Some(hs) = w.hard_state {
+            d.hard.term = hs.term;
+            d.hard.vote = hs.vote;
+        }
+        let last = d.last_index();
+        d.hard.commit = d.hard.commit.max(w.commit.min(last));
+        Ok(())
     }
 
     /// The state-machine queue: applies committed entries, checks them against what the
@@ -1405,8 +1421,10 @@ impl Sim {
             if known != commit || n.applied != commit {
                 return Err(format!(
                     "node {} knows {known} and applied {} of {commit} committed entries after \
-                     the quiet phase",
-                    n.id, n.applied
+                     the quiet phase: {}",
+                    n.id,
+                    n.applied,
+                    self.describe()
                 ));
             }
             // Addresses included: a member moved is reached at its new address by every one.
