@@ -1573,8 +1573,12 @@ impl Sim {
     /// because a committed entry was lost, not merely slow to recover.
     fn check_committed_held(&self) -> Result<(), String> {
         let last = self.committed.len() as u64;
+        let term = self.committed.last().map_or(0, |&(t, _)| t);
         let held = self.nodes.iter().any(|n| match &n.core {
-            Some(c) => c.members().contains(&n.id) && c.last_index() >= last,
+            Some(c) => {
+                c.members().contains(&n.id)
+                    && (c.term_at(last) == term || c.compacted_index() > last)
+            }
             None => true,
         });
         if held {
