@@ -179,7 +179,8 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
     /// MiB of entries not yet committed and applied (payload and 512 bytes of overhead each)
-    /// beyond which the leader answers new tasks `503 overloaded` (with Retry-After) instead of queueing them.
+    /// beyond which the leader answers new tasks `503 overloaded` (with Retry-After) instead
+    /// of queueing them.
     #[arg(long, default_value_t = DEFAULT_MAX_UNAPPLIED_MIB,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_UNAPPLIED_MIB)))]
     pub max_unapplied_mib: u32,

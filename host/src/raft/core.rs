@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng, rngs::SmallRng};
 use super::NodeId;
 use super::ballot_box::BallotBox;
 use super::membership::{ChangeRefused, Membership};
-use super::message::{EntryKind, LogEntry, MAX_WIRE_NUMBER, Message, tail_size};
+use super::message::{EntryKind, LogEntry, MAX_WIRE_NUMBER, Message, tail_bytes, tail_size};
 
 /// The core's own view of the configuration (times in milliseconds of the injected clock).
 #[derive(Clone, Debug)]
@@ -36,8 +36,8 @@ pub struct CoreConfig {
     /// Bytes of a snapshot per `InstallSnapshot` chunk.
     pub snapshot_chunk_bytes: usize,
     /// Bytes the in-memory tail (entries not yet durable, committed and applied) may hold,
-    /// counted as `LogEntry::tail_size` (payload and a fixed overhead per entry), before the leader refuses new proposals with `Overloaded`: the pipeline's
-    /// backpressure.
+    /// counted as `LogEntry::tail_size` (payload and a fixed overhead per entry), before the
+    /// leader refuses new proposals with `Overloaded`: the pipeline's backpressure.
     pub max_unapplied_bytes: usize,
     /// Test-only: break "a follower acknowledges only durable entries" (the negative control).
     #[doc(hidden)]
@@ -337,7 +337,7 @@ impl RaftCore {
             memberships.retain(|(i, _)| *i > s.index);
             memberships.insert(0, (s.index, s.membership.clone()));
         }
-        let mem_bytes = tail.iter().map(LogEntry::tail_size).sum();
+        let mem_bytes = tail_bytes(&tail);
         let snapshot_ts = snapshot.as_ref().map_or(0, |s| s.timestamp_ms);
         let last_timestamp = match tail.last() {
             Some(e) => e.timestamp_ms,
@@ -572,7 +572,7 @@ impl RaftCore {
     /// Whether the tail's byte count matches its entries (the simulator checks it every step).
     #[doc(hidden)]
     pub fn tail_bytes_counted(&self) -> bool {
-        self.mem_bytes == self.mem.iter().map(LogEntry::tail_size).sum::<usize>()
+        self.mem_bytes == tail_bytes(&self.mem)
     }
 
     /// The state machine has applied everything up to `index`: the tail may be trimmed.
@@ -1296,7 +1296,7 @@ impl RaftCore {
         if self.mem.is_empty() {
             self.mem_first = first.index;
         }
-        self.mem_bytes += entries.iter().map(LogEntry::tail_size).sum::<usize>();
+        self.mem_bytes += tail_bytes(&entries);
         self.mem.extend(entries.iter().cloned());
         let w = self.write_mut(false);
         w.entries.extend(entries);
@@ -1321,7 +1321,7 @@ impl RaftCore {
             self.mem.clear();
             self.mem_first = from;
         }
-        self.mem_bytes = self.mem.iter().map(LogEntry::tail_size).sum();
+        self.mem_bytes = tail_bytes(&self.mem);
         self.durable = self.durable.min(from - 1);
         // A membership change truncated away is undone.
         let before = self.memberships.len();

@@ -28,6 +28,11 @@ pub fn tail_size(payload: usize) -> usize {
     payload + TAIL_OVERHEAD
 }
 
+/// What the backpressure bound counts for `entries` together.
+pub fn tail_bytes<'a>(entries: impl IntoIterator<Item = &'a LogEntry>) -> usize {
+    entries.into_iter().map(LogEntry::tail_size).sum()
+}
+
 /// One entry of the replicated log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogEntry {

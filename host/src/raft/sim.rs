@@ -1159,13 +1159,13 @@ impl Sim {
     /// heartbeat faster than slow disks retired them, and never catch up.
     fn disk_done(&mut self, i: usize) -> Result<(), String> {
         let group = std::mem::take(&mut self.nodes[i].disk_group);
+        let id = self.nodes[i].id;
         let mut last = None;
         for _ in 0..group {
             let Some(w) = self.nodes[i].disk_queue.pop_front() else {
                 break;
             };
             self.write_to_disk(i, &w)?;
-            let id = self.nodes[i].id;
             for (to, m) in &w.after {
                 self.send(id, *to, m);
             }
